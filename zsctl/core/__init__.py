@@ -1,0 +1,1 @@
+"""Library core: schemas, artifacts, prompts, metrics, models, data. Never imports stages, typer or rich."""
