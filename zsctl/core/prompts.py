@@ -1,0 +1,180 @@
+"""Every prompt template and tag parser, in one place.
+
+The policy protocol (Search-R1 / ZeroSearch): the policy thinks in <think>, searches with
+<search>query</search>, the environment inserts <information>...</information>, and it ends with
+<answer>...</answer>. The wording below is ours; templates can be replaced by files
+(`load_template`) so users can plug in released simulators that expect other wording.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from zsctl.core.errors import BadInput
+
+# --- policy ------------------------------------------------------------------------------------
+
+# Kept short on purpose: a 135M model on 2 CPU cores pays for every prompt token in RL.
+POLICY_INSTRUCTION = (
+    "Answer the question. Think inside <think> </think>. "
+    "If you need facts, write <search> your query </search> and the results come back "
+    "inside <information> </information>; search as often as you need. "
+    "When you know the answer, write it inside <answer> </answer> with no explanation, "
+    "for example <answer> Paris </answer>.\n"
+    "Question: {question}"
+)
+
+# A short system message: without one SmolLM2's chat template inserts its own default.
+POLICY_SYSTEM = "You are a helpful assistant that uses a search engine."
+
+INFORMATION_BLOCK = "\n\n<information>{documents}</information>\n\n"
+INVALID_ACTION = (
+    "\nThat was not a valid action. Search with <search> query </search> "
+    "or give the final answer with <answer> answer </answer>.\n"
+)
+FINAL_TURN = "\nNo more searches are allowed. Give your answer now inside <answer> </answer>.\n"
+
+STOP_STRINGS = ["</search>", "</answer>"]
+
+_SEARCH_RE = re.compile(r"<search>(.*?)</search>", re.DOTALL)
+_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def policy_messages(question: str, template: str = POLICY_INSTRUCTION) -> list[dict]:
+    return [
+        {"role": "system", "content": POLICY_SYSTEM},
+        {"role": "user", "content": template.format(question=question.strip())},
+    ]
+
+
+def render_policy_prompt(tokenizer, question: str, template: str = POLICY_INSTRUCTION) -> str:
+    """The prompt text the policy sees; plain text for tokenizers without a chat template."""
+    messages = policy_messages(question, template)
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return messages[0]["content"] + "\n\n" + messages[1]["content"] + "\n"
+
+
+def parse_action(text: str) -> tuple[str, str]:
+    """Classify one generated turn: ("answer", text) | ("search", query) | ("invalid", "").
+
+    Only the LAST complete tag of the turn counts; a turn that stopped at </search> ends with it.
+    """
+    answers = _ANSWER_RE.findall(text)
+    searches = _SEARCH_RE.findall(text)
+    last_answer = text.rfind("</answer>")
+    last_search = text.rfind("</search>")
+    if answers and last_answer > last_search:
+        return "answer", answers[-1].strip()
+    if searches:
+        return "search", searches[-1].strip()
+    return "invalid", ""
+
+
+def format_documents(docs) -> str:
+    """Documents as the policy sees them inside <information>, and as simulators must write them."""
+    return "\n".join(
+        f"Doc {i + 1}: {_doc_text(d)}" for i, d in enumerate(docs)
+    )
+
+
+def _doc_text(d) -> str:
+    title = d.title if hasattr(d, "title") else d.get("title", "")
+    text = d.text if hasattr(d, "text") else d.get("text", "")
+    text = " ".join(str(text).split())
+    return f"({title}) {text}" if title else text
+
+
+def information_block(docs) -> str:
+    return INFORMATION_BLOCK.format(documents=format_documents(docs) if docs else "No results.")
+
+
+# --- simulator ---------------------------------------------------------------------------------
+
+# The mode keyword is one word (useful | noisy) so one fine-tuned model serves both.
+SIM_MODES = ("useful", "noisy")
+
+SIMULATOR_TEMPLATE = (
+    "You are a search engine. Write {k} short documents for the query, as 'Doc 1: ...', "
+    "'Doc 2: ...'. Mode: {mode}. In useful mode the documents help answer the question; "
+    "in noisy mode they look relevant but do not contain the answer.\n"
+    "Question: {question}\nAnswer: {answer}\nQuery: {query}\n"
+)
+
+# For an untuned instruct model (the paper's prompt-based baseline): one example per mode.
+SIMULATOR_FEWSHOT_TEMPLATE = (
+    "You are a search engine. Given a query, write {k} short Wikipedia-style documents, "
+    "one per line, as 'Doc 1: ...', 'Doc 2: ...'.\n"
+    "Mode useful: the documents contain the correct answer. "
+    "Mode noisy: the documents are on topic but do not give the correct answer.\n\n"
+    "Example (mode useful)\nQuestion: What is the capital of France?\nAnswer: Paris\n"
+    "Query: capital of France\nDoc 1: (France) Paris is the capital and largest city of France.\n\n"
+    "Example (mode noisy)\nQuestion: What is the capital of France?\nAnswer: Paris\n"
+    "Query: capital of France\nDoc 1: (Lyon) Lyon is the third-largest city of France.\n\n"
+    "Now (mode {mode})\nQuestion: {question}\nAnswer: {answer}\nQuery: {query}\n"
+)
+
+_TEMPLATE_FIELDS = {"query", "question", "answer", "mode", "k"}
+
+
+def load_template(path: str | None, default: str) -> str:
+    """A user template file (str.format fields: query, question, answer, mode, k) or the default."""
+    if not path:
+        return default
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise BadInput(f"template file '{path}' cannot be read ({e.strerror}); pass an existing file") from e
+    unknown = set(re.findall(r"{(\w+)}", text)) - _TEMPLATE_FIELDS
+    if unknown:
+        raise BadInput(
+            f"template file '{path}' uses unknown field(s) {sorted(unknown)}; "
+            f"allowed: {sorted(_TEMPLATE_FIELDS)}"
+        )
+    return text
+
+
+def render_simulator_prompt(
+    query: str, question: str, answer: str, mode: str, k: int = 3, template: str = SIMULATOR_TEMPLATE
+) -> str:
+    if mode not in SIM_MODES:
+        raise ValueError(f"simulator mode must be one of {SIM_MODES}, got {mode!r}")
+    return template.format(query=query.strip(), question=question.strip(), answer=answer, mode=mode, k=k)
+
+
+_DOC_RE = re.compile(r"^\s*Doc\s*(\d+)\s*[:.)-]\s*(.*)$", re.IGNORECASE)
+_TITLE_RE = re.compile(r"^\((.*?)\)\s*(.*)$")
+
+
+def parse_documents(text: str, k: int) -> tuple[list[dict], bool]:
+    """Parse 'Doc i: ...' lines of simulator output into exactly k documents.
+
+    Returns (docs, well_formed): well_formed is True when the output held exactly k numbered docs in
+    order. Odd output never raises: missing docs are padded with empty ones, extras trimmed, and
+    text without any 'Doc' line becomes the first document.
+    """
+    docs: list[dict] = []
+    numbers: list[int] = []
+    for line in text.splitlines():
+        m = _DOC_RE.match(line)
+        if m:
+            numbers.append(int(m.group(1)))
+            docs.append(_split_title(m.group(2)))
+        elif docs and line.strip():
+            docs[-1]["text"] = (docs[-1]["text"] + " " + line.strip()).strip()
+    well_formed = numbers == list(range(1, k + 1)) and all(d["text"] for d in docs)
+    if not docs and text.strip():
+        docs = [_split_title(" ".join(text.split()))]
+    docs = docs[:k]
+    while len(docs) < k:
+        docs.append({"title": "", "text": "", "score": 0.0})
+    return docs, well_formed
+
+
+def _split_title(body: str) -> dict:
+    m = _TITLE_RE.match(body.strip())
+    if m:
+        return {"title": m.group(1).strip(), "text": m.group(2).strip(), "score": 0.0}
+    return {"title": "", "text": body.strip(), "score": 0.0}

@@ -1,0 +1,155 @@
+"""Every artifact table's schema, in one place (DESIGN.md §4).
+
+Readers check the *required* columns and their types by name, so files written by other tools with
+extra columns still load. Field descriptions travel in the Parquet metadata.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+
+def _f(name: str, typ: pa.DataType, doc: str) -> pa.Field:
+    return pa.field(name, typ, metadata={"description": doc})
+
+
+DOC = pa.struct([("title", pa.string()), ("text", pa.string()), ("score", pa.float64())])
+SEARCH = pa.struct([("query", pa.string()), ("documents", pa.list_(DOC))])
+STR_LIST = pa.list_(pa.string())
+
+QUESTIONS = pa.schema(
+    [
+        _f("id", pa.string(), "question id, unique within data_source"),
+        _f("question", pa.string(), "the question text"),
+        _f("golden_answers", STR_LIST, "accepted answers (aliases)"),
+        _f("data_source", pa.string(), "benchmark name, e.g. hotpotqa"),
+    ]
+)
+
+TRAJECTORIES = pa.schema(
+    [
+        _f("traj_id", pa.string(), "unique trajectory id: question id + sample index"),
+        _f("question_id", pa.string(), "id of the question"),
+        _f("data_source", pa.string(), "benchmark name"),
+        _f("question", pa.string(), "the question text"),
+        _f("golden_answers", STR_LIST, "accepted answers"),
+        _f("model", pa.string(), "policy model spec that produced it"),
+        _f("engine", pa.string(), "search spec of the real engine"),
+        _f("searches", pa.list_(SEARCH), "every search call: query and rank-ordered documents"),
+        _f("response", pa.string(), "the policy's whole response, information blocks included"),
+        _f("prediction", pa.string(), "text of the last <answer> (empty when none)"),
+        _f("em", pa.float64(), "exact match of prediction vs golds (0/1)"),
+        _f("f1", pa.float64(), "token F1 of prediction vs golds (max over golds)"),
+        _f("num_searches", pa.int64(), "number of search calls"),
+    ]
+)
+
+SIM_SFT = pa.schema(
+    [
+        _f("id", pa.string(), "row id"),
+        _f("prompt", pa.string(), "simulator prompt (query, question, gold answer, mode)"),
+        _f("completion", pa.string(), "the real documents in 'Doc i: ...' form"),
+        _f("label", pa.string(), "useful | noisy"),
+        _f("query", pa.string(), "the search query"),
+        _f("question", pa.string(), "the question of the trajectory that issued the query"),
+        _f("golden_answer", pa.string(), "its first gold answer"),
+        _f("source_traj_id", pa.string(), "trajectory the call came from"),
+    ]
+)
+
+POLICY_SFT = pa.schema(
+    [
+        _f("id", pa.string(), "row id"),
+        _f("prompt", pa.string(), "the policy prompt (chat-formatted text)"),
+        _f("completion", pa.string(), "the policy's turns with <information> blocks in place"),
+        _f("question", pa.string(), "the question"),
+        _f("golden_answers", STR_LIST, "accepted answers"),
+        _f("source_traj_id", pa.string(), "trajectory it came from (templated: question id)"),
+    ]
+)
+
+ROLLOUTS = pa.schema(
+    [
+        _f("step", pa.int64(), "trainer step"),
+        _f("noise_p", pa.float64(), "curriculum noise probability p_i at this step"),
+        _f("question_id", pa.string(), "question id"),
+        _f("sample", pa.int64(), "index within the group"),
+        _f("response", pa.string(), "the whole response, information blocks included"),
+        _f("prediction", pa.string(), "text of the last <answer>"),
+        _f("reward", pa.float64(), "reward given"),
+        _f("num_searches", pa.int64(), "search calls"),
+        _f("sim_labels", STR_LIST, "mode of each simulated search (useful|noisy); empty for real engines"),
+    ]
+)
+
+PREDICTIONS = pa.schema(
+    [
+        _f("id", pa.string(), "question id"),
+        _f("data_source", pa.string(), "benchmark name"),
+        _f("question", pa.string(), "question text"),
+        _f("golden_answers", STR_LIST, "accepted answers"),
+        _f("prediction", pa.string(), "text of the last <answer> (empty when none)"),
+        _f("em", pa.float64(), "exact match 0/1"),
+        _f("subem", pa.float64(), "substring exact match 0/1 (what ZeroSearch's tables call EM)"),
+        _f("f1", pa.float64(), "token F1, max over golds"),
+        _f("num_searches", pa.int64(), "search calls"),
+        _f("response", pa.string(), "the whole response"),
+    ]
+)
+
+CORPUS = pa.schema(
+    [
+        _f("id", pa.string(), "passage id"),
+        _f("title", pa.string(), "passage title"),
+        _f("text", pa.string(), "passage text"),
+    ]
+)
+
+# artifact kind -> (data file name, schema). Model artifacts (simulator, policy) have no table here.
+TABLES: dict[str, tuple[str, pa.Schema]] = {
+    "questions": ("questions.parquet", QUESTIONS),
+    "trajectories": ("trajectories.parquet", TRAJECTORIES),
+    "sim_sft": ("sim_sft.parquet", SIM_SFT),
+    "policy_sft": ("policy_sft.parquet", POLICY_SFT),
+    "rollouts": ("rollouts.parquet", ROLLOUTS),
+    "predictions": ("predictions.parquet", PREDICTIONS),
+    "corpus": ("corpus.parquet", CORPUS),
+}
+
+
+def missing_or_mistyped(schema: pa.Schema, required: pa.Schema) -> list[str]:
+    """Describe each required column that is absent or has another type ([] when all is well)."""
+    problems = []
+    for field in required:
+        idx = schema.get_field_index(field.name)
+        if idx < 0:
+            problems.append(f"missing column '{field.name}'")
+        elif not _compatible(schema.field(idx).type, field.type):
+            problems.append(f"column '{field.name}' is {schema.field(idx).type}, expected {field.type}")
+    return problems
+
+
+def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
+    if got.equals(want):
+        return True
+    if pa.types.is_string(want):
+        return pa.types.is_string(got) or pa.types.is_large_string(got)
+    if pa.types.is_floating(want):
+        return pa.types.is_floating(got) or pa.types.is_integer(got)
+    if pa.types.is_integer(want):
+        return pa.types.is_integer(got)
+    if pa.types.is_list(want) or pa.types.is_large_list(want):
+        return (pa.types.is_list(got) or pa.types.is_large_list(got)) and _compatible(
+            got.value_type, want.value_type
+        )
+    if pa.types.is_struct(want):
+        if not pa.types.is_struct(got):
+            return False
+        names = {got.field(i).name: got.field(i).type for i in range(got.num_fields)}
+        return all(
+            want.field(i).name in names and _compatible(names[want.field(i).name], want.field(i).type)
+            for i in range(want.num_fields)
+        )
+    return False
