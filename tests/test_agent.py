@@ -92,8 +92,9 @@ def test_turn_limit_then_final_round(tiny):
 
 def test_invalid_action_gets_a_note_with_mask_zero(tiny):
     _, tok = tiny
-    loop, engine, trajs = _loop(tiny, {"lost one": ["I do not know the protocol", "<answer> ok </answer>"]},
-                                AgentConfig(max_turns=2, max_new_tokens=40, topk=1))
+    # rambling until the round's token budget runs out is an invalid action (EOS would end it)
+    loop, engine, trajs = _loop(tiny, {"lost one": ["I do not know " * 40, "<answer> ok </answer>"]},
+                                AgentConfig(max_turns=2, max_new_tokens=30, topk=1))
     (t,) = trajs
     assert t.prediction == "ok"
     masked = tok.decode([x for x, m in zip(t.response_ids, t.env_mask) if m == 0])
