@@ -59,6 +59,15 @@ def write_table(out: Path, name: str, table: pa.Table) -> Path:
     return final
 
 
+def write_json(out: Path, name: str, obj) -> Path:
+    """Write a JSON file atomically (temp name, then rename)."""
+    final = out / name
+    tmp = out / f".{name}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, final)
+    return final
+
+
 class ShardWriter:
     """Append-as-you-go Parquet shards (part-00000.parquet …) for long runs that can be resumed.
 
@@ -167,9 +176,7 @@ def write_manifest(
     }
     if extra:
         manifest.update(_scrub(extra))
-    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, out / MANIFEST)
+    write_json(out, MANIFEST, manifest)
     return manifest
 
 

@@ -1,0 +1,93 @@
+"""Terminal output: a rich progress bar on a TTY, plain log lines otherwise, and result tables."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from zsctl.core.progress import Progress
+
+err = Console(stderr=True)
+out = Console()
+
+
+class RichBar(Progress):
+    """Progress with a live bar (stderr), used only when stderr is a terminal and not --quiet."""
+
+    def __init__(self):
+        super().__init__()
+        self._bar: RichProgress | None = None
+        self._task = None
+
+    def log(self, msg: str) -> None:
+        (self._bar.console if self._bar else err).print(msg, markup=False, highlight=False)
+
+    def start(self, desc: str, total: int) -> None:
+        self.stop()
+        self._bar = RichProgress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=err, transient=False,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(desc, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def make_progress(quiet: bool) -> Progress:
+    if not quiet and sys.stderr.isatty():
+        return RichBar()
+    return Progress(quiet=quiet)
+
+
+def metrics_table(metrics: dict, title: str = "") -> Table:
+    """Per-benchmark n, EM, SubEM, F1 and searches (scores shown as percentages)."""
+    t = Table(title=title or None)
+    for col in ("benchmark", "n", "EM", "SubEM", "F1", "searches"):
+        t.add_column(col, justify="left" if col == "benchmark" else "right")
+    rows = list(metrics.get("benchmarks", {}).items())
+    if len(rows) != 1:
+        rows.append(("overall", metrics["overall"]))
+    for name, m in rows:
+        t.add_row(name, str(m["n"]), f"{100 * m['em']:.1f}", f"{100 * m['subem']:.1f}",
+                  f"{100 * m['f1']:.1f}", f"{m['avg_searches']:.2f}")
+    return t
+
+
+def kv_table(d: dict, title: str = "") -> Table:
+    t = Table(title=title or None, show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    for k, v in d.items():
+        t.add_row(str(k), str(v))
+    return t
+
+
+def render_inspect(info: dict) -> None:
+    m = info["manifest"]
+    head = {k: m.get(k) for k in ("kind", "schema_version", "created_at", "zsctl_version", "git_commit", "seed", "config_hash")}
+    out.print(kv_table(head, title=f"artifact {info['path']}"))
+    if m.get("summary"):
+        flat = {k: v for k, v in m["summary"].items() if not isinstance(v, (dict, list))}
+        if flat:
+            out.print(kv_table(flat, title="summary"))
+    for name, t in info["tables"].items():
+        out.print(kv_table(t["schema"], title=f"{name}: {t['rows']} rows"))
+        if t["head"]:
+            tab = Table(title=f"first {len(t['head'])} rows", show_lines=True)
+            cols = list(t["head"][0])
+            for c in cols:
+                tab.add_column(c, overflow="fold")
+            for r in t["head"]:
+                tab.add_row(*[str(r[c]) for c in cols])
+            out.print(tab)

@@ -1,0 +1,138 @@
+"""`zsctl eval`: answer benchmark questions with a policy and a (real) search engine, and score them.
+
+setup (questions, model, engine) → batched agent rollouts → score every row → write
+predictions.parquet, metrics.json, manifest.json (last). Scores are fractions in [0, 1]; every
+question is scored, partial last batch included, and n is reported.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+
+from zsctl.agent import AgentConfig, AgentLoop
+from zsctl.core import artifacts, data, metrics
+from zsctl.core.models import load_model
+from zsctl.core.progress import Progress
+from zsctl.core.schemas import PREDICTIONS
+from zsctl.search import make_engine
+from zsctl.search.base import QueryContext
+
+
+@dataclass
+class EvalConfig:
+    bench: str  # NAME[,NAME...]: bundled benchmark names or paths to FlashRAG jsonl / ZeroSearch parquet
+    model: str
+    search: str
+    out: str
+    split: str = "eval"  # for bundled benchmarks: eval | train | all
+    limit: int | None = None  # per benchmark
+    batch_size: int = 8
+    max_turns: int = 4
+    max_new_tokens: int = 128
+    topk: int = 3
+    max_doc_words: int = 80
+    temperature: float = 0.0
+    seed: int = 0
+    search_cache: str | None = None
+
+
+def load_benchmarks(spec: str, split: str, limit: int | None) -> tuple[list[pa.Table], list[dict]]:
+    """Questions of every benchmark in `spec`, and how each was chosen (for the manifest)."""
+    tables, chosen = [], []
+    for name in [s.strip() for s in spec.split(",") if s.strip()]:
+        bundled = name in data.BENCHMARKS
+        part = (None if split == "all" else split) if bundled else None
+        t = data.load_questions(name, split=part, limit=limit)
+        tables.append(t)
+        chosen.append({"bench": name, "bundled": bundled, "split": part or "all", "rows": t.num_rows})
+    return tables, chosen
+
+
+def summarize(rows: list[dict]) -> dict:
+    """metrics.json content: per benchmark and overall (micro average over all questions)."""
+    def agg(rs):
+        n = len(rs)
+        mean = lambda k: sum(r[k] for r in rs) / n if n else 0.0  # noqa: E731
+        return {"n": n, "em": mean("em"), "subem": mean("subem"), "f1": mean("f1"), "avg_searches": mean("num_searches")}
+
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["data_source"], []).append(r)
+    return {"benchmarks": {k: agg(v) for k, v in by.items()}, "overall": agg(rows)}
+
+
+def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
+    import torch
+
+    progress = progress or Progress()
+    torch.manual_seed(cfg.seed)
+    tables, chosen = load_benchmarks(cfg.bench, cfg.split, cfg.limit)
+    questions = pa.concat_tables(tables).to_pylist()
+    engine = make_engine(cfg.search, cache=cfg.search_cache)
+    model, tok = load_model(cfg.model)
+    loop = AgentLoop(
+        model,
+        tok,
+        engine,
+        AgentConfig(
+            max_turns=cfg.max_turns,
+            max_new_tokens=cfg.max_new_tokens,
+            topk=cfg.topk,
+            max_doc_words=cfg.max_doc_words,
+            temperature=cfg.temperature,
+        ),
+    )
+    out = artifacts.prepare_out(cfg.out)  # after setup: bad input never touches --out
+
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    progress.start("eval", len(questions))
+    for start in range(0, len(questions), cfg.batch_size):
+        batch = questions[start : start + cfg.batch_size]
+        trajs = loop.run(
+            loop.encode_prompts([q["question"] for q in batch]),
+            [QueryContext(q["question"], q["golden_answers"]) for q in batch],
+        )
+        for q, t in zip(batch, trajs):
+            pred = t.prediction or ""
+            rows.append(
+                {
+                    "id": q["id"],
+                    "data_source": q["data_source"],
+                    "question": q["question"],
+                    "golden_answers": q["golden_answers"],
+                    "prediction": pred,
+                    **metrics.score(pred, q["golden_answers"]),
+                    "num_searches": t.num_searches,
+                    "response": t.response,
+                }
+            )
+        progress.advance(len(batch))
+    progress.stop()
+    wall = time.perf_counter() - t0
+
+    result = summarize(rows)
+    artifacts.write_table(out, "predictions.parquet", pa.Table.from_pylist(rows, schema=PREDICTIONS))
+    artifacts.write_json(out, "metrics.json", result)
+    summary = {
+        "out": str(out),
+        "rows": len(rows),
+        "wall_s": round(wall, 2),
+        "generated_tokens": loop.generated_tokens,
+        "search": engine.stats.as_dict(),
+        **result,
+    }
+    artifacts.write_manifest(
+        out,
+        "predictions",
+        config=asdict(cfg),
+        inputs=[{"bench": c["bench"], "split": c["split"], "rows": c["rows"]} for c in chosen],
+        summary=summary,
+        seed=cfg.seed,
+        extra={"questions": chosen},
+    )
+    engine.close()
+    return summary
