@@ -69,6 +69,9 @@ class AgentLoop:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        # Optional other backend (e.g. TRL's vLLM engine): token-id sequences in, new token ids out,
+        # stopping at the stop strings. None = HF `generate` on `model`.
+        self.generate_fn = None
         self.generate_calls = 0
         self.generated_tokens = 0
         self._note_cache: dict[str, list[int]] = {}
@@ -144,9 +147,19 @@ class AgentLoop:
 
     def _generate(self, batch: list[Trajectory]) -> list[tuple[list[int], str, bool]]:
         """One batched generate for the round; returns (new ids, their text, ended on EOS) per sample."""
+        seqs = [t.prompt_ids + t.response_ids for t in batch]
+        self.generate_calls += 1
+        new = self.generate_fn(seqs) if self.generate_fn else self._hf_generate(seqs, batch)
+        results = []
+        for row in new:
+            ids, hit_eos = self._cut(list(row))
+            self.generated_tokens += len(ids)
+            results.append((ids, self.tok.decode(ids, skip_special_tokens=True), hit_eos))
+        return results
+
+    def _hf_generate(self, seqs: list[list[int]], batch: list[Trajectory]) -> list[list[int]]:
         import torch
 
-        seqs = [t.prompt_ids + t.response_ids for t in batch]
         width = max(len(s) for s in seqs)
         device = next(self.model.parameters()).device
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -171,14 +184,7 @@ class AgentLoop:
             out = self.model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device), **gen_kw
             )
-        self.generate_calls += 1
-        new = out[:, width:].tolist()
-        results = []
-        for row in new:
-            ids, hit_eos = self._cut(row)
-            self.generated_tokens += len(ids)
-            results.append((ids, self.tok.decode(ids, skip_special_tokens=True), hit_eos))
-        return results
+        return out[:, width:].tolist()
 
     def _cut(self, row: list[int]) -> tuple[list[int], bool]:
         """Strip the padding `generate` adds after a row finished.

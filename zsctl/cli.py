@@ -128,6 +128,57 @@ def eval_cmd(
     _emit(summary, as_json, metrics_table(summary, title=f"{model} + {search}"))
 
 
+@app.command("rl")
+@stage
+def rl_cmd(
+    policy: str = typer.Option("smollm2-135m", "--policy", help="Policy model spec."),
+    search: str = typer.Option(..., "--search", help="sim:MODEL / sim+http://… (ZeroSearch) or a real engine (Search-R1 style)."),
+    train: str = typer.Option(..., "--train", help="Training questions: bundled name(s) (train split) or a FlashRAG jsonl / ZeroSearch parquet."),
+    out: str = OUT,
+    algo: str = typer.Option("grpo", "--algo", help="grpo | dapo | dr_grpo | reinforce++"),
+    steps: int = typer.Option(50, "--steps"),
+    batch_size: int = typer.Option(8, "--batch-size", help="Completions per step (prompts x group size)."),
+    group_size: int = typer.Option(4, "--group-size", help="Rollouts per prompt."),
+    lr: float = typer.Option(1e-5, "--lr"),
+    beta: float = typer.Option(0.001, "--beta", help="KL coefficient."),
+    lora: bool = typer.Option(True, "--lora/--full"),
+    noise_start: float = typer.Option(0.0, "--noise-start", help="Curriculum p_s."),
+    noise_end: float = typer.Option(0.5, "--noise-end", help="Curriculum p_e."),
+    noise_base: float = typer.Option(4.0, "--noise-base", help="Curriculum base b."),
+    max_turns: int = typer.Option(2, "--max-turns"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens per generation round."),
+    topk: int = typer.Option(3, "--topk"),
+    temperature: float = typer.Option(1.0, "--temperature"),
+    reward: str = typer.Option("f1", "--reward", help="f1 | em | f1+format"),
+    save_every: int = typer.Option(0, "--save-every", help="Checkpoint every K steps (0 = only the end)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last complete checkpoint in --out."),
+    report_to: str = typer.Option("none", "--report-to", help="none | tensorboard | wandb"),
+    use_vllm: bool = typer.Option(False, "--use-vllm", help="Generate with TRL's vLLM integration (GPU)."),
+    vllm_mode: str = typer.Option("colocate", "--vllm-mode", help="colocate | server"),
+    val: Optional[str] = typer.Option(None, "--val", help="Validation questions."),
+    val_search: Optional[str] = typer.Option(None, "--val-search", help="Real engine for validation."),
+    val_every: int = typer.Option(0, "--val-every", help="Validate every K steps."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N training questions per source."),
+    seed: int = SEED,
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+):
+    """RL with (simulated) search on TRL's GRPOTrainer, with the noise curriculum and masked loss."""
+    from zsctl.console import kv_table
+    from zsctl.stages import rl
+
+    cfg = rl.RLConfig(
+        policy=policy, search=search, train=train, out=out, algo=algo, steps=steps, batch_size=batch_size,
+        group_size=group_size, lr=lr, beta=beta, lora=lora, noise_start=noise_start, noise_end=noise_end,
+        noise_base=noise_base, max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk,
+        temperature=temperature, reward=reward, save_every=save_every, resume=resume, report_to=report_to,
+        use_vllm=use_vllm, vllm_mode=vllm_mode, val=val, val_search=val_search, val_every=val_every,
+        limit=limit, seed=seed,
+    )
+    summary = rl.run(cfg, _progress(quiet))
+    _emit(summary, as_json, kv_table({k: v for k, v in summary.items() if not isinstance(v, dict)}, "rl"))
+
+
 @app.command("inspect")
 @stage
 def inspect_cmd(

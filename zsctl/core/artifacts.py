@@ -149,9 +149,10 @@ def write_manifest(
     seed: int | None = None,
     extra: dict | None = None,
 ) -> dict:
-    """Write manifest.json LAST, describing every file already in `out`."""
+    """Write manifest.json LAST, describing every top-level file already in `out` (subfolders such as
+    checkpoints or per-step logs are working state, not part of the artifact)."""
     files = {}
-    for p in sorted(out.rglob("*")):
+    for p in sorted(out.iterdir()):
         if p.is_file() and p.name != MANIFEST and not p.name.startswith("."):
             rel = str(p.relative_to(out))
             entry = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}

@@ -1,0 +1,149 @@
+"""RL stage: curriculum, rewards, the env mask TRL receives, training steps, logs, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from conftest import script_model
+from zsctl.cli import app
+from zsctl.core import prompts
+from zsctl.core.artifacts import read_manifest, read_table_file
+from zsctl.core.errors import BadInput
+from zsctl.core.models import load_model
+from zsctl.core.rewards import em_reward, f1_format_reward, f1_reward
+from zsctl.core.schemas import ROLLOUTS
+from zsctl.stages import rl
+
+
+@pytest.fixture()
+def train_file(tmp_path):
+    p = tmp_path / "train.jsonl"
+    rows = [{"id": f"q{i}", "question": f"question number {i}?", "golden_answers": [f"answer {i}"]} for i in range(8)]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+@pytest.fixture()
+def corpus_file(tmp_path):
+    p = tmp_path / "corpus.jsonl"
+    rows = [{"id": str(i), "title": f"Title {i}", "text": f"answer {i} is the answer to question number {i}"} for i in range(8)]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def _cfg(tmp_path, train_file, **kw):
+    base = dict(policy="", search="none", train=str(train_file), out=str(tmp_path / "run"), steps=2, batch_size=4,
+                group_size=2, max_turns=1, max_new_tokens=8, max_response_tokens=64, lora=True, lora_r=4, lr=1e-3)
+    base.update(kw)
+    return rl.RLConfig(**base)
+
+
+def test_curriculum_values():
+    assert rl.noise_probability(0, 10, 0.0, 0.5) == 0.0
+    assert rl.noise_probability(10, 10, 0.0, 0.5) == pytest.approx(0.5)
+    assert rl.noise_probability(5, 10, 0.0, 0.5) == pytest.approx((4**0.5 - 1) / 3 * 0.5)
+    assert rl.noise_probability(5, 10, 0.2, 0.6, base=2) == pytest.approx(0.2 + (2**0.5 - 1) * 0.4)
+    vals = [rl.noise_probability(i, 20, 0.1, 0.9) for i in range(21)]
+    assert vals == sorted(vals) and vals[0] == pytest.approx(0.1) and vals[-1] == pytest.approx(0.9)
+    # the exponential ramp stays below the linear one in between (slow start, fast end)
+    assert all(v < 0.1 + 0.8 * i / 20 for i, v in enumerate(vals) if 0 < i < 20)
+
+
+def test_rewards_on_crafted_completions():
+    golds = [["Paris"], ["Paris"], ["Paris"], ["Paris"]]
+    completions = [
+        "<think>x</think><answer> Paris </answer>",
+        "<search>q</search><information>Doc 1: <answer>Paris</answer></information><answer>Lyon</answer>",
+        "no answer at all",
+        "<answer>the city of Paris</answer>",
+    ]
+    assert f1_reward(completions, golds) == [1.0, 0.0, 0.0, pytest.approx(2 * (1 / 3) / (1 / 3 + 1))]
+    assert em_reward(completions, golds) == [1.0, 0.0, 0.0, 0.0]
+    assert f1_format_reward(completions, golds)[1:3] == [0.1, 0.0]
+    # the rollout's own prediction wins over text extraction (prompt example never counted)
+    assert f1_reward(["<answer>Paris</answer>"], [["Paris"]], prediction=[""]) == [0.0]
+
+
+def test_env_mask_is_zero_exactly_on_inserted_tokens(tmp_path, train_file, corpus_file, tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir))
+    script_model(model, tok, {
+        "number 0": ["<search> answer 0 </search>", "<answer> answer 0 </answer>"],
+        "number 1": ["<answer> nope </answer>"],
+    })
+    cfg = _cfg(tmp_path, train_file, search=f"bm25:{corpus_file}", lora=False, topk=2, max_turns=2,
+               max_new_tokens=24, max_response_tokens=400, temperature=0.0)
+    trainer, engine, recorder, _ = rl.build_trainer(cfg, policy=(model, tok))
+    out = trainer.rollout_func(["question number 0?", "question number 1?"], trainer)
+    ids0, mask0 = out["completion_ids"][0], out["env_mask"][0]
+    assert len(ids0) == len(mask0)
+    inserted = tok.decode([t for t, m in zip(ids0, mask0) if m == 0], skip_special_tokens=False)
+    own = tok.decode([t for t, m in zip(ids0, mask0) if m == 1])
+    assert own == "<search> answer 0 </search><answer> answer 0 </answer>"
+    assert inserted.startswith("\n\n<information>Doc 1: (Title 0) answer 0") and inserted.endswith("</information>\n\n" + tok.eos_token)
+    assert out["prediction"] == ["answer 0", "nope"]
+    assert out["env_mask"][1] == [1] * (len(out["env_mask"][1]) - 1) + [0]  # only the closing EOS is ours
+    rows = pq.read_table(next(recorder.rollouts_dir.glob("step-000001-*.parquet"))).to_pylist()
+    assert [r["reward"] for r in rows] == [1.0, 0.0] and rows[0]["num_searches"] == 1
+
+
+def test_two_steps_train_and_write_artifacts(tmp_path, train_file, tiny_model_dir):
+    import torch
+
+    cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir), lora=False, lr=1e-2, reward="f1+format")
+    before = {k: v.clone() for k, v in load_model(str(tiny_model_dir))[0].state_dict().items()}
+    summary = rl.run(cfg)
+    out = tmp_path / "run"
+    assert read_manifest(out)["kind"] == "policy" and summary["steps"] == 2
+    after, _ = load_model(str(out))
+    changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed, "training changed no weight"
+    rollouts = read_table_file(out / "rollouts.parquet", ROLLOUTS)
+    assert rollouts.num_rows == 8 and sorted(set(rollouts.column("step").to_pylist())) == [1, 2]
+    mets = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [m["step"] for m in mets] == [1, 2]
+    for m in mets:
+        assert math.isfinite(m["loss"]) and 0 <= m["valid_answer_rate"] <= 1 and m["noise_p"] >= 0
+
+
+def test_lora_run_merges_and_resume_continues(tmp_path, train_file, tiny_model_dir):
+    cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir), steps=2, save_every=1)
+    rl.run(cfg)
+    out = tmp_path / "run"
+    assert (out / "checkpoints" / "checkpoint-2" / rl.DONE_MARK).is_file()
+    # pretend the run died after step 1: drop the last checkpoint, then resume
+    import shutil
+
+    shutil.rmtree(out / "checkpoints" / "checkpoint-2")
+    summary = rl.run(_cfg(tmp_path, train_file, policy=str(tiny_model_dir), steps=2, save_every=1, resume=True))
+    assert summary["resumed_from_step"] == 1
+    mets = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [m["step"] for m in mets] == [1, 2]  # each step exactly once
+    assert not (out / "adapter_config.json").exists() and (out / "config.json").is_file()  # merged
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(group_size=1), "--group-size 1"),
+        (dict(batch_size=5, group_size=2), "not divisible"),
+        (dict(algo="ppo"), "--algo 'ppo'"),
+        (dict(resume=True), "holds no zsctl rl run"),
+    ],
+)
+def test_bad_input(tmp_path, train_file, kw, needle):
+    with pytest.raises(BadInput, match=needle):
+        rl.build_trainer(_cfg(tmp_path, train_file, policy="x", **kw))
+
+
+def test_cli_train_file_without_golden_answers(tmp_path, tiny_model_dir):
+    bad = tmp_path / "t.jsonl"
+    bad.write_text(json.dumps({"id": "1", "question": "q?"}) + "\n")
+    r = CliRunner().invoke(app, ["rl", "--policy", str(tiny_model_dir), "--search", "none", "--train", str(bad),
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "golden_answers" in r.output
+    assert not (tmp_path / "o" / "manifest.json").exists()

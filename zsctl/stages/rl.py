@@ -1,0 +1,470 @@
+"""`zsctl rl`: train a search policy with RL, its searches answered by a (simulated) engine.
+
+setup (questions, policy, engine, TRL config) → GRPOTrainer with our multi-turn `rollout_func` →
+save (LoRA merged) → rollouts.parquet, metrics.parquet, manifest.json (last).
+
+The rollout: TRL hands us the batch's prompts (each repeated `group_size` times); the agent loop
+rolls all of them out together at token level, and returns per trajectory `prompt_ids`,
+`completion_ids` (policy turns + inserted <information> tokens), `env_mask` (0 on every inserted
+token, so they are attended to but never trained on) and extras the reward functions read.
+
+Curriculum (ZeroSearch): at step i of m the simulator writes a noisy document with probability
+    p_i = p_s + (b^(i/m) - 1) / (b - 1) * (p_e - p_s)
+drawn per search; p_i and the realised noisy share are logged every step.
+
+Algorithms, all through TRL's GRPOTrainer (the paper used veRL with PPO / GRPO / REINFORCE):
+- grpo: per-sequence-normalised clipped policy gradient, advantages = (r - group mean) / group std.
+- dapo: token-level normalisation, clip-higher (eps_high 0.28), truncated completions masked.
+- dr_grpo: GRPO without length and std normalisation (unbiased "done right" variant).
+- reinforce++: REINFORCE++-baseline: group-mean baseline, advantages scaled by the batch std.
+PPO (a critic) and plain REINFORCE are not on this path; they belong to a veRL backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from zsctl.agent import AgentConfig, AgentLoop
+from zsctl.core import artifacts, data, metrics
+from zsctl.core.errors import BadInput
+from zsctl.core.progress import Progress
+from zsctl.core.rewards import REWARDS
+from zsctl.core.schemas import ROLLOUTS
+from zsctl.search import make_engine
+from zsctl.search.base import QueryContext
+
+ALGOS = {
+    "grpo": dict(loss_type="grpo", scale_rewards="group"),
+    "dapo": dict(loss_type="dapo", scale_rewards="group", epsilon_high=0.28, mask_truncated_completions=True),
+    "dr_grpo": dict(loss_type="dr_grpo", scale_rewards="none"),
+    "reinforce++": dict(loss_type="dapo", scale_rewards="batch"),
+}
+RUN_FILE = "rl_run.json"  # identifies the run a --resume must match
+DONE_MARK = "zsctl_complete.json"  # written into checkpoint-N after TRL finished saving it
+
+
+@dataclass
+class RLConfig:
+    policy: str
+    search: str
+    train: str
+    out: str
+    algo: str = "grpo"
+    steps: int = 50
+    batch_size: int = 8  # completions per step (prompts x group size)
+    group_size: int = 4
+    lr: float = 1e-5
+    beta: float = 0.001  # KL coefficient
+    lora: bool = True
+    lora_r: int = 16
+    noise_start: float = 0.0
+    noise_end: float = 0.5
+    noise_base: float = 4.0
+    max_turns: int = 2
+    max_new_tokens: int = 64
+    max_response_tokens: int = 384
+    topk: int = 3
+    max_doc_words: int = 40
+    temperature: float = 1.0
+    reward: str = "f1"
+    save_every: int = 0
+    resume: bool = False
+    report_to: str = "none"
+    use_vllm: bool = False
+    vllm_mode: str = "colocate"
+    val: str | None = None
+    val_search: str | None = None
+    val_every: int = 0
+    val_limit: int = 50
+    limit: int | None = None
+    seed: int = 0
+
+
+def noise_probability(step: int, total: int, p_start: float, p_end: float, base: float = 4.0) -> float:
+    """The curriculum's p_i at step i of m (exponential ramp from p_start to p_end).
+
+    >>> noise_probability(0, 100, 0.0, 0.5)
+    0.0
+    >>> noise_probability(100, 100, 0.0, 0.5)
+    0.5
+    >>> round(noise_probability(50, 100, 0.0, 0.5), 4)  # (4**0.5 - 1) / 3 * 0.5
+    0.1667
+    """
+    if total <= 0:
+        return p_start
+    frac = min(max(step / total, 0.0), 1.0)
+    ramp = frac if base == 1 else (base**frac - 1) / (base - 1)
+    return p_start + ramp * (p_end - p_start)
+
+
+def _run_identity(cfg: RLConfig) -> dict:
+    """What must not change between a run and its --resume (data order and curriculum depend on it)."""
+    keys = ("policy", "train", "algo", "steps", "batch_size", "group_size", "seed", "lora", "limit",
+            "noise_start", "noise_end", "noise_base")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def _validate(cfg: RLConfig) -> None:
+    if cfg.algo not in ALGOS:
+        raise BadInput(f"--algo '{cfg.algo}' is unknown; choose one of {', '.join(ALGOS)}")
+    if cfg.reward not in REWARDS:
+        raise BadInput(f"--reward '{cfg.reward}' is unknown; choose one of {', '.join(REWARDS)}")
+    if cfg.group_size < 2:
+        raise BadInput(f"--group-size {cfg.group_size} is too small: group-relative advantages need at least 2")
+    if cfg.batch_size % cfg.group_size:
+        raise BadInput(f"--batch-size {cfg.batch_size} is not divisible by --group-size {cfg.group_size}")
+    if cfg.steps < 1:
+        raise BadInput(f"--steps {cfg.steps} must be at least 1")
+    if not (0 <= cfg.noise_start <= 1 and 0 <= cfg.noise_end <= 1) or cfg.noise_base <= 0:
+        raise BadInput("--noise-start/--noise-end must be in [0, 1] and --noise-base > 0")
+    if cfg.val and not cfg.val_search:
+        raise BadInput("--val needs --val-search (a real engine, e.g. bm25:data/corpus/wiki_sample.jsonl)")
+
+
+def load_train_questions(spec: str, limit: int | None) -> list[dict]:
+    """Training questions (the train split of bundled benchmarks), one row per distinct question text:
+    the rollout function finds a prompt's gold answers by its text, so texts must be unique."""
+    rows, seen = [], set()
+    for name in [s.strip() for s in spec.split(",") if s.strip()]:
+        split = "train" if name in data.BENCHMARKS else None
+        for r in data.load_questions(name, split=split, limit=limit).to_pylist():
+            if r["question"] not in seen:
+                seen.add(r["question"])
+                rows.append(r)
+    if not rows:
+        raise BadInput(f"--train '{spec}' has no questions; pass a non-empty question file")
+    return rows
+
+
+def _last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / DONE_MARK).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+class Recorder:
+    """Per-step logs as one Parquet file per step, so a step redone after a crash replaces its own
+    file and the merged logs hold each step exactly once."""
+
+    def __init__(self, out: Path, rank: int):
+        self.rollouts_dir = out / "rollouts.steps"
+        self.metrics_dir = out / "metrics.steps"
+        self.rank = rank
+        for d in (self.rollouts_dir, self.metrics_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.pending: dict = {}
+
+    def drop_after(self, step: int) -> None:
+        for d in (self.rollouts_dir, self.metrics_dir):
+            for p in d.glob("step-*.parquet"):
+                if int(p.stem.split("-")[1]) > step:
+                    p.unlink()
+
+    def rollouts(self, step: int, rows: list[dict]) -> None:
+        artifacts.write_table(
+            self.rollouts_dir, f"step-{step:06d}-r{self.rank}.parquet", pa.Table.from_pylist(rows, schema=ROLLOUTS)
+        )
+
+    def metrics(self, step: int, row: dict) -> None:
+        artifacts.write_table(self.metrics_dir, f"step-{step:06d}.parquet", pa.Table.from_pylist([row]))
+
+    def merge(self, out: Path) -> tuple[int, int]:
+        def cat(d: Path, schema=None) -> pa.Table:
+            files = sorted(d.glob("step-*.parquet"))
+            tables = [pq.read_table(f) for f in files]
+            return pa.concat_tables(tables, promote_options="default") if tables else (schema or pa.schema([])).empty_table()
+
+        rollouts, mets = cat(self.rollouts_dir, ROLLOUTS), cat(self.metrics_dir)
+        artifacts.write_table(out, "rollouts.parquet", rollouts)
+        artifacts.write_table(out, "metrics.parquet", mets)
+        return rollouts.num_rows, mets.num_rows
+
+
+def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: Recorder, progress: Progress):
+    """The `rollout_func(prompts, trainer)` TRL calls once per generation batch."""
+    reward_fn = REWARDS[cfg.reward]
+    agent_cfg = AgentConfig(
+        max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, max_response_tokens=cfg.max_response_tokens,
+        topk=cfg.topk, max_doc_words=cfg.max_doc_words, temperature=cfg.temperature,
+    )
+
+    def rollout_func(prompts: list[str], trainer) -> dict:
+        import torch
+        from trl.models.utils import unwrap_model_for_generation
+
+        step = trainer.state.global_step  # 0-based: updates done so far
+        p = noise_probability(step, cfg.steps, cfg.noise_start, cfg.noise_end, cfg.noise_base)
+        if hasattr(engine, "noise_p"):  # simulated engines draw useful/noisy per search with p_i
+            engine.noise_p = p
+            engine.rng = random.Random(f"{cfg.seed}-{step}-{trainer.accelerator.process_index}")
+        t0 = time.perf_counter()
+        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+            was_training = model.training
+            model.eval()
+            loop = AgentLoop(model, trainer.processing_class, engine, agent_cfg)
+            if trainer.use_vllm:
+                loop.generate_fn = _vllm_generate(trainer)
+            with torch.no_grad():
+                trajs = loop.run(
+                    loop.encode_prompts(prompts),
+                    [QueryContext(q, golds_by_question[q]["golden_answers"]) for q in prompts],
+                )
+            model.train(was_training)
+        gen_s = time.perf_counter() - t0
+
+        eos = trainer.processing_class.eos_token_id
+        completion_ids, env_mask = [], []
+        for t in trajs:
+            ids, mask = list(t.response_ids), list(t.env_mask)
+            if t.stop == "answer":  # ended on </answer>: close with EOS (not trained) so TRL sees it as finished
+                ids.append(eos)
+                mask.append(0)
+            completion_ids.append(ids)
+            env_mask.append(mask)
+        predictions = [t.prediction or "" for t in trajs]
+        golds = [golds_by_question[q]["golden_answers"] for q in prompts]
+        rewards = reward_fn(completions=[t.response for t in trajs], golden_answers=golds, prediction=predictions)
+
+        g = cfg.group_size
+        recorder.rollouts(step + 1, [
+            {"step": step + 1, "noise_p": p, "question_id": golds_by_question[q]["id"], "sample": i % g,
+             "response": t.response, "prediction": pred, "reward": float(r), "num_searches": t.num_searches,
+             "sim_labels": t.sim_labels}
+            for i, (q, t, pred, r) in enumerate(zip(prompts, trajs, predictions, rewards))
+        ])
+        labels = [m for t in trajs for m in t.sim_labels]
+        model_tokens = sum(sum(m) for m in env_mask)
+        recorder.pending = {
+            "step": step + 1,
+            "noise_p": p,
+            "noisy_share": (labels.count("noisy") / len(labels)) if labels else float("nan"),
+            "sim_searches": len(labels),
+            "reward_mean": float(sum(rewards) / len(rewards)),
+            "reward_std": float(_std(rewards)),
+            "valid_answer_rate": sum(t.prediction is not None for t in trajs) / len(trajs),
+            "searches_per_traj": sum(t.num_searches for t in trajs) / len(trajs),
+            "generated_tokens": model_tokens,
+            "gen_tokens_per_s": model_tokens / gen_s if gen_s > 0 else float("nan"),
+        }
+        progress.log(
+            f"step {step + 1}/{cfg.steps}: p={p:.3f} reward={recorder.pending['reward_mean']:.3f} "
+            f"valid={recorder.pending['valid_answer_rate']:.2f} searches={recorder.pending['searches_per_traj']:.2f}"
+        )
+        return {
+            "prompt_ids": [t.prompt_ids for t in trajs],
+            "completion_ids": completion_ids,
+            "logprobs": None,
+            "env_mask": env_mask,
+            "prediction": predictions,
+            "num_searches": [t.num_searches for t in trajs],
+        }
+
+    return rollout_func
+
+
+def _std(xs: list[float]) -> float:
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
+
+
+def _vllm_generate(trainer):
+    """Generation through TRL's own vLLM engine (weights synced by TRL before each rollout)."""
+
+    def generate(seqs: list[list[int]]) -> list[list[int]]:
+        _, completion_ids, _, _ = trainer.vllm_generation.generate(prompts=seqs, images=None, num_generations=1)
+        return completion_ids
+
+    return generate
+
+
+def _make_callback(cfg: RLConfig, recorder: Recorder, progress: Progress, validate):
+    from transformers import TrainerCallback
+
+    class ZsctlCallback(TrainerCallback):
+        """Writes one metrics row per step (our rollout stats + TRL's loss/KL), marks finished checkpoints."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or "loss" not in (logs or {}) or not recorder.pending:
+                return
+            row = dict(recorder.pending)
+            step_s = time.perf_counter() - getattr(self, "t0", time.perf_counter())
+            row.update(
+                loss=float(logs.get("loss", float("nan"))),
+                kl=float(logs.get("kl", float("nan"))),
+                step_seconds=step_s,
+                tokens_per_s=row["generated_tokens"] / step_s if step_s > 0 else float("nan"),
+            )
+            if validate is not None and cfg.val_every and state.global_step % cfg.val_every == 0:
+                row.update(validate(kw["model"]))
+            recorder.metrics(state.global_step, row)
+            progress.advance(1)
+
+        def on_save(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                (ckpt / DONE_MARK).write_text(json.dumps({"step": state.global_step}))
+
+    return ZsctlCallback()
+
+
+def _make_validator(cfg: RLConfig, tokenizer):
+    """Score the current policy on --val with the real --val-search engine (like the paper's validation)."""
+    if not cfg.val:
+        return None
+    import torch
+
+    questions = data.load_questions(cfg.val, split="eval" if cfg.val in data.BENCHMARKS else None,
+                                    limit=cfg.val_limit).to_pylist()
+    engine = make_engine(cfg.val_search)
+
+    def validate(model) -> dict:
+        was_training = model.training
+        model.eval()
+        loop = AgentLoop(model, tokenizer, engine, AgentConfig(
+            max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, topk=cfg.topk,
+            max_doc_words=cfg.max_doc_words, max_response_tokens=cfg.max_response_tokens))
+        scores = []
+        with torch.no_grad():
+            for i in range(0, len(questions), 8):
+                batch = questions[i : i + 8]
+                trajs = loop.run(loop.encode_prompts([q["question"] for q in batch]))
+                scores += [metrics.score(t.prediction or "", q["golden_answers"]) for q, t in zip(batch, trajs)]
+        model.train(was_training)
+        n = len(scores)
+        return {f"val_{k}": sum(s[k] for s in scores) / n for k in ("em", "subem", "f1")} if n else {}
+
+    return validate
+
+
+def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
+    """Setup: validate, resolve the resume point, load questions/engine/policy, build the GRPOTrainer.
+
+    Returns (trainer, engine, recorder, resume_from). `policy` may be passed as (model, tokenizer).
+    """
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from zsctl.core.models import load_model
+
+    progress = progress or Progress()
+    _validate(cfg)
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    resume_from = None
+    if cfg.resume:
+        run_file = out / RUN_FILE
+        if not run_file.is_file():
+            raise BadInput(f"--resume: '{out}' holds no zsctl rl run ({RUN_FILE} missing); drop --resume or pass the run's --out")
+        if json.loads(run_file.read_text()) != _run_identity(cfg):
+            raise BadInput(f"--resume: '{out}' was started with other settings (see {run_file}); use the same options or a new --out")
+        last = _last_complete_checkpoint(ckpt_dir)
+        resume_from = str(last) if last else None
+
+    questions = load_train_questions(cfg.train, cfg.limit)
+    engine = make_engine(cfg.search)
+    on_gpu = torch.cuda.is_available()
+    model, tok = policy or load_model(cfg.policy, dtype="bfloat16" if on_gpu else "float32")
+
+    out = artifacts.prepare_out(out)
+    (out / RUN_FILE).write_text(json.dumps(_run_identity(cfg)))
+    for p in ckpt_dir.glob("checkpoint-*"):  # a checkpoint the kill interrupted is not one to trust
+        if not (p / DONE_MARK).is_file():
+            shutil.rmtree(p, ignore_errors=True)
+    start_step = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
+
+    args = GRPOConfig(
+        output_dir=str(ckpt_dir),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=1,
+        num_generations=cfg.group_size,
+        learning_rate=cfg.lr,
+        beta=cfg.beta,
+        temperature=cfg.temperature,
+        max_completion_length=cfg.max_new_tokens,
+        logging_steps=1,
+        save_strategy="steps" if cfg.save_every else "no",
+        save_steps=cfg.save_every or 500,
+        report_to=cfg.report_to,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not on_gpu,
+        bf16=on_gpu,
+        gradient_checkpointing=False,
+        use_vllm=cfg.use_vllm,
+        vllm_mode=cfg.vllm_mode,
+        generation_kwargs={"stop": ["</search>", "</answer>"], "include_stop_str_in_output": True} if cfg.use_vllm else None,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        **ALGOS[cfg.algo],
+    )
+    golds_by_question = {q["question"]: q for q in questions}
+    dataset = Dataset.from_list([{"prompt": q["question"], "golden_answers": q["golden_answers"]} for q in questions])
+    recorder = Recorder(out, rank=0)
+    recorder.drop_after(start_step)
+    peft_config = None
+    if cfg.lora:
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 target_modules="all-linear")
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=REWARDS[cfg.reward],
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=peft_config,
+        rollout_func=make_rollout_func(cfg, engine, golds_by_question, recorder, progress),
+        callbacks=[_make_callback(cfg, recorder, progress, _make_validator(cfg, tok))],
+    )
+    recorder.rank = trainer.accelerator.process_index
+    return trainer, engine, recorder, resume_from
+
+
+def run(cfg: RLConfig, progress: Progress | None = None) -> dict:
+    progress = progress or Progress()
+    trainer, engine, recorder, resume_from = build_trainer(cfg, progress)
+    out = Path(cfg.out)
+    start_step = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
+    progress.start("rl", cfg.steps)
+    if start_step:
+        progress.advance(start_step)
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    wall = time.perf_counter() - t0
+    progress.stop()
+
+    summary: dict = {"out": str(out), "steps": cfg.steps, "resumed_from_step": start_step, "wall_s": round(wall, 1)}
+    if trainer.accelerator.is_main_process:
+        final = trainer.model
+        if cfg.lora:
+            final = final.merge_and_unload()
+        final.save_pretrained(out)
+        trainer.processing_class.save_pretrained(out)
+        n_roll, n_met = recorder.merge(out)
+        mets = pq.read_table(out / "metrics.parquet").to_pylist()
+        summary.update(rollouts=n_roll, metric_rows=n_met, search=engine.stats.as_dict())
+        if mets:
+            first, last = mets[0], mets[-1]
+            summary.update(
+                reward_first=first["reward_mean"], reward_last=last["reward_mean"],
+                valid_answer_rate_last=last["valid_answer_rate"], noise_p_last=last["noise_p"],
+            )
+        artifacts.write_manifest(
+            out, "policy", config=asdict(cfg), inputs=[artifacts.input_ref(cfg.train)], summary=summary,
+            seed=cfg.seed, extra={"base_model": cfg.policy, "algo": cfg.algo},
+        )
+    trainer.accelerator.wait_for_everyone()
+    return summary
