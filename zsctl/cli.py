@@ -63,6 +63,16 @@ def _progress(quiet: bool):
     return make_progress(quiet)
 
 
+def _execute(run_fn, cfg, quiet: bool) -> dict | None:
+    """Run a stage, or with --dry-run only print its resolved config (None is returned then)."""
+    if _state.get("dry_run"):
+        from dataclasses import asdict
+
+        print(json.dumps({"dry_run": True, "command": sys.argv[1:2], "config": asdict(cfg)}, default=str))
+        return None
+    return run_fn(cfg, _progress(quiet))
+
+
 def _emit(summary: dict, as_json: bool, table=None) -> None:
     from zsctl.console import out
 
@@ -90,8 +100,9 @@ def index_cmd(
     """Build a BM25 index (bm25s) of a passage corpus."""
     from zsctl.stages import index
 
-    summary = index.run(index.IndexConfig(corpus=corpus, out=out), _progress(quiet))
-    _emit(summary, as_json)
+    summary = _execute(index.run, index.IndexConfig(corpus=corpus, out=out), quiet)
+    if summary is not None:
+        _emit(summary, as_json)
 
 
 @app.command("eval")
@@ -124,8 +135,9 @@ def eval_cmd(
         max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk, temperature=temperature,
         seed=seed, search_cache=search_cache,
     )
-    summary = evaluate.run(cfg, _progress(quiet))
-    _emit(summary, as_json, metrics_table(summary, title=f"{model} + {search}"))
+    summary = _execute(evaluate.run, cfg, quiet)
+    if summary is not None:
+        _emit(summary, as_json, metrics_table(summary, title=f"{model} + {search}"))
 
 
 @app.command("rl")
@@ -175,8 +187,26 @@ def rl_cmd(
         use_vllm=use_vllm, vllm_mode=vllm_mode, val=val, val_search=val_search, val_every=val_every,
         limit=limit, seed=seed,
     )
-    summary = rl.run(cfg, _progress(quiet))
-    _emit(summary, as_json, kv_table({k: v for k, v in summary.items() if not isinstance(v, dict)}, "rl"))
+    summary = _execute(rl.run, cfg, quiet)
+    if summary is not None:
+        _emit(summary, as_json, kv_table({k: v for k, v in summary.items() if not isinstance(v, dict)}, "rl"))
+
+
+@app.command("report")
+@stage
+def report_cmd(
+    run_dir: str = typer.Argument(..., help="Folder holding the run's artifacts."),
+    out: Optional[str] = typer.Option(None, "--out", help="Report folder (default RUN_DIR/report)."),
+    price_per_1k: float = typer.Option(15.0, "--price-per-1k", help="USD per 1,000 real search calls, for the cost ledger."),
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+):
+    """Write report.md and PNG plots (reward, noise, before/after, search cost) for a run."""
+    from zsctl.stages import report
+
+    summary = _execute(report.run, report.ReportConfig(run_dir=run_dir, out=out, price_per_1k=price_per_1k), quiet)
+    if summary is not None:
+        _emit(summary, as_json)
 
 
 @app.command("inspect")
@@ -198,10 +228,92 @@ def inspect_cmd(
         render_inspect(info)
 
 
+SIM_MODE = typer.Option("tuned", "--sim-mode", help="For sim: engines: tuned (a train-sim model) | prompt (untuned instruct model, few-shot).")
+SIM_TEMPLATE = typer.Option(None, "--sim-template", help="Simulator prompt template file (fields {query} {question} {answer} {mode} {k}).")
+
+
+@app.command("serve")
+@stage
+def serve_cmd(
+    search: str = typer.Option(..., "--search", help="Engine to serve: bm25:PATH | sim:MODEL | sim+http://… | http://… | serpapi"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (0.0.0.0 exposes it to the network)."),
+    port: int = typer.Option(8000, "--port"),
+    model: Optional[str] = typer.Option(None, "--model", help="Also serve this model at /v1/completions (for sim+http://)."),
+    max_queries: int = typer.Option(64, "--max-queries", help="Queries (or prompts) per request."),
+    max_query_chars: int = typer.Option(512, "--max-query-chars", help="Characters per query."),
+    sim_mode: str = SIM_MODE,
+    sim_template: Optional[str] = SIM_TEMPLATE,
+    noise_p: float = typer.Option(0.0, "--noise-p", help="Simulators: share of noisy answers when a request names no noise."),
+    seed: int = SEED,
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+):
+    """Serve an engine over the Search-R1 /retrieve API (and a model over /v1/completions)."""
+    from zsctl.stages import serve
+
+    cfg = serve.ServeConfig(search=search, host=host, port=port, model=model, max_queries=max_queries,
+                            max_query_chars=max_query_chars, sim_mode=sim_mode, sim_template=sim_template,
+                            noise_p=noise_p, seed=seed)
+    summary = _execute(serve.run, cfg, quiet)
+    if summary is not None:
+        _emit(summary, as_json)
+
+
+def expand_argv(argv: list[str]) -> list[str]:
+    """`--config FILE.yaml` and `key=value` overrides → ordinary options.
+
+    The YAML's options go right after the command name, the command line's own after them, so
+    explicit flags and `key=value` pairs override the file (for options, the last one wins).
+    Keys use option names with - or _ (`batch_size: 64`); `flag: true/false` → `--flag/--no-flag`.
+    """
+    def as_opts(pairs) -> list[str]:
+        opts = []
+        for k, v in pairs:
+            name = "--" + str(k).replace("_", "-")
+            if isinstance(v, bool):
+                opts.append(name if v else "--no-" + name[2:])
+            elif v is not None:
+                opts += [name, ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+        return opts
+
+    cmd = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if cmd is None:
+        return argv
+    head, rest = argv[: cmd + 1], argv[cmd + 1 :]
+    from_file: list[str] = []
+    if "--config" in rest:
+        i = rest.index("--config")
+        if i + 1 >= len(rest):
+            raise BadInput("--config needs a YAML file path")
+        path = rest[i + 1]
+        rest = rest[:i] + rest[i + 2:]
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(open(path, encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise BadInput(f"--config '{path}' cannot be read as YAML ({' '.join(str(e).split())[:160]})") from e
+        if not isinstance(loaded, dict):
+            raise BadInput(f"--config '{path}' must hold a mapping of option: value")
+        from_file = as_opts(loaded.items())
+    overrides = [a for a in rest if "=" in a and not a.startswith("-") and a.split("=", 1)[0].replace("-", "_").isidentifier()]
+    rest = [a for a in rest if a not in overrides]
+    return head + from_file + rest + as_opts(a.split("=", 1) for a in overrides)
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    argv = sys.argv[1:]
+    if "--dry-run" in argv:
+        argv.remove("--dry-run")
+        _state["dry_run"] = True
+    try:
+        argv = expand_argv(argv)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    app(args=argv, prog_name="zsctl")
 
 
 if __name__ == "__main__":

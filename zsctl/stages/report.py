@@ -1,0 +1,193 @@
+"""`zsctl report RUN_DIR`: one page (report.md) and PNG plots from the artifacts of a run.
+
+It finds artifacts by their manifests (any folder under RUN_DIR holding manifest.json), so it
+works for the demo's layout and for stages run by hand into one folder. Plots need matplotlib
+(`pip install "zsctl[plot]"`); without it the report is written with tables only and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from zsctl.core import artifacts
+from zsctl.core.errors import BadInput
+from zsctl.core.progress import Progress
+
+
+@dataclass
+class ReportConfig:
+    run_dir: str
+    out: str | None = None  # default: RUN_DIR/report
+    price_per_1k: float = 15.0  # USD per 1,000 real search calls (SerpAPI-like pricing; an assumption)
+
+
+def find_artifacts(run_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
+    """kind -> [(dir, manifest)], in name order."""
+    found: dict[str, list[tuple[Path, dict]]] = {}
+    for mf in sorted(run_dir.rglob(artifacts.MANIFEST)):
+        d = mf.parent
+        if "checkpoints" in d.parts or d.name == "report":
+            continue
+        m = json.loads(mf.read_text(encoding="utf-8"))
+        found.setdefault(m.get("kind", "?"), []).append((d, m))
+    return found
+
+
+def _fmt(x, pct=True) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{100 * x:.1f}" if pct else f"{x:.2f}"
+
+
+def _eval_rows(found) -> list[tuple[str, str, dict]]:
+    rows = []
+    for d, _ in found.get("predictions", []):
+        met = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+        for bench, m in met["benchmarks"].items():
+            rows.append((d.name, bench, m))
+    return rows
+
+
+def _ledger(found, price: float) -> dict:
+    real = sum(m["summary"].get("search", {}).get("calls", 0) for kind in ("trajectories", "predictions")
+               for _, m in found.get(kind, []))
+    simulated = 0
+    for d, m in found.get("policy", []):
+        if (d / "metrics.parquet").is_file():
+            t = pq.read_table(d / "metrics.parquet")
+            if "sim_searches" in t.column_names:
+                simulated += int(sum(v or 0 for v in t.column("sim_searches").to_pylist()))
+    return {
+        "real_calls": real,
+        "simulated_calls": simulated,
+        "price_per_1k_usd": price,
+        "cost_saved_usd": round(simulated * price / 1000, 4),
+    }
+
+
+def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
+    progress = progress or Progress()
+    run_dir = Path(cfg.run_dir)
+    if not run_dir.is_dir():
+        raise BadInput(f"run directory '{run_dir}' does not exist; pass the folder holding the stage outputs")
+    found = find_artifacts(run_dir)
+    if not found:
+        raise BadInput(f"'{run_dir}' holds no artifact (no manifest.json below it); run some stages into it first")
+    out = Path(cfg.out) if cfg.out else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / artifacts.MANIFEST).unlink(missing_ok=True)
+
+    lines = [f"# zsctl report: {run_dir}", ""]
+    evals = _eval_rows(found)
+    if evals:
+        lines += ["## Evaluation (real engine)", "", "| run | benchmark | n | EM | SubEM | F1 | searches |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r} | {b} | {m['n']} | {_fmt(m['em'])} | {_fmt(m['subem'])} | {_fmt(m['f1'])} | "
+                  f"{_fmt(m['avg_searches'], pct=False)} |" for r, b, m in evals]
+        lines.append("")
+    rl_runs = [(d, pq.read_table(d / "metrics.parquet").to_pylist()) for d, _ in found.get("policy", [])
+               if (d / "metrics.parquet").is_file()]
+    for d, mets in rl_runs:
+        if not mets:
+            continue
+        first, last = mets[0], mets[-1]
+        lines += [f"## RL run `{d.name}` ({len(mets)} steps)", "",
+                  "| | first step | last step |", "|---|---|---|",
+                  f"| reward | {_fmt(first['reward_mean'], False)} | {_fmt(last['reward_mean'], False)} |",
+                  f"| valid-answer rate | {_fmt(first['valid_answer_rate'])}% | {_fmt(last['valid_answer_rate'])}% |",
+                  f"| noise p (planned) | {_fmt(first['noise_p'], False)} | {_fmt(last['noise_p'], False)} |",
+                  f"| searches / trajectory | {_fmt(first['searches_per_traj'], False)} | {_fmt(last['searches_per_traj'], False)} |",
+                  ""]
+    ledger = _ledger(found, cfg.price_per_1k)
+    lines += ["## Search-cost ledger", "",
+              f"- real engine calls (collect + eval): {ledger['real_calls']}",
+              f"- simulated calls (rl): {ledger['simulated_calls']}",
+              f"- at ${cfg.price_per_1k:g} per 1,000 real calls, the simulated calls saved ${ledger['cost_saved_usd']:.2f}",
+              ""]
+    for d, m in found.get("check_sim", []):
+        s = m.get("summary", {})
+        flat = {k: v for k, v in s.items() if isinstance(v, (int, float))}
+        if flat:
+            lines += [f"## Simulator check `{d.name}`", "", *[f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
+                                                            for k, v in flat.items()], ""]
+
+    plots = _plots(out, rl_runs, evals, ledger)
+    if plots is None:
+        lines += ["_Plots skipped: matplotlib is not installed (`pip install \"zsctl[plot]\"`)._", ""]
+    else:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    tmp = out / ".report.md.tmp"
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(out / "report.md")
+    summary = {"out": str(out), "report": str(out / "report.md"), "plots": [p.name for p in plots or []],
+               "artifacts": {k: len(v) for k, v in found.items()}, "ledger": ledger}
+    artifacts.write_manifest(out, "report", config=asdict(cfg), inputs=[{"path": str(d)} for v in found.values() for d, _ in v],
+                             summary=summary)
+    progress.log(f"report → {out / 'report.md'}")
+    return summary
+
+
+def _plots(out: Path, rl_runs, evals, ledger) -> list[Path] | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    made = []
+
+    def save(fig, name):
+        p = out / name
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        made.append(p)
+
+    for d, mets in rl_runs:
+        if not mets:
+            continue
+        steps = [m["step"] for m in mets]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, [m["reward_mean"] for m in mets], label="reward (mean)")
+        ax.plot(steps, [m["valid_answer_rate"] for m in mets], label="valid-answer rate")
+        ax.set_xlabel("step"), ax.set_ylim(-0.02, 1.02), ax.legend(), ax.set_title(f"RL {d.name}: reward")
+        save(fig, f"{d.name}_reward.png")
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, [m["noise_p"] for m in mets], label="planned p_i")
+        ax.plot(steps, [m["noisy_share"] for m in mets], "o", ms=3, label="realised noisy share")
+        ax.set_xlabel("step"), ax.set_ylim(-0.02, 1.02), ax.legend(), ax.set_title("noise curriculum")
+        save(fig, f"{d.name}_noise.png")
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, [m["searches_per_traj"] for m in mets])
+        ax.set_xlabel("step"), ax.set_ylabel("searches / trajectory"), ax.set_title("search calls")
+        save(fig, f"{d.name}_searches.png")
+
+    if evals:
+        import numpy as np
+
+        runs = sorted({r for r, _, _ in evals})
+        benches = sorted({b for _, b, _ in evals})
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.5), sharey=True)
+        for ax, metric in zip(axes, ("em", "subem", "f1")):
+            x = np.arange(len(benches))
+            w = 0.8 / max(len(runs), 1)
+            for i, r in enumerate(runs):
+                vals = [next((m[metric] for rr, b, m in evals if rr == r and b == bb), 0) for bb in benches]
+                ax.bar(x + i * w, [100 * v for v in vals], w, label=r)
+            ax.set_xticks(x + w * (len(runs) - 1) / 2, benches, rotation=20), ax.set_title(metric.upper())
+        axes[0].set_ylabel("%"), axes[0].legend(fontsize=8)
+        save(fig, "eval_before_after.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(["real calls", "simulated calls"], [ledger["real_calls"], ledger["simulated_calls"]], color=["C3", "C2"])
+    ax.set_title(f"search calls (saved ${ledger['cost_saved_usd']:.2f} at ${ledger['price_per_1k_usd']:g}/1k)")
+    save(fig, "search_cost.png")
+    return made
