@@ -149,7 +149,8 @@ def rl_cmd(
     out: str = OUT,
     algo: str = typer.Option("grpo", "--algo", help="grpo | dapo | dr_grpo | reinforce++"),
     steps: int = typer.Option(50, "--steps"),
-    batch_size: int = typer.Option(8, "--batch-size", help="Completions per step (prompts x group size)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Completions per step and process (prompts x group size)."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step."),
     group_size: int = typer.Option(4, "--group-size", help="Rollouts per prompt."),
     lr: float = typer.Option(1e-5, "--lr"),
     beta: float = typer.Option(0.001, "--beta", help="KL coefficient."),
@@ -167,6 +168,7 @@ def rl_cmd(
     report_to: str = typer.Option("none", "--report-to", help="none | tensorboard | wandb"),
     use_vllm: bool = typer.Option(False, "--use-vllm", help="Generate with TRL's vLLM integration (GPU)."),
     vllm_mode: str = typer.Option("colocate", "--vllm-mode", help="colocate | server"),
+    vllm_server_host: str = typer.Option("127.0.0.1", "--vllm-server-host", help="TRL vllm-serve host (server mode)."),
     val: Optional[str] = typer.Option(None, "--val", help="Validation questions."),
     val_search: Optional[str] = typer.Option(None, "--val-search", help="Real engine for validation."),
     val_every: int = typer.Option(0, "--val-every", help="Validate every K steps."),
@@ -181,10 +183,10 @@ def rl_cmd(
 
     cfg = rl.RLConfig(
         policy=policy, search=search, train=train, out=out, algo=algo, steps=steps, batch_size=batch_size,
-        group_size=group_size, lr=lr, beta=beta, lora=lora, noise_start=noise_start, noise_end=noise_end,
+        grad_accum=grad_accum, group_size=group_size, lr=lr, beta=beta, lora=lora, noise_start=noise_start, noise_end=noise_end,
         noise_base=noise_base, max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk,
         temperature=temperature, reward=reward, save_every=save_every, resume=resume, report_to=report_to,
-        use_vllm=use_vllm, vllm_mode=vllm_mode, val=val, val_search=val_search, val_every=val_every,
+        use_vllm=use_vllm, vllm_mode=vllm_mode, vllm_server_host=vllm_server_host, val=val, val_search=val_search, val_every=val_every,
         limit=limit, seed=seed,
     )
     summary = _execute(rl.run, cfg, quiet)

@@ -60,7 +60,8 @@ class RLConfig:
     out: str
     algo: str = "grpo"
     steps: int = 50
-    batch_size: int = 8  # completions per step (prompts x group size)
+    batch_size: int = 8  # completions per step and process (prompts x group size)
+    grad_accum: int = 1  # the step's batch is split into this many micro-batches
     group_size: int = 4
     lr: float = 1e-5
     beta: float = 0.001  # KL coefficient
@@ -81,6 +82,7 @@ class RLConfig:
     report_to: str = "none"
     use_vllm: bool = False
     vllm_mode: str = "colocate"
+    vllm_server_host: str = "127.0.0.1"
     val: str | None = None
     val_search: str | None = None
     val_every: int = 0
@@ -108,7 +110,7 @@ def noise_probability(step: int, total: int, p_start: float, p_end: float, base:
 
 def _run_identity(cfg: RLConfig) -> dict:
     """What must not change between a run and its --resume (data order and curriculum depend on it)."""
-    keys = ("policy", "train", "algo", "steps", "batch_size", "group_size", "seed", "lora", "limit",
+    keys = ("policy", "train", "algo", "steps", "batch_size", "grad_accum", "group_size", "seed", "lora", "limit",
             "noise_start", "noise_end", "noise_base")
     return {k: getattr(cfg, k) for k in keys}
 
@@ -122,6 +124,8 @@ def _validate(cfg: RLConfig) -> None:
         raise BadInput(f"--group-size {cfg.group_size} is too small: group-relative advantages need at least 2")
     if cfg.batch_size % cfg.group_size:
         raise BadInput(f"--batch-size {cfg.batch_size} is not divisible by --group-size {cfg.group_size}")
+    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
+        raise BadInput(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}")
     if cfg.steps < 1:
         raise BadInput(f"--steps {cfg.steps} must be at least 1")
     if not (0 <= cfg.noise_start <= 1 and 0 <= cfg.noise_end <= 1) or cfg.noise_base <= 0:
@@ -388,8 +392,8 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     args = GRPOConfig(
         output_dir=str(ckpt_dir),
         max_steps=cfg.steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=1,
+        per_device_train_batch_size=cfg.batch_size // cfg.grad_accum,
+        gradient_accumulation_steps=cfg.grad_accum,
         num_generations=cfg.group_size,
         learning_rate=cfg.lr,
         beta=cfg.beta,
@@ -406,6 +410,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
         gradient_checkpointing=False,
         use_vllm=cfg.use_vllm,
         vllm_mode=cfg.vllm_mode,
+        vllm_server_host=cfg.vllm_server_host,
         generation_kwargs={"stop": ["</search>", "</answer>"], "include_stop_str_in_output": True} if cfg.use_vllm else None,
         remove_unused_columns=False,
         disable_tqdm=True,
