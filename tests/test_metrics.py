@@ -1,0 +1,118 @@
+"""Scoring: the module's own doctests plus the edge cases training and evaluation rely on."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+
+import zsctl.core.metrics as metrics
+from zsctl.core.metrics import exact_match, extract_answer, f1_score, normalize_answer, score, sub_exact_match
+
+
+def test_doctests_pass():
+    result = doctest.testmod(metrics)
+    assert result.attempted >= 20  # the examples are part of the contract; do not let them vanish
+    assert result.failed == 0
+
+
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("The Beatles", "beatles"),
+        ("A Tale of Two Cities", "tale of two cities"),
+        ("an", ""),
+        ("Anna and the king", "anna and king"),  # "an" inside "anna" stays
+        ("rock 'n' roll", "rock n roll"),
+        ("  lots\tof \n space ", "lots of space"),
+        ("“Quoted” ¡Hola! ¿Qué?", "quoted hola qué"),
+        ("Zürich – São Paulo", "zürich são paulo"),
+        ("東京、日本。", "東京日本"),
+        ("$1,000", "1000"),  # SQuAD's ASCII set includes symbols such as $
+        ("", ""),
+    ],
+)
+def test_normalize(raw, want):
+    assert normalize_answer(raw) == want
+
+
+def test_em_subem_f1_basic():
+    golds = ["Barack Obama", "Obama"]
+    assert exact_match("barack obama.", golds) == 1.0
+    assert exact_match("President Barack Obama", golds) == 0.0
+    assert sub_exact_match("President Barack Obama", golds) == 1.0
+    assert f1_score("President Barack Obama", ["Barack Obama"]) == pytest.approx(0.8)
+    # max over golds: "Obama" alone is a better match for "Obama" than "Barack Obama"
+    assert f1_score("Obama", golds) == 1.0
+
+
+def test_f1_repeated_tokens_count_once_each():
+    # Counter intersection: "paris paris" vs "paris" shares one token → p=0.5, r=1
+    assert f1_score("paris paris", ["paris"]) == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("special", ["yes", "no", "noanswer"])
+def test_f1_special_answers_need_exact(special):
+    assert f1_score(special, [special]) == 1.0
+    assert f1_score(f"{special} indeed", [special]) == 0.0
+    assert f1_score(special, [f"{special} indeed"]) == 0.0
+
+
+@pytest.mark.parametrize("golds", [[], None, [None], [""], ["the"], ["..."]])
+def test_no_usable_gold_scores_zero(golds):
+    # a gold that normalises to "" would otherwise be a substring of every prediction
+    assert score("the", golds) == {"em": 0.0, "subem": 0.0, "f1": 0.0}
+    assert score("anything at all", golds) == {"em": 0.0, "subem": 0.0, "f1": 0.0}
+
+
+@pytest.mark.parametrize("pred", [None, "", "   ", "!!!", "a an the"])
+def test_empty_prediction_scores_zero(pred):
+    assert score(pred, ["Paris"]) == {"em": 0.0, "subem": 0.0, "f1": 0.0}
+
+
+def test_odd_inputs_never_raise():
+    assert score(1984, [1984]) == {"em": 1.0, "subem": 1.0, "f1": 1.0}
+    assert score("1984", "1984")["em"] == 1.0  # a bare string is one gold, not a list of characters
+    assert score("x", "xyz")["subem"] == 0.0
+    assert score("Paris", ("Paris",))["em"] == 1.0
+    assert score(["not", "a", "string"], 42) == {"em": 0.0, "subem": 0.0, "f1": 0.0}
+
+
+def test_unicode_answers():
+    assert exact_match("Café de Flore", ["cafe de flore"]) == 0.0  # accents are kept, not folded
+    assert exact_match("«Café de Flore»", ["Café de Flore"]) == 1.0
+    assert exact_match("北京", ["北京。"]) == 1.0
+    assert sub_exact_match("答案是北京", ["北京"]) == 1.0
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("<answer>Paris</answer>", "Paris"),
+        ("<answer>\n  Paris \n</answer>", "Paris"),
+        ("<answer>a</answer><answer>b</answer><answer>c</answer>", "c"),
+        ("<answer>a</answer> then <answer>b", "a"),  # the trailing tag is incomplete
+        ("<answer>outer <answer>inner</answer>", "inner"),
+        ("no tags at all", None),
+        ("</answer> backwards <answer>", None),
+        ("<ANSWER>Paris</ANSWER>", None),  # the protocol's tags are lowercase
+        ("", None),
+        (None, None),
+        (123, None),
+    ],
+)
+def test_extract_answer(text, want):
+    assert extract_answer(text) == want
+
+
+def test_extract_answer_ignores_prompt_example_when_given_only_the_output():
+    prompt = "... for example <answer> Beijing </answer>.\nQuestion: capital of France?"
+    output = "<think>I am not sure</think>"
+    assert extract_answer(output) is None
+    assert extract_answer(prompt + output) == "Beijing"  # why callers must pass only the output
+
+
+def test_score_keys_and_range():
+    s = score("<answer>x</answer>", ["x"])
+    assert set(s) == {"em", "subem", "f1"}
+    assert all(0.0 <= v <= 1.0 and isinstance(v, float) for v in s.values())
