@@ -31,7 +31,8 @@ def train_file(tmp_path):
 @pytest.fixture()
 def corpus_file(tmp_path):
     p = tmp_path / "corpus.jsonl"
-    rows = [{"id": str(i), "title": f"Title {i}", "text": f"answer {i} is the answer to question number {i}"} for i in range(8)]
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+    rows = [{"id": str(i), "title": f"Title {w}", "text": f"{w} answers question {w}"} for i, w in enumerate(words)]
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return p
 
@@ -72,7 +73,7 @@ def test_rewards_on_crafted_completions():
 def test_env_mask_is_zero_exactly_on_inserted_tokens(tmp_path, train_file, corpus_file, tiny_model_dir):
     model, tok = load_model(str(tiny_model_dir))
     script_model(model, tok, {
-        "number 0": ["<search> answer 0 </search>", "<answer> answer 0 </answer>"],
+        "number 0": ["<search> alpha </search>", "<answer> answer 0 </answer>"],
         "number 1": ["<answer> nope </answer>"],
     })
     cfg = _cfg(tmp_path, train_file, search=f"bm25:{corpus_file}", lora=False, topk=2, max_turns=2,
@@ -83,18 +84,23 @@ def test_env_mask_is_zero_exactly_on_inserted_tokens(tmp_path, train_file, corpu
     assert len(ids0) == len(mask0)
     inserted = tok.decode([t for t, m in zip(ids0, mask0) if m == 0], skip_special_tokens=False)
     own = tok.decode([t for t, m in zip(ids0, mask0) if m == 1])
-    assert own == "<search> answer 0 </search><answer> answer 0 </answer>"
-    assert inserted.startswith("\n\n<information>Doc 1: (Title 0) answer 0") and inserted.endswith("</information>\n\n" + tok.eos_token)
+    assert own == "<search> alpha </search><answer> answer 0 </answer>"
+    assert inserted.startswith("\n\n<information>Doc 1: (Title alpha) alpha answers question alpha\nDoc 2:") and inserted.endswith("</information>\n\n" + tok.eos_token)
     assert out["prediction"] == ["answer 0", "nope"]
     assert out["env_mask"][1] == [1] * (len(out["env_mask"][1]) - 1) + [0]  # only the closing EOS is ours
     rows = pq.read_table(next(recorder.rollouts_dir.glob("step-000001-*.parquet"))).to_pylist()
     assert [r["reward"] for r in rows] == [1.0, 0.0] and rows[0]["num_searches"] == 1
 
 
-def test_two_steps_train_and_write_artifacts(tmp_path, train_file, tiny_model_dir):
+def test_two_steps_train_and_write_artifacts(tmp_path, train_file, tiny_model_dir, monkeypatch):
     import torch
 
-    cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir), lora=False, lr=1e-2, reward="f1+format")
+    from zsctl.core.rewards import REWARDS
+
+    # a random tiny model never answers, so F1 is 0 everywhere and advantages vanish; a reward that
+    # varies with the sampled text gives the gradient something to follow
+    monkeypatch.setitem(REWARDS, "length", lambda completions, **_: [len(c) / 100 for c in completions])
+    cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir), lora=False, lr=1e-2, reward="length")
     before = {k: v.clone() for k, v in load_model(str(tiny_model_dir))[0].state_dict().items()}
     summary = rl.run(cfg)
     out = tmp_path / "run"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -363,6 +364,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
 
     from zsctl.core.models import load_model
 
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented experimental API
     progress = progress or Progress()
     _validate(cfg)
     out = Path(cfg.out)
