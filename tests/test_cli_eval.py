@@ -1,0 +1,103 @@
+"""`zsctl eval` end to end with a tiny model and a real BM25 engine; exit codes; config expansion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from zsctl.cli import app, expand_argv
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    p = tmp_path / "corpus.jsonl"
+    rows = [{"id": str(i), "title": f"Doc {w}", "text": f"{w} is a word about {w}"} for i, w in
+            enumerate(["apple", "banana", "cherry", "date"])]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def test_eval_writes_consistent_artifacts(tmp_path, tiny_model_dir, corpus):
+    out = tmp_path / "ev"
+    r = runner.invoke(app, ["eval", "--bench", "bamboogle,nq", "--model", str(tiny_model_dir), "--search",
+                            f"bm25:{corpus}", "--out", str(out), "--limit", "3", "--batch-size", "2",
+                            "--max-new-tokens", "8", "--max-turns", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["rows"] == 6
+    preds = pq.read_table(out / "predictions.parquet").to_pylist()
+    met = json.loads((out / "metrics.json").read_text())
+    assert set(met["benchmarks"]) == {"bamboogle", "nq"}
+    for name, m in met["benchmarks"].items():
+        rows = [p for p in preds if p["data_source"] == name]
+        assert m["n"] == len(rows) == 3  # every question scored, partial last batch included
+        assert m["f1"] == pytest.approx(sum(p["f1"] for p in rows) / 3)
+        assert m["subem"] == pytest.approx(sum(p["subem"] for p in rows) / 3)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {q["split"] for q in manifest["questions"]} == {"eval"}
+    assert manifest["files"]["predictions.parquet"]["rows"] == 6
+    r = runner.invoke(app, ["inspect", str(out)])
+    assert r.exit_code == 0 and "predictions.parquet" in r.output
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--bench", "squad"], "squad"),
+        (["--bench", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
+        (["--search", "elastic:foo"], "elastic:foo"),
+        (["--search", "bm25:/no/such/index"], "/no/such/index"),
+        (["--model", "/no/such/model"], "/no/such/model"),
+        (["--split", "dev"], "--split"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, tiny_model_dir, corpus, args, needle):
+    base = {"--bench": "nq", "--model": str(tiny_model_dir), "--search": f"bm25:{corpus}", "--out": str(tmp_path / "o")}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    argv = ["eval"] + [x for kv in base.items() for x in kv]
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 2, r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_jsonl_row_without_golden_answers(tmp_path, tiny_model_dir, corpus):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text(json.dumps({"id": "1", "question": "q?", "golden_answers": ["a"]}) + "\n" + json.dumps({"id": "2", "question": "x?"}) + "\n")
+    r = runner.invoke(app, ["eval", "--bench", str(bad), "--model", str(tiny_model_dir), "--search", "none", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "golden_answers" in r.stderr and "2" in r.stderr
+
+
+def test_config_file_and_overrides(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("bench: nq\nsearch: none\nlimit: 5\nlora: false\n")
+    argv = expand_argv(["eval", "--config", str(cfg), "--limit", "7", "topk=2"])
+    assert argv == ["eval", "--bench", "nq", "--search", "none", "--limit", "5", "--no-lora", "--limit", "7", "--topk", "2"]
+
+
+def test_dry_run_prints_config_and_runs_nothing(tmp_path):
+    out = tmp_path / "never"
+    p = subprocess.run([sys.executable, "-m", "zsctl", "--dry-run", "eval", "--bench", "nq", "--search", "none",
+                        "--out", str(out), "limit=4"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout.strip().splitlines()[-1])
+    assert doc["dry_run"] and doc["config"]["limit"] == 4 and not out.exists()
+
+
+@pytest.mark.slow
+def test_eval_bamboogle_smollm2_bm25(tmp_path):
+    out = tmp_path / "ev"
+    r = runner.invoke(app, ["eval", "--bench", "bamboogle", "--model", "smollm2-135m", "--search",
+                            "bm25:data/corpus/wiki_sample.jsonl", "--out", str(out), "--limit", "20", "--json"])
+    assert r.exit_code == 0, r.output
+    met = json.loads((out / "metrics.json").read_text())
+    assert met["overall"]["n"] == 20
