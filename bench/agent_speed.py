@@ -1,10 +1,11 @@
 """P1: agent-loop generated tokens/s ÷ plain batched `generate` tokens/s, side by side in one run.
 
-Same model, same prompts, same batch size, same number of generated tokens: the agent loop runs
-one round with the `none` engine (what it adds: stop strings, token bookkeeping, cutting padding),
-and plain `generate` is forced to the same per-row length the loop produced on average
-(min_new_tokens = max_new_tokens). A multi-round figure (re-prefill of earlier turns each round)
-is printed too. Repeats alternate the two to spread machine noise.
+Same model, same prompts, same batch size, same max_new_tokens, greedy: the agent loop runs one
+round with the `none` engine (what it adds: stop strings, token bookkeeping, cutting padding), and
+plain `generate` runs without stop strings; both count each row's tokens up to its first EOS, so
+with identical greedy outputs the ratio is the loop's overhead. A multi-round figure (searches
+answered by a real BM25 engine, earlier turns re-prefilled each round) is printed too. Repeats
+alternate the two to spread machine noise.
 
     python bench/agent_speed.py --model smollm2-135m --batch 8 --tokens 64 --repeats 3
 """
@@ -48,7 +49,9 @@ def main() -> None:
         loop.run(prompt_ids)
         return loop.generated_tokens, time.perf_counter() - t0
 
-    def plain(per_row: int) -> tuple[int, float]:
+    eos = tok.eos_token_id
+
+    def plain() -> tuple[int, float]:
         width = max(len(p) for p in prompt_ids)
         ids = torch.full((len(prompt_ids), width), tok.pad_token_id)
         att = torch.zeros_like(ids)
@@ -57,20 +60,26 @@ def main() -> None:
             att[r, width - len(p):] = 1
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=att, max_new_tokens=per_row, min_new_tokens=per_row,
-                           do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
-        return per_row * len(prompt_ids), time.perf_counter() - t0
+            out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=args.tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+        seconds = time.perf_counter() - t0
+        n = 0
+        for row in out[:, width:].tolist():
+            n += row.index(eos) + 1 if eos in row else len(row)
+        return n, seconds
 
     agent_rates, plain_rates = [], []
     agent_round()  # warm-up
     for _ in range(args.repeats):
         n, s = agent_round()
         agent_rates.append(n / s)
-        per_row = max(1, round(n / len(prompt_ids)))
-        n2, s2 = plain(per_row)
+        n2, s2 = plain()
         plain_rates.append(n2 / s2)
 
-    multi = AgentLoop(model, tok, NoSearch(), AgentConfig(max_turns=2, max_new_tokens=args.tokens))
+    from zsctl.search import make_engine
+
+    multi = AgentLoop(model, tok, make_engine("bm25:data/corpus/wiki_sample.jsonl"),
+                      AgentConfig(max_turns=2, max_new_tokens=args.tokens))
     t0 = time.perf_counter()
     multi.run(prompt_ids)
     multi_rate = multi.generated_tokens / (time.perf_counter() - t0)
@@ -79,6 +88,7 @@ def main() -> None:
     result = {
         "model": args.model, "batch": args.batch, "max_new_tokens": args.tokens, "repeats": args.repeats,
         "agent_tok_s": round(a, 1), "plain_generate_tok_s": round(p, 1), "ratio_P1": round(a / p, 3),
+        "agent_tokens_per_round": n, "plain_tokens": n2,
         "agent_multi_round_tok_s": round(multi_rate, 1), "multi_round_generate_calls": multi.generate_calls,
     }
     print(json.dumps(result))
