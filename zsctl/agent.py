@@ -201,3 +201,31 @@ class AgentLoop:
                     return ids, False
                 return ids + [tok], True
         return row, False
+
+
+class QuestionAsQuery:
+    """No policy at all (`--model none`): each question is searched once, the question as query.
+
+    The same interface as AgentLoop, so collect can log real search calls without a model: cheap
+    material for the simulator corpus and for answer-grounded warm-start demonstrations.
+    """
+
+    def __init__(self, engine: SearchEngine, cfg: AgentConfig | None = None):
+        self.engine = engine
+        self.cfg = cfg or AgentConfig()
+        self.generated_tokens = 0
+
+    def encode_prompts(self, questions: list[str], template: str = prompts.POLICY_INSTRUCTION) -> list[list[int]]:
+        return [[] for _ in questions]
+
+    def run(self, prompt_ids: list[list[int]], contexts: list[QueryContext] | None = None) -> list[Trajectory]:
+        queries = [c.question for c in contexts or []]
+        results = self.engine.search(queries, self.cfg.topk, contexts)
+        trajs = []
+        for query, docs in zip(queries, results):
+            docs = _trim(docs, self.cfg.max_doc_words)
+            t = Trajectory(prompt_ids=[], stop="turns")
+            t.searches.append({"query": query, "documents": [d.as_dict() for d in docs], "mode": None})
+            t.response = f"<search> {query} </search>" + prompts.information_block(docs)
+            trajs.append(t)
+        return trajs
