@@ -140,6 +140,171 @@ def eval_cmd(
         _emit(summary, as_json, metrics_table(summary, title=f"{model} + {search}"))
 
 
+@app.command("collect")
+@stage
+def collect_cmd(
+    questions: str = typer.Option(..., "--questions", help="NAME[,NAME...] (bundled benchmarks, training split only) or a FlashRAG jsonl / parquet path."),
+    model: str = typer.Option("smollm2-135m", "--model", help="Policy: HF model dir, hub id, or smollm2-135m."),
+    search: str = typer.Option(..., "--search", help="A real engine: bm25:PATH | http://HOST:PORT/retrieve | serpapi"),
+    out: str = OUT,
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N questions per benchmark."),
+    samples: int = typer.Option(1, "--samples", help="Trajectories per question."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0 when --samples > 1, else greedy)."),
+    max_turns: int = typer.Option(4, "--max-turns", help="Searches allowed per trajectory."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Tokens per generation round."),
+    topk: int = typer.Option(3, "--topk", help="Documents per search."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Trajectories per batch (whole questions; a shard is written after each)."),
+    resume: bool = typer.Option(False, "--resume", help="Keep the shards of an earlier run in --out and skip its finished questions."),
+    price_per_1k: float = typer.Option(15.0, "--price-per-1k", help="Assumed USD per 1,000 serpapi calls, for the cost ledger."),
+    search_cache: Optional[str] = typer.Option(None, "--search-cache", help="SQLite file caching real search results."),
+    seed: int = SEED,
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+):
+    """Log real-search trajectories of a policy (every search call, its documents, the outcome)."""
+    from zsctl.stages import collect
+
+    cfg = collect.CollectConfig(
+        questions=questions, model=model, search=search, out=out, limit=limit, samples=samples,
+        temperature=temperature, max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk,
+        batch_size=batch_size, resume=resume, price_per_1k=price_per_1k, search_cache=search_cache, seed=seed,
+    )
+    summary = _execute(collect.run, cfg, quiet)
+    if summary is not None:
+        from zsctl.console import kv_table
+
+        keys = ("out", "questions", "trajectories", "new_trajectories", "share_correct", "searches_per_trajectory",
+                "trajectories_per_s", "engine_calls", "cache_hits", "estimated_cost_usd")
+        flat = {**summary, **summary["ledger"]}
+        _emit(summary, as_json, kv_table({k: flat[k] for k in keys if k in flat}, "collect"))
+
+
+@app.command("build-sft")
+@stage
+def build_sft_cmd(
+    trajectories: str = typer.Option(..., "--trajectories", help="DIR[,DIR...]: collect outputs, or .parquet / .jsonl trajectory files."),
+    out: str = OUT,
+    target: str = typer.Option("simulator", "--for", help="simulator (sim_sft) | policy (policy_sft)."),
+    label: str = typer.Option("outcome", "--label", help="Simulator labels: outcome | answer | judge."),
+    judge_model: str = typer.Option("smollm2-135m", "--judge-model", help="Model for --label judge."),
+    balance: bool = typer.Option(True, "--balance/--no-balance", help="Downsample the larger label class (seeded)."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of questions in val.parquet."),
+    docs: int = typer.Option(3, "--docs", help="Top-K documents per simulator completion."),
+    doc_words: int = typer.Option(80, "--doc-words", help="Each document cut to this many words."),
+    min_f1: Optional[float] = typer.Option(None, "--min-f1", help="Policy: keep trajectories with F1 >= X (default: exact match)."),
+    templated: bool = typer.Option(False, "--templated", help="Policy: answer-grounded demonstrations from logged calls whose documents hold a gold answer."),
+    policy: str = typer.Option("smollm2-135m", "--policy", help="Policy whose chat template renders the prompts (--for policy)."),
+    search: Optional[str] = typer.Option(None, "--search", help="With --templated: a real engine (bm25:PATH, http://…) on which each question no logged call answered is searched once, the question as query."),
+    seed: int = SEED,
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+):
+    """Turn logged search calls into SFT data: train.parquet + val.parquet (split by question)."""
+    from zsctl.stages import build_sft
+
+    cfg = build_sft.BuildSFTConfig(
+        trajectories=trajectories, out=out, target=target, label=label, judge_model=judge_model, balance=balance,
+        val_fraction=val_fraction, docs=docs, doc_words=doc_words, min_f1=min_f1, templated=templated,
+        policy=policy, search=search, seed=seed,
+    )
+    summary = _execute(build_sft.run, cfg, quiet)
+    if summary is not None:
+        from zsctl.console import kv_table
+
+        keys = ("out", "kind", "mode", "trajectories", "search_calls", "duplicates", "labels_before", "labels_after",
+                "rows_train", "rows_val", "questions_train", "questions_val", "wall_s")
+        _emit(summary, as_json, kv_table({k: summary[k] for k in keys if k in summary}, "build-sft"))
+
+
+# Options shared by train-sim and warmup (both run zsctl/sft.py).
+SFT_DATA = typer.Option(..., "--data", help="build-sft output directory (train.parquet, val.parquet).")
+SFT_LORA = typer.Option(True, "--lora/--full", help="LoRA adapters (merged at the end) or full fine-tuning.")
+SFT_MAX_STEPS = typer.Option(None, "--max-steps", help="Optimizer steps (overrides --epochs).")
+SFT_EPOCHS = typer.Option(1.0, "--epochs")
+SFT_LR = typer.Option(None, "--lr", help="Learning rate (default 2e-4 with LoRA, 2e-5 full).")
+SFT_BATCH = typer.Option(8, "--batch-size", help="Rows per device per step.")
+SFT_ACCUM = typer.Option(1, "--grad-accum", help="Gradient accumulation steps.")
+SFT_MAX_LEN = typer.Option(1024, "--max-length", help="Tokens per row (prompt + completion); longer rows are cut.")
+SFT_LORA_R = typer.Option(16, "--lora-r", help="LoRA rank (alpha = 2 x rank).")
+SFT_VAL_LIMIT = typer.Option(32, "--val-limit", help="Validation rows scored before and after training.")
+SFT_REPORT = typer.Option("none", "--report-to", help="none | tensorboard | wandb")
+
+
+def _sft_table(summary: dict, title: str):
+    from zsctl.console import kv_table
+
+    keys = ("out", "steps", "rows_train", "rows_val", "train_loss_first", "train_loss_last", "val_loss_before",
+            "val_loss", "tokens_per_s", "train_s")
+    show = lambda v: f"{v:.4g}" if isinstance(v, float) and abs(v) < 1e4 else v  # noqa: E731
+    return kv_table({k: show(summary.get(k)) for k in keys}, title)
+
+
+@app.command("train-sim")
+@stage
+def train_sim_cmd(
+    data: str = SFT_DATA,
+    base: str = typer.Option("smollm2-135m", "--base", help="Base model: HF dir, hub id, or smollm2-135m."),
+    out: str = OUT,
+    lora: bool = SFT_LORA,
+    max_steps: Optional[int] = SFT_MAX_STEPS,
+    epochs: float = SFT_EPOCHS,
+    lr: Optional[float] = SFT_LR,
+    batch_size: int = SFT_BATCH,
+    grad_accum: int = SFT_ACCUM,
+    max_length: int = SFT_MAX_LEN,
+    lora_r: int = SFT_LORA_R,
+    val_limit: int = SFT_VAL_LIMIT,
+    report_to: str = SFT_REPORT,
+    seed: int = SEED,
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+):
+    """Fine-tune the simulator on build-sft's useful/noisy documents (completion-only loss)."""
+    from zsctl.stages import train_sim
+
+    cfg = train_sim.TrainSimConfig(
+        data=data, base=base, out=out, lora=lora, lora_r=lora_r, max_steps=max_steps, epochs=epochs, lr=lr,
+        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, val_limit=val_limit,
+        report_to=report_to, seed=seed,
+    )
+    summary = _execute(train_sim.run, cfg, quiet)
+    if summary is not None:
+        _emit(summary, as_json, _sft_table(summary, "train-sim"))
+
+
+@app.command("warmup")
+@stage
+def warmup_cmd(
+    data: str = SFT_DATA,
+    policy: str = typer.Option("smollm2-135m", "--policy", help="Policy model: HF dir, hub id, or smollm2-135m."),
+    out: str = OUT,
+    lora: bool = SFT_LORA,
+    max_steps: Optional[int] = SFT_MAX_STEPS,
+    epochs: float = SFT_EPOCHS,
+    lr: Optional[float] = SFT_LR,
+    batch_size: int = SFT_BATCH,
+    grad_accum: int = SFT_ACCUM,
+    max_length: int = SFT_MAX_LEN,
+    lora_r: int = SFT_LORA_R,
+    val_limit: int = SFT_VAL_LIMIT,
+    report_to: str = SFT_REPORT,
+    seed: int = SEED,
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+):
+    """Warm-start a policy by SFT on real-search demonstrations; <information> text gets no loss."""
+    from zsctl.stages import warmup
+
+    cfg = warmup.WarmupConfig(
+        data=data, policy=policy, out=out, lora=lora, lora_r=lora_r, max_steps=max_steps, epochs=epochs, lr=lr,
+        batch_size=batch_size, grad_accum=grad_accum, max_length=max_length, val_limit=val_limit,
+        report_to=report_to, seed=seed,
+    )
+    summary = _execute(warmup.run, cfg, quiet)
+    if summary is not None:
+        _emit(summary, as_json, _sft_table(summary, "warmup"))
+
+
 @app.command("rl")
 @stage
 def rl_cmd(
@@ -259,6 +424,52 @@ def serve_cmd(
     summary = _execute(serve.run, cfg, quiet)
     if summary is not None:
         _emit(summary, as_json)
+
+
+@app.command("check-sim")
+@stage
+def check_sim_cmd(
+    search: str = typer.Option(..., "--search", help="The simulator: sim:MODEL | sim+http://HOST:PORT/v1[,…]"),
+    out: str = OUT,
+    questions: Optional[str] = typer.Option(None, "--questions", help="Bundled benchmark name(s) (eval split) or a FlashRAG jsonl / parquet; the question is the query."),
+    trajectories: Optional[str] = typer.Option(None, "--trajectories", help="Take the logged queries (with their own questions) from this trajectories artifact."),
+    limit: Optional[int] = typer.Option(30, "--limit", help="At most N queries."),
+    vs: Optional[str] = typer.Option(None, "--vs", help="A real engine to compare with, e.g. bm25:PATH."),
+    k: int = typer.Option(3, "--k", help="Documents per query."),
+    sim_mode: str = SIM_MODE,
+    sim_template: Optional[str] = SIM_TEMPLATE,
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Simulator tokens per query (default 40 x k)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Queries per simulator call (each in both modes: twice as many generations)."),
+    seed: int = SEED,
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+):
+    """Simulator quality: answer containment useful vs noisy, format validity, length, distinct-n."""
+    from zsctl.stages import check_sim
+
+    cfg = check_sim.CheckSimConfig(search=search, out=out, questions=questions, trajectories=trajectories, limit=limit,
+                                   vs=vs, k=k, sim_mode=sim_mode, sim_template=sim_template,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    summary = _execute(check_sim.run, cfg, quiet)
+    if summary is not None:
+        _emit(summary, as_json, _check_sim_table(summary))
+
+
+def _check_sim_table(summary: dict):
+    from rich.table import Table
+
+    sim, real = summary["simulator"], summary.get("real")
+    t = Table(title=f"check-sim: {sim['spec']} ({summary['n_queries']} queries, k={summary['k']})")
+    columns = [("useful", sim["useful"]), ("noisy", sim["noisy"])] + ([("real", real)] if real else [])
+    t.add_column("metric")
+    for name, _ in columns:
+        t.add_column(name, justify="right")
+    for key, label in [("has_answer", "has answer %"), ("format_valid", "format valid %"),
+                       ("mean_doc_words", "words/doc"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2")]:
+        pct = key in ("has_answer", "format_valid")
+        t.add_row(label, *[f"{100 * m[key]:.1f}" if pct else f"{m[key]:.2f}" for _, m in columns])
+    t.caption = f"controllability gap (useful - noisy has-answer): {100 * sim['controllability_gap']:.1f} points"
+    return t
 
 
 def expand_argv(argv: list[str]) -> list[str]:

@@ -178,3 +178,24 @@ def _split_title(body: str) -> dict:
     if m:
         return {"title": m.group(1).strip(), "text": m.group(2).strip(), "score": 0.0}
     return {"title": "", "text": body.strip(), "score": 0.0}
+
+
+# --- build-sft -----------------------------------------------------------------------------------
+
+# `--label judge`: an LLM decides whether a real search call's documents suffice. It is shown the
+# gold answer (as the simulator is) so that even a small judge checks support rather than recalls.
+JUDGE_TEMPLATE = (
+    "Question: {question}\nCorrect answer: {answer}\nSearch results:\n{documents}\n\n"
+    "Do these search results contain what is needed to give the correct answer? Reply yes or no."
+)
+
+
+def judge_messages(question: str, answer: str, documents: str, template: str = JUDGE_TEMPLATE) -> list[dict]:
+    return [{"role": "user", "content": template.format(question=question.strip(), answer=answer, documents=documents)}]
+
+
+# `build-sft --for policy --templated`: an answer-grounded demonstration written around one logged
+# real search call. The information block between the two turns is the agent loop's own
+# (information_block), so the demonstration has the token stream the policy sees at inference.
+DEMO_SEARCH_TURN = "<think> I need a fact I do not know, so I search. </think>\n<search> {query} </search>"
+DEMO_ANSWER_TURN = "<think> The search results say it is {answer}. </think>\n<answer> {answer} </answer>"

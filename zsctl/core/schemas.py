@@ -107,6 +107,23 @@ CORPUS = pa.schema(
     ]
 )
 
+CHECK_SIM = pa.schema(
+    [
+        _f("id", pa.string(), "query id: trajectory id#search index, or source:question id"),
+        _f("question", pa.string(), "the question the query belongs to"),
+        _f("golden_answers", STR_LIST, "its accepted answers"),
+        _f("query", pa.string(), "the search query"),
+        _f("role", pa.string(), "simulator | real (the --vs engine)"),
+        _f("engine", pa.string(), "search spec"),
+        _f("mode", pa.string(), "useful | noisy (simulator) or real"),
+        _f("documents", pa.list_(DOC), "the k documents returned"),
+        _f("text", pa.string(), "the documents as 'Doc i: (title) text' lines"),
+        _f("raw", pa.string(), "the simulator's raw output (empty for the real engine)"),
+        _f("well_formed", pa.bool_(), "exactly k numbered documents were written"),
+        _f("has_answer", pa.bool_(), "a normalised gold answer occurs in the documents"),
+    ]
+)
+
 # artifact kind -> (data file name, schema). Model artifacts (simulator, policy) have no table here.
 TABLES: dict[str, tuple[str, pa.Schema]] = {
     "questions": ("questions.parquet", QUESTIONS),
@@ -116,6 +133,7 @@ TABLES: dict[str, tuple[str, pa.Schema]] = {
     "rollouts": ("rollouts.parquet", ROLLOUTS),
     "predictions": ("predictions.parquet", PREDICTIONS),
     "corpus": ("corpus.parquet", CORPUS),
+    "check_sim": ("check_sim.parquet", CHECK_SIM),
 }
 
 

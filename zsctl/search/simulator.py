@@ -1,0 +1,384 @@
+"""Simulated search engines: an LLM writes the documents (ZeroSearch).
+
+`sim:MODEL` runs the simulator in-process; `sim+http://HOST:PORT/v1[,http://…]` sends the same
+prompts to OpenAI-compatible completion servers (vLLM, SGLang, `zsctl serve --model`).
+
+Every query gets its own sample's question and first gold answer, and a mode: useful or noisy,
+taken from `QueryContext.mode` when set, else drawn with probability `noise_p` (the RL curriculum
+sets it between steps). The modes used are recorded in `last_modes`. All queries of one `search()`
+call go through one batched generate (in-process) or one round of batched requests (HTTP).
+
+Two prompt styles (`sim_mode`): `tuned` feeds the raw `SIMULATOR_TEMPLATE` text, byte for byte what
+train-sim trains on; `prompt` wraps the few-shot template in the tokenizer's chat template, for an
+untuned instruct model (the paper's prompt-based baseline).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+from urllib.parse import parse_qsl, urlsplit
+
+from zsctl.core import prompts
+from zsctl.core.errors import BadInput
+from zsctl.search.base import Document, QueryContext, SearchEngine
+
+SIM_STYLES = ("tuned", "prompt")
+TOKENS_PER_DOC = 40  # default generation budget per requested document
+# A simulator that writes more than asked, starts a new few-shot example, or chats after its
+# documents (a blank line: documents are one per line, texts never hold line breaks) is cut there.
+_STOP_HEAD = ("\n\n", "\nQuestion:", "\nQuery:", "\nExample", "\nNow (")
+# System message for chat-wrapped prompts; without one SmolLM2's template inserts its own default.
+SIM_SYSTEM = "You are a search engine."
+# Prompt mode starts the reply for the model: an untuned model then keeps the 'Doc i:' format far
+# more often than when it is only told to (the primer is put back in front of what it writes).
+PRIMER = "Doc 1:"
+
+
+def stop_strings(k: int) -> list[str]:
+    return [f"Doc {k + 1}:", *_STOP_HEAD]
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """Drop everything from the first stop string on (as OpenAI-style servers do)."""
+    cut = len(text)
+    for s in stop or []:
+        j = text.find(s)
+        if j >= 0:
+            cut = min(cut, j)
+    return text[:cut]
+
+
+def chat_wrap(tok, text: str) -> str:
+    messages = [{"role": "system", "content": SIM_SYSTEM}, {"role": "user", "content": text}]
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{SIM_SYSTEM}\n\n{text}"
+
+
+def _text_stop(tok, stop: list[str], start: int):
+    """A stopping criterion that decodes each row's last few new tokens and looks for `stop`.
+
+    HF's own `stop_strings` precomputes tables over the whole vocabulary on every call: ~5 s for
+    SmolLM2 with our five stop strings, more than the generation itself.
+    """
+    import torch
+    from transformers import StoppingCriteria
+
+    tail = 8 + max(len(s) for s in stop)  # enough tokens to hold any stop string
+
+    class TextStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            lo = max(start, input_ids.shape[1] - tail)
+            texts = tok.batch_decode(input_ids[:, lo:], skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop) for t in texts], device=input_ids.device)
+
+    return TextStop()
+
+
+class Generation(NamedTuple):
+    text: str  # new text, cut before the first stop string
+    tokens: int  # new tokens generated (up to the EOS or the stop string's end)
+    finish: str  # "stop" (EOS or a stop string) | "length"
+
+
+def generate_batch(
+    model, tok, prompt_ids: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+    top_p: float = 1.0, stop: list[str] | None = None,
+) -> list[Generation]:
+    """ONE left-padded `generate` over all prompts; each row's new text, cut at `stop`."""
+    import torch
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
+    width = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for r, p in enumerate(prompt_ids):
+        input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        attention[r, width - len(p):] = 1
+    kw = dict(max_new_tokens=max(1, int(max_new_tokens)), do_sample=temperature > 0, pad_token_id=pad)
+    if stop:
+        kw.update(stopping_criteria=[_text_stop(tok, list(stop), width)])
+    if temperature > 0:
+        kw.update(temperature=temperature, top_p=top_p)
+    else:  # silence "flag not valid without sampling" warnings from model defaults
+        kw.update(temperature=None, top_p=None, top_k=None)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kw)
+    results = []
+    for row in out[:, width:].tolist():
+        end = next((j for j, t in enumerate(row) if t in eos_ids or t == pad), None)
+        full = tok.decode(row[:end], skip_special_tokens=True)
+        text = cut_at_stop(full, stop)
+        ended = end is not None or len(text) < len(full)
+        results.append(Generation(text, end if end is not None else len(row), "stop" if ended else "length"))
+    return results
+
+
+class _Simulated(SearchEngine):
+    """What both simulated engines share: mode choice, prompt rendering, output normalisation."""
+
+    def __init__(self, *, sim_mode: str = "tuned", template: str | None = None, noise_p: float = 0.0,
+                 seed: int = 0, max_new_tokens: int | None = None, temperature: float = 0.0,
+                 top_p: float = 1.0):
+        super().__init__()
+        if sim_mode not in SIM_STYLES:
+            raise BadInput(f"simulator mode '{sim_mode}' is not one of {', '.join(SIM_STYLES)}")
+        if not 0.0 <= float(noise_p) <= 1.0:
+            raise BadInput(f"simulator noise_p={noise_p} is outside [0, 1]")
+        default = prompts.SIMULATOR_TEMPLATE if sim_mode == "tuned" else prompts.SIMULATOR_FEWSHOT_TEMPLATE
+        self.sim_mode = sim_mode
+        self.template = prompts.load_template(template, default)
+        self.noise_p = float(noise_p)  # the RL curriculum overwrites it every step
+        self.rng = random.Random(seed)  # ... and may replace it with a per-step generator
+        self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.outputs = 0  # generations parsed so far
+        self.well_formed = 0  # of which held exactly k numbered documents
+        self.tok = None  # set by subclasses; prompt mode needs it for the chat template
+        self.last_prompts: list[str] = []
+        self.last_texts: list[str] = []
+        self.last_well_formed: list[bool] = []
+
+    def _choose_mode(self, ctx: QueryContext | None) -> str:
+        if ctx is not None and ctx.mode:
+            if ctx.mode not in prompts.SIM_MODES:
+                raise BadInput(f"simulated search mode '{ctx.mode}' is not one of {', '.join(prompts.SIM_MODES)}")
+            return ctx.mode
+        return "noisy" if self.rng.random() < self.noise_p else "useful"
+
+    def render(self, query: str, ctx: QueryContext | None, mode: str, k: int) -> str:
+        """The prompt text for one query (before any chat wrapping)."""
+        question = (ctx.question if ctx and ctx.question else query)
+        answer = ctx.golden_answers[0] if ctx and ctx.golden_answers else ""
+        return prompts.render_simulator_prompt(query, question, str(answer), mode, k, self.template)
+
+    def model_input(self, prompt: str) -> str:
+        """What the model is given: tuned → the prompt itself, exactly as train-sim trains on it;
+        prompt → the few-shot text as a chat user turn, the reply started with the primer."""
+        if self.sim_mode == "tuned":
+            return prompt
+        return (chat_wrap(self.tok, prompt) if self.tok is not None else prompt) + PRIMER
+
+    def _search(self, queries, k, contexts):
+        ctxs = contexts or [None] * len(queries)
+        self.last_modes = [self._choose_mode(c) for c in ctxs]
+        self.last_prompts = [self.render(q, c, m, k) for q, c, m in zip(queries, ctxs, self.last_modes)]
+        budget = self.max_new_tokens or TOKENS_PER_DOC * k
+        texts = self._complete([self.model_input(p) for p in self.last_prompts], budget, stop_strings(k))
+        if self.sim_mode == "prompt":
+            texts = [PRIMER + t for t in texts]
+        self.stats.calls += len(queries)
+        results, flags = [], []
+        for text in texts:
+            docs, ok = prompts.parse_documents(text, k)
+            results.append([Document(d["title"], d["text"], d["score"]) for d in docs])
+            flags.append(ok)
+        self.last_texts, self.last_well_formed = list(texts), flags
+        self.outputs += len(flags)
+        self.well_formed += sum(flags)
+        return results
+
+    def _complete(self, texts: list[str], max_new_tokens: int, stop: list[str]) -> list[str]:
+        raise NotImplementedError
+
+
+class SimulatorEngine(_Simulated):
+    """`sim:MODEL`: the simulator model runs in this process."""
+
+    name = "sim"
+
+    def __init__(self, model_spec: str, *, model=None, tokenizer=None, **kw):
+        super().__init__(**kw)
+        self.spec = f"sim:{model_spec}"
+        if model is None:
+            from zsctl.core.models import load_model
+
+            model, tokenizer = load_model(model_spec)
+        self.model, self.tok = model, tokenizer
+        self.lock = threading.Lock()  # generate is not thread-safe (serve answers from threads)
+        self.generate_calls = 0
+        self.generated_tokens = 0
+
+    def encode(self, model_input: str) -> list[int]:
+        if self.sim_mode == "prompt" and getattr(self.tok, "chat_template", None):
+            return self.tok(model_input, add_special_tokens=False)["input_ids"]  # the template has them
+        # tuned: exactly as TRL's SFTTrainer tokenises a plain-text prompt column
+        return self.tok(model_input)["input_ids"]
+
+    def _complete(self, texts, max_new_tokens, stop):
+        ids = [self.encode(t) for t in texts]
+        with self.lock:
+            self.generate_calls += 1
+            gens = generate_batch(self.model, self.tok, ids, max_new_tokens,
+                                  temperature=self.temperature, top_p=self.top_p, stop=stop)
+            self.generated_tokens += sum(g.tokens for g in gens)
+        return [g.text for g in gens]
+
+
+# --- spec parsing --------------------------------------------------------------------------------
+
+# Options a spec may carry after '?', e.g. `sim:smollm2-135m?sim_mode=prompt&noise_p=0.3`, so stages
+# that only take a --search string (rl, eval) can still configure the simulator.
+_OPTIONS = {
+    "sim_mode": str, "template": str, "noise_p": float, "seed": int, "max_new_tokens": int,
+    "temperature": float, "top_p": float, "batch_size": int, "timeout": float, "tries": int, "backoff": float,
+    "model": str,
+}
+_HTTP_ONLY = {"batch_size", "timeout", "tries", "backoff", "model"}
+
+
+def split_options(spec: str) -> tuple[str, dict]:
+    """'base?key=value&…' → (base, typed options); BadInput on an unknown key or a bad value."""
+    base, sep, query = spec.partition("?")
+    if not sep:
+        return spec, {}
+    opts = {}
+    for key, value in parse_qsl(query, keep_blank_values=True):
+        if key not in _OPTIONS:
+            raise BadInput(f"search spec '{spec}': unknown option '{key}'; known: {', '.join(sorted(_OPTIONS))}")
+        try:
+            opts[key] = _OPTIONS[key](value)
+        except ValueError as e:
+            raise BadInput(f"search spec '{spec}': option {key}={value!r} is not a {_OPTIONS[key].__name__}") from e
+    return base, opts
+
+
+def make_sim(spec: str, **kw) -> SimulatorEngine:
+    """`sim:MODEL[?options]` → in-process simulator; spec options win over keyword defaults."""
+    base, opts = split_options(spec)
+    model_spec = base[len("sim:"):]
+    if not model_spec:
+        raise BadInput(f"search spec '{spec}' names no model; use sim:MODEL (an HF dir, hub id or smollm2-135m)")
+    wrong = sorted(set(opts) & _HTTP_ONLY)
+    if wrong:
+        raise BadInput(f"search spec '{spec}': option(s) {', '.join(wrong)} apply only to sim+http:// engines")
+    kw = {k: v for k, v in {**kw, **opts}.items() if k not in _HTTP_ONLY and v is not None}
+    return SimulatorEngine(model_spec, **kw)
+
+
+# --- over HTTP -----------------------------------------------------------------------------------
+
+
+class SimulatorHTTPEngine(_Simulated):
+    """`sim+http://HOST:PORT/v1[,http://HOST2:PORT/v1]`: OpenAI-compatible completion servers.
+
+    A search's prompts are split into at most `batch_size` per request and spread round-robin over
+    the endpoints, requests running concurrently; each request is retried with backoff (the policy
+    the other network engines use, `_net.request_json`), then the search fails naming the URL.
+    """
+
+    name = "sim+http"
+
+    def __init__(self, urls: list[str], *, model: str | None = None, batch_size: int = 32,
+                 timeout: float = 120.0, tries: int = 3, backoff: float = 0.5, tokenizer=None, **kw):
+        import httpx
+
+        from zsctl.search._net import RetryPolicy
+
+        super().__init__(**kw)
+        if batch_size < 1 or tries < 1 or timeout <= 0 or backoff < 0:
+            raise BadInput("sim+http options need batch_size >= 1, tries >= 1, timeout > 0 and backoff >= 0")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.spec = "sim+" + ",".join(self.urls)
+        self.batch_size, self.timeout = int(batch_size), float(timeout)
+        self.policy = RetryPolicy(tries=int(tries), backoff=float(backoff), timeout=self.timeout)
+        self.client = httpx.Client(timeout=self.timeout)
+        self.requests_per_url = {u: 0 for u in self.urls}
+        self._rr = itertools.count()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=min(16, 2 * len(self.urls)))
+        try:
+            self.model_name = model or self._probe()
+        except BadInput:
+            self.close()
+            raise
+        # prompt mode wraps the few-shot text in the served model's chat template when its tokenizer
+        # can be loaded here; otherwise the few-shot text goes as is (it works as a raw prompt too)
+        self.tok = tokenizer
+        if self.sim_mode == "prompt" and tokenizer is None and self.model_name:
+            try:
+                from zsctl.core.models import load_tokenizer
+
+                self.tok = load_tokenizer(self.model_name)
+            except (BadInput, OSError, ValueError):
+                self.tok = None
+
+    def _probe(self) -> str | None:
+        """Check every endpoint answers, and learn the served model's name."""
+        import httpx
+
+        names = set()
+        for url in self.urls:
+            try:
+                r = self.client.get(f"{url}/models", timeout=min(self.timeout, 10.0))
+                if r.status_code == 404:  # servers without /v1/models: /health then
+                    r = self.client.get(f"{url.removesuffix('/v1')}/health", timeout=min(self.timeout, 10.0))
+                    r.raise_for_status()
+                    continue
+                r.raise_for_status()
+                data = r.json().get("data") or []
+                if data:
+                    names.add(data[0]["id"])
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+                raise BadInput(
+                    f"simulator endpoint {url} is not usable ({type(e).__name__}: {e}); start the server "
+                    "(vllm serve / zsctl serve --model) or fix the URL") from e
+        if len(names) > 1:
+            raise BadInput(f"simulator endpoints {', '.join(self.urls)} serve different models {sorted(names)}; "
+                           "pass ?model=NAME")
+        return names.pop() if names else None
+
+    def _complete(self, texts, max_new_tokens, stop):
+        # spread even a small batch over every endpoint so they all work on each turn
+        size = min(self.batch_size, math.ceil(len(texts) / len(self.urls)))
+        chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+        with self._lock:
+            urls = [self.urls[next(self._rr) % len(self.urls)] for _ in chunks]
+        body = {"max_tokens": int(max_new_tokens), "temperature": self.temperature, "top_p": self.top_p,
+                "stop": list(stop)}
+        if self.model_name:
+            body["model"] = self.model_name
+        futures = [self._pool.submit(self._request, url, {**body, "prompt": chunk}, len(chunk))
+                   for url, chunk in zip(urls, chunks)]
+        # cut here too: some servers cap the number of stop strings (OpenAI's API takes four)
+        return [cut_at_stop(text, stop) for f in futures for text in f.result()]
+
+    def _request(self, url: str, body: dict, n: int) -> list[str]:
+        from zsctl.search._net import Fatal, request_json
+
+        def parse(data) -> list[str]:
+            choices = sorted(data["choices"], key=lambda c: c["index"])
+            if len(choices) != n:
+                raise Fatal(f"{len(choices)} choices came back for {n} prompts")
+            return [str(c.get("text") or "") for c in choices]
+
+        with self._lock:
+            self.requests_per_url[url] += 1
+        return request_json(self.client, "POST", f"{url}/completions", parse, json=body, policy=self.policy,
+                            stats=self.stats, lock=self._lock, what=f"simulator endpoint {url}/completions")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        self.client.close()
+
+
+def make_sim_http(spec: str, **kw) -> SimulatorHTTPEngine:
+    """`sim+http://HOST:PORT/v1[,http://HOST2:PORT/v1][?options]` → HTTP simulator."""
+    base, opts = split_options(spec)
+    urls = [u.strip().removeprefix("sim+").rstrip("/") for u in base.split(",") if u.strip()]
+    bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+    if not urls or bad:
+        raise BadInput(f"search spec '{spec}': expected sim+http://HOST:PORT/v1[,http://HOST2:PORT/v1]")
+    # a bare server address means its OpenAI routes under /v1, as vLLM and `zsctl serve` put them
+    urls = [u if urlsplit(u).path not in ("", "/") else f"{u}/v1" for u in urls]
+    kw = {k: v for k, v in {**kw, **opts}.items() if v is not None}
+    return SimulatorHTTPEngine(urls, **kw)

@@ -1,0 +1,376 @@
+"""The one supervised fine-tuning path, shared by `zsctl train-sim` and `zsctl warmup`.
+
+Rows are prompt/completion pairs. We tokenise them ourselves and hand TRL's SFTTrainer a
+pre-tokenised dataset (`input_ids` + `completion_mask`), so the loss mask is exactly ours:
+- simulator rows: the whole completion is trained (the prompt never is);
+- policy rows (`mask_env=True`): text the environment inserted — `<information>` blocks and the
+  agent's notes — is attended to but never trained on, the same rule as RL. Each such span is
+  tokenised on its own, as the agent loop inserts it, so training sees the token stream of inference.
+Every completion ends with the EOS token so models learn to stop. LoRA (peft) by default, merged
+into a plain HF model directory at the end; the directory appears by one rename, never half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from zsctl.core import artifacts, prompts
+from zsctl.core.errors import BadInput, RunFailure
+from zsctl.core.progress import Progress
+from zsctl.core.schemas import POLICY_SFT, SIM_SFT
+
+DATA_SCHEMAS = {"sim_sft": SIM_SFT, "policy_sft": POLICY_SFT}
+SPLITS = ("train.parquet", "val.parquet")
+REPORT_TO = ("none", "tensorboard", "wandb")
+_REPORT_PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+# What the environment inserts into a policy response (agent.py): information blocks and the two
+# fixed notes, each with the whitespace around it. An unclosed block (a cut response) runs to the end.
+ENV_SPAN_RE = re.compile(
+    r"\s*(?:<information>.*?(?:</information>|\Z)"
+    + "".join("|" + re.escape(note.strip()) for note in (prompts.INVALID_ACTION, prompts.FINAL_TURN))
+    + r")\s*",
+    re.DOTALL,
+)
+
+
+@dataclass
+class SFTRunConfig:
+    base: str  # model spec: HF dir, hub id, or smollm2-135m
+    out: str  # final model directory
+    mask_env: bool = False  # True for policy rows: environment spans get no loss
+    prompt_special_tokens: bool = True  # tokenise the prompt as the engine does at inference
+    lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int | None = None  # None = 2 * lora_r
+    lr: float | None = None  # None = 2e-4 with LoRA, 2e-5 full
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 1024
+    val_limit: int = 32  # val rows scored before and after training
+    report_to: str = "none"
+    seed: int = 0
+    desc: str = "sft"  # progress label
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.lora else 2e-5)
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def load_sft_data(path: str, kind: str) -> tuple[list[dict], list[dict], dict]:
+    """(train rows, val rows, manifest) of a build-sft artifact: train.parquet (+ val.parquet)."""
+    manifest = artifacts.read_manifest(path)
+    if manifest.get("kind") != kind:
+        hint = "build-sft --for policy" if kind == "policy_sft" else "build-sft (simulator data)"
+        raise BadInput(f"'{path}' is a '{manifest.get('kind')}' artifact, expected '{kind}'; pass the output of zsctl {hint}")
+    schema = DATA_SCHEMAS[kind]
+    splits = []
+    for name in SPLITS:
+        file = Path(path) / name
+        if not file.is_file():
+            if name == "train.parquet":
+                raise BadInput(f"'{path}' has no {name}; rerun zsctl build-sft")
+            splits.append([])
+            continue
+        table = artifacts.read_table_file(file, schema)
+        # A row without prompt text cannot teach anything; an empty completion still teaches EOS.
+        rows = table.select(["prompt", "completion"]).to_pylist()
+        splits.append([r for r in rows if r["prompt"] and r["completion"] is not None])
+    if not splits[0]:
+        raise BadInput(f"'{Path(path) / 'train.parquet'}' has no usable rows (prompt and completion set); build a larger corpus")
+    return splits[0], splits[1], manifest
+
+
+def encode_example(tok, prompt: str, completion: str, *, mask_env: bool, prompt_special_tokens: bool) -> dict:
+    """Token ids of prompt + completion + EOS and the loss mask (1 = trained).
+
+    The prompt is tokenised alone, as the engine feeds it at inference; completion pieces follow
+    as separate token runs. Returns {"input_ids", "completion_mask", "prompt_len"}.
+    """
+    ids = tok(prompt, add_special_tokens=prompt_special_tokens)["input_ids"]
+    mask = [0] * len(ids)
+    prompt_len = len(ids)
+    for text, trained in split_env_spans(completion) if mask_env else [(completion, True)]:
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        mask += [int(trained)] * len(piece)
+    ids.append(tok.eos_token_id)
+    mask.append(1)
+    return {"input_ids": ids, "completion_mask": mask, "prompt_len": prompt_len}
+
+
+def split_env_spans(text: str) -> list[tuple[str, bool]]:
+    """Cut a policy response into (piece, trained) runs: environment spans are not trained."""
+    pieces, pos = [], 0
+    for m in ENV_SPAN_RE.finditer(text):
+        if m.start() > pos:
+            pieces.append((text[pos : m.start()], True))
+        if m.end() > m.start():
+            pieces.append((m.group(0), False))
+        pos = m.end()
+    if pos < len(text):
+        pieces.append((text[pos:], True))
+    return pieces
+
+
+def build_dataset(tok, rows: list[dict], cfg: SFTRunConfig) -> tuple[list[dict], dict]:
+    """Encoded examples (cut to max_length) and counts; rows left with nothing to train are dropped."""
+    examples, truncated, dropped, tokens, trained = [], 0, 0, 0, 0
+    for r in rows:
+        ex = encode_example(tok, r["prompt"], r["completion"], mask_env=cfg.mask_env,
+                            prompt_special_tokens=cfg.prompt_special_tokens)
+        if len(ex["input_ids"]) > cfg.max_length:
+            truncated += 1
+            ex["input_ids"] = ex["input_ids"][: cfg.max_length]
+            ex["completion_mask"] = ex["completion_mask"][: cfg.max_length]
+        if not any(ex["completion_mask"]):  # prompt alone fills max_length
+            dropped += 1
+            continue
+        tokens += len(ex["input_ids"])
+        trained += sum(ex["completion_mask"])
+        examples.append({"input_ids": ex["input_ids"], "completion_mask": ex["completion_mask"]})
+    stats = {"rows": len(examples), "truncated": truncated, "dropped": dropped, "tokens": tokens,
+             "trained_tokens": trained}
+    return examples, stats
+
+
+# --- output directory --------------------------------------------------------------------------
+
+
+def check_model_out(out: str | Path, kind: str) -> Path:
+    """--out must be new, empty, or an earlier model artifact of the same kind (it gets replaced)."""
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise BadInput(f"--out '{out}' exists and is not a directory; pass a directory path")
+        if any(out.iterdir()):
+            try:
+                old_kind = json.loads((out / artifacts.MANIFEST).read_text(encoding="utf-8")).get("kind")
+            except (OSError, ValueError, AttributeError):
+                old_kind = None
+            if old_kind != kind:
+                raise BadInput(f"--out '{out}' holds other files (not a zsctl {kind} model); pass a new or empty directory")
+    return out
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished model into place; an older model there is retired only after that works."""
+    old = None
+    if out.exists():
+        (out / artifacts.MANIFEST).unlink(missing_ok=True)  # never vouches for a half-swapped dir
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def _validate(cfg: SFTRunConfig) -> None:
+    import importlib.util
+
+    if cfg.report_to not in REPORT_TO:
+        raise BadInput(f"--report-to '{cfg.report_to}' is not one of {', '.join(REPORT_TO)}")
+    pkg = _REPORT_PACKAGE.get(cfg.report_to)
+    if pkg and importlib.util.find_spec(pkg) is None:
+        raise BadInput(f"--report-to {cfg.report_to} needs the '{pkg}' package; run `pip install {pkg}` or use --report-to none")
+    for name in ("batch_size", "grad_accum", "max_length", "lora_r"):
+        if getattr(cfg, name) < 1:
+            raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise BadInput(f"--max-steps must be at least 1 (got {cfg.max_steps})")
+    if cfg.max_steps is None and not cfg.epochs > 0:
+        raise BadInput(f"--epochs must be positive (got {cfg.epochs})")
+    if not cfg.learning_rate > 0:
+        raise BadInput(f"--lr must be positive (got {cfg.learning_rate})")
+
+
+def _callback(cfg: SFTRunConfig, progress: Progress, losses: list):
+    from transformers import TrainerCallback
+
+    class Track(TrainerCallback):
+        """Progress bar per optimizer step, and the loss of every logged step."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.every = max(1, state.max_steps // 10)
+            if state.is_world_process_zero:
+                progress.start(cfg.desc, state.max_steps)
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                progress.advance(1)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if "loss" in (logs or {}):
+                losses.append({"step": state.global_step, "loss": float(logs["loss"])})
+                if state.is_world_process_zero and (state.global_step % self.every == 0 or state.global_step == state.max_steps):
+                    progress.log(f"{cfg.desc} step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}")
+
+        def on_train_end(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                progress.stop()
+
+    return Track()
+
+
+def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict], progress: Progress | None = None,
+                 *, trainer_dir: str | Path | None = None):
+    """Load the base model, encode the rows and build the SFTTrainer.
+
+    Returns (trainer, info) where info holds the data counts and the per-step loss list the
+    callback fills.
+    """
+    import datasets
+    import torch
+    import transformers
+    from transformers import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from zsctl.core.models import load_model
+
+    progress = progress or Progress()
+    _validate(cfg)
+    # Our Progress is the one display: no library bars, no log dicts printed to stdout (--json).
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    on_gpu = torch.cuda.is_available()
+    model, tok = load_model(cfg.base, dtype="bfloat16" if on_gpu else "float32")
+    if tok.eos_token_id is None:
+        raise BadInput(f"model '{cfg.base}' has no EOS token; its tokenizer cannot mark the end of a completion")
+    train, train_stats = build_dataset(tok, train_rows, cfg)
+    if not train:
+        raise BadInput(f"every training row's prompt fills --max-length {cfg.max_length}; raise --max-length")
+    val, val_stats = build_dataset(tok, val_rows[: cfg.val_limit], cfg)
+    if train_stats["truncated"]:
+        progress.log(f"{train_stats['truncated']} of {len(train_rows)} training rows were cut to --max-length {cfg.max_length}")
+
+    args = SFTConfig(
+        output_dir=str(trainer_dir or Path(cfg.out).with_name(f".{Path(cfg.out).name}.trainer")),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        completion_only_loss=True,  # TRL turns our completion_mask into labels (-100 elsewhere)
+        max_length=None,  # already cut above, where we can count it
+        packing=False,
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=cfg.report_to,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not on_gpu,
+        bf16=on_gpu,
+        activation_checkpointing=False,  # TRL turns it on by default; on 2 CPU cores it only costs time
+        include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens, not padding
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    losses: list[dict] = []
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(train),
+        eval_dataset=datasets.Dataset.from_list(val) if val else None,
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[_callback(cfg, progress, losses)],
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer, {"train": train_stats, "val": val_stats, "losses": losses}
+
+
+def train_sft(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict], progress: Progress | None = None,
+              *, manifest: dict | None = None) -> dict:
+    """Fine-tune, evaluate on val, and write the merged HF model to cfg.out (one rename at the end).
+
+    `manifest` = write_manifest keyword arguments (kind, config, inputs, extra); the main process
+    writes it last, with the summary. Returns the summary: data counts, steps, train/val loss, tokens/s.
+    """
+    progress = progress or Progress()
+    out = Path(cfg.out)
+    trainer_dir = out.with_name(f".{out.name}.trainer")
+    try:  # the trainer's working dir never outlives the run (logs are moved into the model dir)
+        trainer, info = make_trainer(cfg, train_rows, val_rows, progress, trainer_dir=trainer_dir)
+        has_val = trainer.eval_dataset is not None
+        val_before = trainer.evaluate()["eval_loss"] if has_val else None
+        t0 = time.perf_counter()
+        result = trainer.train()
+        wall = time.perf_counter() - t0
+        val_after = trainer.evaluate()["eval_loss"] if has_val else None
+        losses = info["losses"]
+        if not losses or not all(math.isfinite(x["loss"]) for x in losses):
+            raise RunFailure(f"training loss is not finite ({losses[-1]['loss'] if losses else 'never logged'}); lower --lr")
+        summary = _summary(cfg, trainer, info, result, wall, val_before, val_after)
+        if trainer.accelerator.is_main_process:
+            _save(trainer, cfg, out, trainer_dir, losses)
+            if manifest is not None:
+                artifacts.write_manifest(out, summary=summary, seed=cfg.seed, **manifest)
+        trainer.accelerator.wait_for_everyone()
+    finally:
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+    return summary
+
+
+def _summary(cfg: SFTRunConfig, trainer, info: dict, result, wall: float, val_before, val_after) -> dict:
+    losses = info["losses"]
+    return {
+        "out": str(cfg.out),
+        "base_model": cfg.base,
+        "lora": cfg.lora,
+        "rows_train": info["train"]["rows"],
+        "rows_val": info["val"]["rows"],
+        "truncated_rows": info["train"]["truncated"],
+        "dropped_rows": info["train"]["dropped"],
+        "trained_token_share": round(info["train"]["trained_tokens"] / max(1, info["train"]["tokens"]), 4),
+        "steps": trainer.state.global_step,
+        "epochs": round(float(trainer.state.epoch or 0.0), 3),
+        "learning_rate": cfg.learning_rate,
+        "train_loss_first": losses[0]["loss"],
+        "train_loss_last": losses[-1]["loss"],
+        "train_loss_mean": float(result.training_loss),
+        "val_loss_before": val_before,
+        "val_loss": val_after,
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "tokens_per_s": round(trainer.state.num_input_tokens_seen / wall, 1) if wall > 0 else None,
+        "train_s": round(wall, 2),
+    }
+
+
+def _save(trainer, cfg: SFTRunConfig, out: Path, trainer_dir: Path, losses: list[dict]) -> None:
+    """Merge LoRA, save model + tokenizer + per-step losses into a temp dir, then rename it to out."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = trainer.model.merge_and_unload() if cfg.lora else trainer.model
+        model.save_pretrained(tmp)
+        trainer.processing_class.save_pretrained(tmp)
+        artifacts.write_json(tmp, "train_log.json", losses)
+        if cfg.report_to != "none" and trainer_dir.is_dir():
+            shutil.move(str(trainer_dir), str(tmp / "logs"))  # tensorboard/wandb files stay with the model
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
