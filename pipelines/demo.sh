@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole ZeroSearch loop on a laptop CPU, offline, on the bundled data and SmolLM2-135M-Instruct:
-#   index (BM25) → warm-start data from real searches → warmup → collect real-search trajectories
+#   index (BM25) → warm-start data from real searches → warmup → collect the warm policy's real-search trajectories
 #   → build the simulator corpus → train-sim → check-sim → rl with the simulated engine and the
 #   noise curriculum → eval of base / warm start / RL with the REAL engine on held-apart questions
 #   → report. Training stages only read the training split of the bundled benchmarks; every eval
@@ -38,10 +38,10 @@ step "1/11 index the corpus (BM25, the real engine)"
 zsctl index "$CORPUS" --out "$RUN/index" $Q
 SEARCH="bm25:$RUN/index"
 
-step "2/11 warm-start demonstrations: real searches whose documents hold the answer"
-zsctl collect --questions "$TRAIN" --model "$MODEL" --search "$SEARCH" --out "$RUN/base_trajectories" \
-  --limit "$N_WARM" --max-turns 1 --max-new-tokens 32 --topk "$TOPK" --batch-size 16 $Q
-zsctl build-sft --for policy --templated --search "$SEARCH" --trajectories "$RUN/base_trajectories" \
+step "2/11 warm-start demonstrations: each question searched once (no model), answer-holding calls kept"
+zsctl collect --questions "$TRAIN" --model none --search "$SEARCH" --out "$RUN/question_searches" \
+  --limit "$N_WARM" --topk "$TOPK" $Q
+zsctl build-sft --for policy --templated --trajectories "$RUN/question_searches" \
   --out "$RUN/policy_sft" --policy "$MODEL" --docs "$TOPK" --doc-words 40 $Q
 
 step "3/11 warmup: SFT of the policy on them (<information> tokens get no loss)"
@@ -54,8 +54,8 @@ zsctl collect --questions "$TRAIN" --model "$RUN/warmup" --search "$SEARCH" --ou
   --batch-size 16 $Q
 
 step "5/11 build-sft: simulator corpus (documents holding a gold answer = useful, else noisy)"
-zsctl build-sft --trajectories "$RUN/trajectories" --out "$RUN/sim_sft" --label answer --docs "$TOPK" \
-  --doc-words 40 $Q
+zsctl build-sft --trajectories "$RUN/trajectories,$RUN/question_searches" --out "$RUN/sim_sft" --label answer \
+  --docs "$TOPK" --doc-words 40 $Q
 
 step "6/11 train-sim: fine-tune the simulator (LoRA, completion-only loss)"
 zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$SIM_STEPS" \

@@ -144,7 +144,7 @@ def eval_cmd(
 @stage
 def collect_cmd(
     questions: str = typer.Option(..., "--questions", help="NAME[,NAME...] (bundled benchmarks, training split only) or a FlashRAG jsonl / parquet path."),
-    model: str = typer.Option("smollm2-135m", "--model", help="Policy: HF model dir, hub id, or smollm2-135m."),
+    model: str = typer.Option("smollm2-135m", "--model", help="Policy: HF model dir, hub id, smollm2-135m, or none (search each question once, the question as query)."),
     search: str = typer.Option(..., "--search", help="A real engine: bm25:PATH | http://HOST:PORT/retrieve | serpapi"),
     out: str = OUT,
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N questions per benchmark."),

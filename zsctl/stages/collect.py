@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from zsctl.agent import AgentConfig, AgentLoop
+from zsctl.agent import AgentConfig, AgentLoop, QuestionAsQuery
 from zsctl.core import artifacts, metrics
 from zsctl.core.errors import BadInput, RunFailure
 from zsctl.core.models import load_model
@@ -145,7 +145,11 @@ def run(cfg: CollectConfig, progress: Progress | None = None, policy=None) -> di
 
     engine = make_engine(cfg.search, cache=cfg.search_cache)
     try:
-        return _collect(cfg, progress, engine, policy or load_model(cfg.model), todo, done, ledger0, chosen)
+        if cfg.model == "none":  # no policy: each question searched once as its own query
+            policy = None
+        else:
+            policy = policy or load_model(cfg.model)
+        return _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen)
     finally:
         engine.close()
 
@@ -153,14 +157,13 @@ def run(cfg: CollectConfig, progress: Progress | None = None, policy=None) -> di
 def _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen) -> dict:
     import torch
 
-    model, tok = policy
     out = Path(cfg.out)
     temperature = cfg.sampling_temperature
     if cfg.samples > 1 and temperature == 0:
         progress.log("collect: --samples > 1 with --temperature 0 repeats the same greedy trajectory")
-    loop = AgentLoop(model, tok, engine, AgentConfig(
-        max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, topk=cfg.topk,
-        max_doc_words=cfg.max_doc_words, temperature=temperature))
+    agent_cfg = AgentConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, topk=cfg.topk,
+                            max_doc_words=cfg.max_doc_words, temperature=temperature)
+    loop = QuestionAsQuery(engine, agent_cfg) if policy is None else AgentLoop(*policy, engine, agent_cfg)
 
     # Setup done: only now does --out change.
     out = artifacts.prepare_out(out)
