@@ -62,7 +62,7 @@ zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --m
   --batch-size 4 --max-length 384 --lr 5e-4 --val-limit 8 $Q
 
 step "7/11 check-sim: does the mode keyword control the documents?"
-zsctl check-sim --search "sim:$RUN/simulator" --trajectories "$RUN/trajectories" \
+zsctl check-sim --search "sim:$RUN/simulator" --trajectories "$RUN/question_searches" \
   --limit 8 --k "$TOPK" --out "$RUN/check_sim" --vs "$SEARCH" $Q
 
 step "8/11 rl: GRPO with the simulated engine and the noise curriculum"

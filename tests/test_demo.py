@@ -1,0 +1,55 @@
+"""The demo pipeline end to end with a tiny model and tiny sizes; every pipeline script parses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from zsctl.core.artifacts import read_manifest
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "pipelines").glob("*.sh")), ids=lambda p: p.name)
+def test_pipeline_scripts_parse(script):
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def _env(**kw):
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update({k: str(v) for k, v in kw.items()})
+    return env
+
+
+@pytest.mark.parametrize("script", ["gpu.sh", "multinode.sh"])
+def test_recipes_dry_run(script):
+    p = subprocess.run(["bash", str(ROOT / "pipelines" / script)], env=_env(DRY_RUN=1), capture_output=True,
+                       text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    configs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith('{"dry_run"')]
+    assert configs and all(c["config"] for c in configs)
+
+
+def test_tiny_demo_end_to_end(tmp_path, tiny_model_dir):
+    run = tmp_path / "demo"
+    env = _env(RUN=run, MODEL=tiny_model_dir, QUIET=1, N_WARM=16, WARM_STEPS=2, N_COLLECT=4, SIM_STEPS=2,
+               RL_STEPS=2, N_EVAL=3, EVAL="bamboogle", ZSCTL_CACHE_DIR=tmp_path / "cache")
+    p = subprocess.run(["bash", str(ROOT / "pipelines" / "demo.sh")], env=env, capture_output=True, text=True,
+                       cwd=ROOT, timeout=900)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    kinds = {
+        "index": "bm25_index", "question_searches": "trajectories", "policy_sft": "policy_sft", "warmup": "policy",
+        "trajectories": "trajectories", "sim_sft": "sim_sft", "simulator": "simulator", "check_sim": "check_sim",
+        "policy": "policy", "eval_base": "predictions", "eval_warmup": "predictions", "eval_policy": "predictions",
+        "report": "report",
+    }
+    for name, kind in kinds.items():
+        assert read_manifest(run / name)["kind"] == kind, name
+    assert (run / "report" / "report.md").read_text().startswith("# zsctl report")
+    assert list((run / "report").glob("*.png")), "no plots"
+    assert "Before / after" in p.stdout and "eval_policy" not in p.stderr.lower()
