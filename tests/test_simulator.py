@@ -89,7 +89,11 @@ def test_tuned_prompt_is_the_training_prompt_byte_for_byte(tiny):
     # what build-sft writes as the `prompt` column, and how TRL's SFTTrainer tokenises it
     train_prompt = prompts.render_simulator_prompt("hamlet author", "Who wrote Hamlet?", "Shakespeare", "noisy", 3)
     assert engine.last_prompts == [train_prompt] and engine.model_input(train_prompt) == train_prompt
-    assert engine.encode(train_prompt) == tok(train_prompt)["input_ids"]
+    # the token ids too: train-sim's prompt ids (zsctl.sft) are what the engine feeds the model
+    from zsctl import sft
+
+    ex = sft.encode_example(tok, train_prompt, "Doc 1: (T) x", mask_env=False, prompt_special_tokens=True)
+    assert engine.encode(train_prompt) == ex["input_ids"][: ex["prompt_len"]]
 
 
 def test_prompt_mode_uses_the_fewshot_template_in_the_chat_template(tiny):

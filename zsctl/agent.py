@@ -172,8 +172,7 @@ class AgentLoop:
         gen_kw = dict(
             max_new_tokens=budget,
             do_sample=sample,
-            stop_strings=prompts.STOP_STRINGS,
-            tokenizer=self.tok,
+            stopping_criteria=_stop_on_text(self.tok, prompts.STOP_STRINGS, start=width),
             pad_token_id=self.pad_id,
         )
         if sample:
@@ -201,6 +200,27 @@ class AgentLoop:
                     return ids, False
                 return ids + [tok], True
         return row, False
+
+
+def _stop_on_text(tokenizer, stops: list[str], start: int):
+    """A per-row stop criterion that decodes only each row's last few generated tokens.
+
+    HF's `stop_strings` criterion costs more than the forward pass of a small model on a CPU; this
+    one looks at a window just wide enough to hold a whole stop string, past the prompt only (the
+    instruction itself mentions </search> and </answer>).
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    window = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stops) + 2
+
+    class StopOnText(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            tail = input_ids[:, max(start, input_ids.shape[1] - window):]
+            texts = tokenizer.batch_decode(tail)
+            return torch.tensor([any(s in t for s in stops) for t in texts], device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnText()])
 
 
 class QuestionAsQuery:

@@ -68,7 +68,10 @@ def _execute(run_fn, cfg, quiet: bool) -> dict | None:
     if _state.get("dry_run"):
         from dataclasses import asdict
 
-        print(json.dumps({"dry_run": True, "command": sys.argv[1:2], "config": asdict(cfg)}, default=str))
+        import click
+
+        command = click.get_current_context().info_name
+        print(json.dumps({"dry_run": True, "command": command, "config": asdict(cfg)}, default=str))
         return None
     return run_fn(cfg, _progress(quiet))
 

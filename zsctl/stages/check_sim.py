@@ -59,9 +59,11 @@ def load_queries(cfg: CheckSimConfig) -> list[dict]:
             raise BadInput(f"trajectories '{cfg.trajectories}' hold no search queries; collect with a real engine first")
     elif cfg.questions:
         rows = []
-        for name in [s.strip() for s in cfg.questions.split(",") if s.strip()]:
+        names = [s.strip() for s in cfg.questions.split(",") if s.strip()]
+        each = -(-cfg.limit // len(names)) if cfg.limit and names else None  # the limit shared out
+        for name in names:
             split = "eval" if name in data.BENCHMARKS else None  # never the questions training used
-            for q in data.load_questions(name, split=split, limit=cfg.limit).to_pylist():
+            for q in data.load_questions(name, split=split, limit=each).to_pylist():
                 rows.append({"id": f"{q['data_source']}:{q['id']}", "query": q["question"], "question": q["question"],
                              "golden_answers": list(q["golden_answers"])})
     else:
