@@ -20,6 +20,17 @@ from zsctl.stages import build_sft
 from zsctl.stages.build_sft import BuildSFTConfig
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # see tests/test_collect.py: one thread is much faster for the tiny model on a busy machine
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def doc(title: str, text: str, score: float = 1.0) -> dict:
     return {"title": title, "text": text, "score": score}
 

@@ -68,10 +68,8 @@ def _execute(run_fn, cfg, quiet: bool) -> dict | None:
     if _state.get("dry_run"):
         from dataclasses import asdict
 
-        import click
-
-        command = click.get_current_context().info_name
-        print(json.dumps({"dry_run": True, "command": command, "config": asdict(cfg)}, default=str))
+        stage_name = run_fn.__module__.rsplit(".", 1)[-1]
+        print(json.dumps({"dry_run": True, "stage": stage_name, "config": asdict(cfg)}, default=str))
         return None
     return run_fn(cfg, _progress(quiet))
 
