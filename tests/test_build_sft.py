@@ -100,6 +100,7 @@ def test_fast_normalize_equals_metrics():
     assert build_sft.found_answer(["Limassol is in Cyprus"], ["Lima"]) is None
     assert build_sft.found_answer(["the capital, Lima."], ["Quito", "lima"]) == "lima"
     assert build_sft.found_answer(["the Eiffel", "Tower is tall"], ["Eiffel Tower"]) is None  # not across documents
+    assert build_sft.found_answer(["No, there is no such thing. Yes."], ["no", "Yes"]) is None  # yes/no never count
 
 
 def test_prompt_uses_the_calls_own_question_and_answer(tmp_path):

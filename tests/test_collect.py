@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, script_model
 from zsctl.cli import app
-from zsctl.core import artifacts, prompts
+from zsctl.core import artifacts, metrics, prompts
 from zsctl.core.errors import BadInput
 from zsctl.core.models import load_model
 from zsctl.stages import build_sft, collect
@@ -197,15 +197,23 @@ def test_collect_hotpotqa_with_smollm2_then_build_sft(tmp_path):
     from zsctl.core import data
 
     assert all(data.split_of("hotpotqa", q) == "train" for q in table.column("question_id").to_pylist())
-    if summary["ledger"]["logged_searches"] == 0:
-        pytest.skip("smollm2-135m issued no search on these questions")
+    # The untuned 135M model rarely searches (1 call in 200 questions measured): simulator data from
+    # so few calls must either be written or refused with the reason, never half-written.
     out = tmp_path / "sft"
     try:
         s = build_sft.run(build_sft.BuildSFTConfig(trajectories=cfg.out, out=str(out), label="answer", balance=False))
-    except BadInput as e:  # one class only is a legitimate outcome on 10 questions; it must say so
-        assert "gave" in str(e) and "useful" in str(e)
-        return
-    assert s["rows_train"] + s["rows_val"] >= 1 and (out / "manifest.json").is_file()
+        assert s["rows_train"] + s["rows_val"] >= 1 and (out / "manifest.json").is_file()
+    except BadInput as e:
+        assert "no usable search calls" in str(e) or " useful and " in str(e)
+        assert not out.exists()
+    # Policy warm-start data from the same run, each question searched on BM25 when no logged call answered it
+    pol = tmp_path / "policy"
+    s = build_sft.run(build_sft.BuildSFTConfig(trajectories=cfg.out, out=str(pol), target="policy", templated=True,
+                                               search=f"bm25:{corpus}", val_fraction=0.0))
+    rows = pq.read_table(pol / "train.parquet").to_pylist()
+    assert s["question_searches"] >= 1 and len(rows) >= 1
+    assert rows[0]["prompt"].startswith("<|im_start|>system") and rows[0]["prompt"].endswith("<|im_start|>assistant\n")
+    assert metrics.extract_answer(rows[0]["completion"]) in rows[0]["golden_answers"]
 
 
 def test_cli_json_summary_and_duplicate_questions(tmp_path, corpus, tiny_model_dir):

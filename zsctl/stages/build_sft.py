@@ -231,6 +231,7 @@ def is_val(question: str, fraction: float) -> bool:
 
 
 _PUNCT_TABLE: dict | None = None
+_YES_NO = frozenset({"yes", "no"})
 
 
 def normalize(text: str) -> str:
@@ -243,11 +244,13 @@ def normalize(text: str) -> str:
 
 
 def found_answer(texts: list[str], golds: list[str]) -> str | None:
-    """The first gold answer that occurs, normalised and as whole words, in one of the texts."""
+    """The first gold answer that occurs, normalised and as whole words, in one of the texts.
+
+    Yes/no answers (HotpotQA comparisons) never count: "no" occurs in almost any text."""
     hay = " " + " | ".join(normalize(t) for t in texts) + " "  # '|' never survives normalisation
     for g in golds:
         n = normalize(g)
-        if n and f" {n} " in hay:
+        if n and n not in _YES_NO and f" {n} " in hay:
             return g
     return None
 
