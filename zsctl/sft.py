@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from zsctl.core import artifacts, prompts
@@ -41,15 +41,12 @@ ENV_SPAN_RE = re.compile(
 )
 
 
-@dataclass
-class SFTRunConfig:
-    base: str  # model spec: HF dir, hub id, or smollm2-135m
-    out: str  # final model directory
-    mask_env: bool = False  # True for policy rows: environment spans get no loss
-    prompt_special_tokens: bool = True  # tokenise the prompt as the engine does at inference
+@dataclass(kw_only=True)
+class SFTOptions:
+    """The training options train-sim and warmup share (their configs extend this)."""
+
     lora: bool = True
     lora_r: int = 16
-    lora_alpha: int | None = None  # None = 2 * lora_r
     lr: float | None = None  # None = 2e-4 with LoRA, 2e-5 full
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs
@@ -59,11 +56,23 @@ class SFTRunConfig:
     val_limit: int = 32  # val rows scored before and after training
     report_to: str = "none"
     seed: int = 0
-    desc: str = "sft"  # progress label
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (2e-4 if self.lora else 2e-5)
+
+    def options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(SFTOptions)}
+
+
+@dataclass(kw_only=True)
+class SFTRunConfig(SFTOptions):
+    base: str  # model spec: HF dir, hub id, or smollm2-135m
+    out: str  # final model directory
+    mask_env: bool = False  # True for policy rows: environment spans get no loss
+    prompt_special_tokens: bool = True  # tokenise the prompt as the engine does at inference
+    lora_alpha: int | None = None  # None = 2 * lora_r
+    desc: str = "sft"  # progress label
 
 
 # --- data ------------------------------------------------------------------------------------------
