@@ -21,6 +21,13 @@ from zsctl.stages.build_sft import BuildSFTConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
+
+def test_found_answer_whole_words_within_one_document():
+    assert build_sft.found_answer(["Limassol is in Cyprus"], ["Lima"]) is None
+    assert build_sft.found_answer(["the capital, Lima."], ["Quito", "lima"]) == "lima"
+    assert build_sft.found_answer(["the Eiffel", "Tower is tall"], ["Eiffel Tower"]) is None  # not across documents
+    assert build_sft.found_answer(["No, there is no such thing. Yes."], ["no", "Yes"]) is None  # yes/no never count
+
 def _one_torch_thread():
     # see tests/test_collect.py: one thread is much faster for the tiny model on a busy machine
     import torch
@@ -92,15 +99,6 @@ def test_answer_labels_use_normalised_whole_word_containment(tmp_path):
     labels = {r["id"]: r["label"] for r in train + val}
     # "PARIS," → paris; "Parisian" is not Paris; an alias counts; "The U.S.A." and "usa" meet after normalisation
     assert labels == {"q1#0#0": "useful", "q1#1#0": "noisy", "q2#0#0": "useful", "q2#0#1": "noisy", "q3#0#0": "useful"}
-
-
-def test_fast_normalize_equals_metrics():
-    for s in ["The  Eiffel Tower!", "«École Normale» — Paris", "U.S.A.", "北京。", "a×b the end", "İstanbul's", "x_y-z$"]:
-        assert build_sft.normalize(s) == metrics.normalize_answer(s)
-    assert build_sft.found_answer(["Limassol is in Cyprus"], ["Lima"]) is None
-    assert build_sft.found_answer(["the capital, Lima."], ["Quito", "lima"]) == "lima"
-    assert build_sft.found_answer(["the Eiffel", "Tower is tall"], ["Eiffel Tower"]) is None  # not across documents
-    assert build_sft.found_answer(["No, there is no such thing. Yes."], ["no", "Yes"]) is None  # yes/no never count
 
 
 def test_prompt_uses_the_calls_own_question_and_answer(tmp_path):
