@@ -31,8 +31,8 @@ if [ -e "$RUN" ] && [ -z "${FRESH:-}" ]; then
 fi
 [ -n "${FRESH:-}" ] && rm -rf "$RUN"
 mkdir -p "$RUN"
-step() { printf '\n== %s ==\n' "$*"; }
 t0=$(date +%s)
+step() { printf '\n== %s  [%d s so far] ==\n' "$*" "$(( $(date +%s) - t0 ))"; }
 
 step "1/11 index the corpus (BM25, the real engine)"
 zsctl index "$CORPUS" --out "$RUN/index" $Q
