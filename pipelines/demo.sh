@@ -77,16 +77,5 @@ for name in base warmup policy; do
     --max-turns 2 --max-new-tokens 48 --topk "$TOPK" --batch-size 12 $Q
 done
 
-zsctl report "$RUN" $Q
-python - "$RUN" <<'EOF'
-import json, sys
-run = sys.argv[1]
-print(f"\nBefore / after on held-apart evaluation questions (real BM25 engine), scores in %:")
-print(f"{'policy':<8} {'benchmark':<12} {'n':>4} {'EM':>6} {'SubEM':>6} {'F1':>6} {'searches':>9}")
-for name in ("base", "warmup", "policy"):
-    met = json.load(open(f"{run}/eval_{name}/metrics.json"))
-    for bench, m in list(met["benchmarks"].items()) + [("overall", met["overall"])]:
-        print(f"{name:<8} {bench:<12} {m['n']:>4} {100*m['em']:>6.1f} {100*m['subem']:>6.1f} {100*m['f1']:>6.1f} {m['avg_searches']:>9.2f}")
-print(f"\nreport: {run}/report/report.md")
-EOF
+zsctl report "$RUN" $Q   # prints the before/after table; report.md and the plots land in $RUN/report
 echo "demo finished in $(( $(date +%s) - t0 )) s"

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -132,6 +136,43 @@ def test_lora_run_merges_and_resume_continues(tmp_path, train_file, tiny_model_d
     assert not (out / "adapter_config.json").exists() and (out / "config.json").is_file()  # merged
 
 
+def test_sigkill_mid_step_then_resume_logs_each_step_once(tmp_path, train_file, tiny_model_dir):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "zsctl", "rl", "--policy", str(tiny_model_dir), "--search", "none",
+            "--train", str(train_file), "--out", str(out), "--steps", "6", "--batch-size", "4", "--group-size", "2",
+            "--max-turns", "1", "--max-new-tokens", "8", "--lr", "1e-3", "--save-every", "1", "--quiet"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # kill -9 as soon as checkpoint-2 is complete: the process is then inside step 3 (or saving it)
+    deadline = time.monotonic() + 600
+    while not (out / "checkpoints" / "checkpoint-2" / rl.DONE_MARK).is_file():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists()
+
+    done = subprocess.run(argv + ["--resume", "--json"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from_step"] >= 2
+    assert read_manifest(out)["kind"] == "policy"
+    mets = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [m["step"] for m in mets] == [1, 2, 3, 4, 5, 6]  # each step exactly once
+    rollouts = read_table_file(out / "rollouts.parquet", ROLLOUTS).to_pylist()
+    assert sorted(r["step"] for r in rollouts) == sorted(list(range(1, 7)) * 4)
+
+    # same data order and curriculum as a run that was never interrupted
+    ref = tmp_path / "ref"
+    rl.run(_cfg(tmp_path, train_file, policy=str(tiny_model_dir), out=str(ref), steps=6, save_every=1, lora=True,
+                lora_r=16))
+    def order(path):
+        rows = read_table_file(path / "rollouts.parquet", ROLLOUTS).to_pylist()
+        return [(r["step"], r["question_id"], round(r["noise_p"], 9)) for r in sorted(rows, key=lambda r: (r["step"], r["sample"], r["question_id"]))]
+    assert order(out) == order(ref)
+
+
 @pytest.mark.parametrize(
     "kw, needle",
     [
@@ -153,3 +194,51 @@ def test_cli_train_file_without_golden_answers(tmp_path, tiny_model_dir):
                                  "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "golden_answers" in r.output
     assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch_on_cpu(tmp_path, train_file, corpus_file, tiny_model_dir):
+    """`accelerate launch` with 2 CPU processes (torch.distributed over gloo): both ranks roll out,
+    the main process logs metrics over both ranks' rollouts and writes the one manifest."""
+    import os
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "zsctl", "rl", "--policy", str(tiny_model_dir), "--search", f"bm25:{corpus_file}",
+           "--train", str(train_file), "--out", str(out), "--steps", "2", "--batch-size", "4", "--group-size", "2",
+           "--max-turns", "1", "--max-new-tokens", "8", "--lr", "1e-3", "--save-every", "1", "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summaries = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1  # only the main process reports
+    summary = json.loads(summaries[0])
+    assert summary["steps"] == 2 and summary["rollouts"] == 2 * 2 * 4  # steps x ranks x batch
+    assert read_manifest(out)["kind"] == "policy"
+    rollouts = read_table_file(out / "rollouts.parquet", ROLLOUTS).to_pylist()
+    assert sorted({f.name.split("-r")[-1] for f in (out / "rollouts.steps").glob("*.parquet")}) == ["0.parquet", "1.parquet"]
+    assert sorted(r["step"] for r in rollouts) == [1] * 8 + [2] * 8
+    mets = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [m["step"] for m in mets] == [1, 2] and all(math.isfinite(m["loss"]) for m in mets)
+    assert all((out / "checkpoints" / f"checkpoint-{s}" / rl.DONE_MARK).is_file() for s in (1, 2))
+
+
+@pytest.mark.slow
+def test_smollm2_few_rl_steps_with_simulated_search(tmp_path):
+    """SmolLM2-135M policy, its searches answered by the untuned SmolLM2 simulator (prompt mode) with
+    the noise curriculum, on bundled training questions."""
+    out = tmp_path / "run"
+    cfg = rl.RLConfig(policy="smollm2-135m", search="sim:smollm2-135m?sim_mode=prompt", train="hotpotqa",
+                      out=str(out), steps=3, batch_size=4, group_size=2, max_turns=2, max_new_tokens=32, topk=2,
+                      lr=1e-4, reward="f1+format", noise_start=0.0, noise_end=0.5, limit=16)
+    summary = rl.run(cfg)
+    print(json.dumps(summary, default=str))
+    assert read_manifest(out)["kind"] == "policy"
+    mets = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [m["step"] for m in mets] == [1, 2, 3]
+    assert [m["noise_p"] for m in mets] == pytest.approx([rl.noise_probability(i, 3, 0.0, 0.5) for i in range(3)])
+    assert all(math.isfinite(m["loss"]) and m["generated_tokens"] > 0 for m in mets)
+    model, tok = load_model(str(out))  # the merged policy reloads and generates
+    ids = tok("Question: who wrote Hamlet?", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] > ids["input_ids"].shape[1]

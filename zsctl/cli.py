@@ -71,12 +71,19 @@ def _execute(run_fn, cfg, quiet: bool) -> dict | None:
         stage_name = run_fn.__module__.rsplit(".", 1)[-1]
         print(json.dumps({"dry_run": True, "stage": stage_name, "config": asdict(cfg)}, default=str))
         return None
-    return run_fn(cfg, _progress(quiet))
+    return run_fn(cfg, _progress(quiet or not _main_process()))
+
+
+def _main_process() -> bool:
+    """Under accelerate/torchrun (RANK set) only rank 0 prints progress and summaries."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _emit(summary: dict, as_json: bool, table=None) -> None:
     from zsctl.console import out
 
+    if not _main_process():
+        return
     if table is not None:
         out.print(table)
     if as_json:
@@ -372,9 +379,12 @@ def report_cmd(
     """Write report.md and PNG plots (reward, noise, before/after, search cost) for a run."""
     from zsctl.stages import report
 
+    from zsctl.console import eval_table
+
     summary = _execute(report.run, report.ReportConfig(run_dir=run_dir, out=out, price_per_1k=price_per_1k), quiet)
     if summary is not None:
-        _emit(summary, as_json)
+        table = eval_table(summary["evaluation"], "Evaluation with the real engine (scores in %)") if summary["evaluation"] else None
+        _emit(summary, as_json, table)
 
 
 @app.command("inspect")

@@ -64,6 +64,17 @@ def metrics_table(metrics: dict, title: str = "") -> Table:
     return t
 
 
+def eval_table(rows: list[dict], title: str = "") -> Table:
+    """One row per (run, benchmark): n, EM, SubEM, F1 (%) and searches per question."""
+    t = Table(title=title or None)
+    for col in ("run", "benchmark", "n", "EM", "SubEM", "F1", "searches"):
+        t.add_column(col, justify="left" if col in ("run", "benchmark") else "right")
+    for r in rows:
+        t.add_row(r["run"], r["benchmark"], str(r["n"]), f"{100 * r['em']:.1f}", f"{100 * r['subem']:.1f}",
+                  f"{100 * r['f1']:.1f}", f"{r['avg_searches']:.2f}")
+    return t
+
+
 def kv_table(d: dict, title: str = "") -> Table:
     t = Table(title=title or None, show_header=False)
     t.add_column("key", style="bold")

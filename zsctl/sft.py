@@ -249,7 +249,7 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from zsctl.core.models import load_model
+    from zsctl.core.models import load_model, lora_config
 
     progress = progress or Progress()
     _validate(cfg)
@@ -291,12 +291,7 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None
     losses: list[dict] = []
     trainer = SFTTrainer(
         model=model,

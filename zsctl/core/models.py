@@ -102,3 +102,11 @@ def load_model(spec: str, *, dtype: str = "auto", device: str | None = None):
         raise BadInput(f"model '{spec}' cannot be loaded ({str(e).splitlines()[0]}); check the spec or the network") from e
     model.to(device).eval()
     return model, tok
+
+
+def lora_config(r: int, alpha: int | None = None):
+    """LoRA on every linear layer but the output head (alpha defaults to 2r), for SFT and RL alike."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")

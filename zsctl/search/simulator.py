@@ -16,10 +16,12 @@ untuned instruct model (the paper's prompt-based baseline).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
@@ -28,7 +30,9 @@ from zsctl.core.errors import BadInput
 from zsctl.search.base import Document, QueryContext, SearchEngine
 
 SIM_STYLES = ("tuned", "prompt")
-TOKENS_PER_DOC = 40  # default generation budget per requested document
+# Generation budget per requested document when the simulator does not say (train-sim records the
+# length of the documents it was trained on in its manifest, `tokens_per_doc`, and that wins).
+TOKENS_PER_DOC = 64
 # A simulator that writes more than asked, starts a new few-shot example, or chats after its
 # documents (a blank line: documents are one per line, texts never hold line breaks) is cut there.
 _STOP_HEAD = ("\n\n", "\nQuestion:", "\nQuery:", "\nExample", "\nNow (")
@@ -139,6 +143,7 @@ class _Simulated(SearchEngine):
         self.noise_p = float(noise_p)  # the RL curriculum overwrites it every step
         self.rng = random.Random(seed)  # ... and may replace it with a per-step generator
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None
+        self.tokens_per_doc = TOKENS_PER_DOC
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.outputs = 0  # generations parsed so far
@@ -172,7 +177,7 @@ class _Simulated(SearchEngine):
         ctxs = contexts or [None] * len(queries)
         self.last_modes = [self._choose_mode(c) for c in ctxs]
         self.last_prompts = [self.render(q, c, m, k) for q, c, m in zip(queries, ctxs, self.last_modes)]
-        budget = self.max_new_tokens or TOKENS_PER_DOC * k
+        budget = self.max_new_tokens or self.tokens_per_doc * k
         texts = self._complete([self.model_input(p) for p in self.last_prompts], budget, stop_strings(k))
         if self.sim_mode == "prompt":
             texts = [PRIMER + t for t in texts]
@@ -191,6 +196,15 @@ class _Simulated(SearchEngine):
         raise NotImplementedError
 
 
+def trained_tokens_per_doc(model_dir: str) -> int | None:
+    """The per-document budget train-sim measured on its corpus (None for other models)."""
+    mf = Path(model_dir) / "manifest.json"
+    if not mf.is_file():
+        return None
+    extra = json.loads(mf.read_text(encoding="utf-8")).get("extra", {})
+    return extra.get("tokens_per_doc")
+
+
 class SimulatorEngine(_Simulated):
     """`sim:MODEL`: the simulator model runs in this process."""
 
@@ -203,6 +217,7 @@ class SimulatorEngine(_Simulated):
             from zsctl.core.models import load_model
 
             model, tokenizer = load_model(model_spec)
+            self.tokens_per_doc = trained_tokens_per_doc(model_spec) or self.tokens_per_doc
         self.model, self.tok = model, tokenizer
         self.lock = threading.Lock()  # generate is not thread-safe (serve answers from threads)
         self.generate_calls = 0

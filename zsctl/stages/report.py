@@ -125,7 +125,9 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
     tmp.write_text("\n".join(lines), encoding="utf-8")
     tmp.replace(out / "report.md")
     summary = {"out": str(out), "report": str(out / "report.md"), "plots": [p.name for p in plots or []],
-               "artifacts": {k: len(v) for k, v in found.items()}, "ledger": ledger}
+               "artifacts": {k: len(v) for k, v in found.items()}, "ledger": ledger,
+               "evaluation": [{"run": r, "benchmark": b, **{k: m[k] for k in ("n", "em", "subem", "f1", "avg_searches")}}
+                              for r, b, m in evals]}
     artifacts.write_manifest(out, "report", config=asdict(cfg), inputs=[{"path": str(d)} for v in found.values() for d, _ in v],
                              summary=summary)
     progress.log(f"report → {out / 'report.md'}")

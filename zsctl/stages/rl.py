@@ -171,7 +171,7 @@ class Recorder:
         for d in (self.rollouts_dir, self.metrics_dir):
             for p in d.glob("step-*.parquet"):
                 if int(p.stem.split("-")[1]) > step:
-                    p.unlink()
+                    p.unlink(missing_ok=True)  # another process may have removed it already
 
     def rollouts(self, step: int, rows: list[dict]) -> None:
         artifacts.write_table(
@@ -245,17 +245,30 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
              "sim_labels": t.sim_labels}
             for i, (q, t, pred, r) in enumerate(zip(prompts, trajs, predictions, rewards))
         ])
-        labels = [m for t in trajs for m in t.sim_labels]
-        model_tokens = sum(sum(m) for m in env_mask)
+        # the step's metrics cover every process's rollouts (a collective: all ranks get here each step)
+        from accelerate.utils import gather_object
+
+        mine = {
+            "rewards": [float(r) for r in rewards],
+            "valid": [t.prediction is not None for t in trajs],
+            "searches": [t.num_searches for t in trajs],
+            "labels": [m for t in trajs for m in t.sim_labels],
+            "tokens": sum(sum(m) for m in env_mask),
+        }
+        parts = gather_object([mine]) if trainer.accelerator.num_processes > 1 else [mine]
+        rewards_all = [r for part in parts for r in part["rewards"]]
+        labels = [m for part in parts for m in part["labels"]]
+        n = len(rewards_all)
+        model_tokens = sum(part["tokens"] for part in parts)
         recorder.pending = {
             "step": step + 1,
             "noise_p": p,
             "noisy_share": (labels.count("noisy") / len(labels)) if labels else float("nan"),
             "sim_searches": len(labels),
-            "reward_mean": float(sum(rewards) / len(rewards)),
-            "reward_std": float(_std(rewards)),
-            "valid_answer_rate": sum(t.prediction is not None for t in trajs) / len(trajs),
-            "searches_per_traj": sum(t.num_searches for t in trajs) / len(trajs),
+            "reward_mean": sum(rewards_all) / n,
+            "reward_std": _std(rewards_all),
+            "valid_answer_rate": sum(v for part in parts for v in part["valid"]) / n,
+            "searches_per_traj": sum(s for part in parts for s in part["searches"]) / n,
             "generated_tokens": model_tokens,
             "gen_tokens_per_s": model_tokens / gen_s if gen_s > 0 else float("nan"),
         }
@@ -359,10 +372,9 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     """
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from zsctl.core.models import load_model
+    from zsctl.core.models import load_model, lora_config
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented experimental API
     progress = progress or Progress()
@@ -409,7 +421,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
         data_seed=cfg.seed,
         use_cpu=not on_gpu,
         bf16=on_gpu,
-        gradient_checkpointing=False,
+        activation_checkpointing=False,  # TRL turns it on by default; small models on a CPU are compute-bound
         use_vllm=cfg.use_vllm,
         vllm_mode=cfg.vllm_mode,
         vllm_server_host=cfg.vllm_server_host,
@@ -422,20 +434,19 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     dataset = Dataset.from_list([{"prompt": q["question"], "golden_answers": q["golden_answers"]} for q in questions])
     recorder = Recorder(out, rank=0)
     recorder.drop_after(start_step)
-    peft_config = None
-    if cfg.lora:
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                 target_modules="all-linear")
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=REWARDS[cfg.reward],
         args=args,
         train_dataset=dataset,
         processing_class=tok,
-        peft_config=peft_config,
+        peft_config=lora_config(cfg.lora_r) if cfg.lora else None,
         rollout_func=make_rollout_func(cfg, engine, golds_by_question, recorder, progress),
         callbacks=[_make_callback(cfg, recorder, progress, _make_validator(cfg, tok))],
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our per-step line replaces its raw log dicts
     recorder.rank = trainer.accelerator.process_index
     return trainer, engine, recorder, resume_from
 
@@ -454,6 +465,7 @@ def run(cfg: RLConfig, progress: Progress | None = None) -> dict:
     progress.stop()
 
     summary: dict = {"out": str(out), "steps": cfg.steps, "resumed_from_step": start_step, "wall_s": round(wall, 1)}
+    trainer.accelerator.wait_for_everyone()  # every rank's rollout files are written before the merge
     if trainer.accelerator.is_main_process:
         final = trainer.model
         if cfg.lora:

@@ -7,6 +7,7 @@ tokenised exactly as the `sim:` engine feeds it at inference; no chat template i
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from zsctl import sft
@@ -21,14 +22,25 @@ class TrainSimConfig(sft.SFTOptions):
     out: str
 
 
+def tokens_per_doc(rows: list[dict], data_manifest: dict, base: str) -> int:
+    """The generation budget per document the `sim:` engine should give this simulator: the 95th
+    percentile of the training completions' token counts per document, plus a margin."""
+    from zsctl.core.models import load_tokenizer
+
+    tok = load_tokenizer(base)
+    k = max(1, int(data_manifest.get("config", {}).get("docs", 1)))
+    lengths = sorted(len(tok(r["completion"], add_special_tokens=False)["input_ids"]) for r in rows)
+    return math.ceil(lengths[int(0.95 * (len(lengths) - 1))] / k * 1.1) + 4
+
+
 def run(cfg: TrainSimConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
-    train, val, _ = sft.load_sft_data(cfg.data, "sim_sft")
+    train, val, data_manifest = sft.load_sft_data(cfg.data, "sim_sft")
     sft.check_model_out(cfg.out, "simulator")
     run_cfg = sft.SFTRunConfig(
         base=cfg.base, out=cfg.out, mask_env=False, prompt_special_tokens=True, **cfg.options(),
         desc="train-sim",
     )
     manifest = {"kind": "simulator", "config": asdict(cfg), "inputs": [artifacts.input_ref(cfg.data)],
-                "extra": {"base_model": cfg.base}}
+                "extra": {"base_model": cfg.base, "tokens_per_doc": tokens_per_doc(train, data_manifest, cfg.base)}}
     return sft.train_sft(run_cfg, train, val, progress, manifest=manifest)
