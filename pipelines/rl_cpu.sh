@@ -13,6 +13,7 @@ FROM=${FROM:-runs/demo}               # the demo run whose artifacts this starts
 RUN=${RUN:-runs/rl_cpu}
 MODEL=${MODEL:-smollm2-135m}
 SIM=${SIM:-$FROM/simulator}
+SIM_OPTS=${SIM_OPTS:-}                 # e.g. "?max_new_tokens=128" (spec options of the sim: engine)
 TRAIN=${TRAIN:-hotpotqa}
 EVAL=${EVAL:-hotpotqa}
 STEPS=${STEPS:-50}
@@ -27,7 +28,7 @@ mkdir -p "$RUN"
 t0=$(date +%s)
 SEARCH="bm25:$FROM/index"
 
-zsctl rl --policy "$FROM/warmup" --search "sim:$SIM" --train "$TRAIN" --out "$RUN/policy" \
+zsctl rl --policy "$FROM/warmup" --search "sim:$SIM$SIM_OPTS" --train "$TRAIN" --out "$RUN/policy" \
   --steps "$STEPS" --batch-size 8 --group-size 4 --lr 2e-4 --max-turns 2 --max-new-tokens 48 \
   --topk "$TOPK" --noise-start 0 --noise-end 0.5 --reward f1+format --save-every 10 $Q
 echo "rl finished after $(( $(date +%s) - t0 )) s"

@@ -27,7 +27,8 @@ def _questions(n=3):
 
 def test_round_trip_and_manifest(tmp_path):
     out = tmp_path / "art"
-    m = artifacts.write_artifact(out, "questions", _questions(), config={"x": 1, "api_key": "sekrit"}, seed=7,
+    m = artifacts.write_artifact(out, "questions", _questions(), config={"x": 1, "api_key": "sekrit", "hf_token": "tok123",
+                                                                            "max_new_tokens": 64}, seed=7,
                                  summary={"rows": 3})
     assert (out / "manifest.json").is_file()
     t = artifacts.read_artifact(out, "questions")
@@ -37,7 +38,8 @@ def test_round_trip_and_manifest(tmp_path):
     assert on_disk["kind"] == "questions" and on_disk["seed"] == 7
     assert on_disk["files"]["questions.parquet"]["rows"] == 3
     assert len(on_disk["files"]["questions.parquet"]["sha256"]) == 64
-    assert "sekrit" not in (out / "manifest.json").read_text()  # never secrets
+    assert "sekrit" not in (out / "manifest.json").read_text() and "tok123" not in (out / "manifest.json").read_text()
+    assert on_disk["config"]["max_new_tokens"] == 64  # a count of tokens is not a secret
     for key in ("created_at", "zsctl_version", "argv", "config_hash", "inputs", "libraries", "schema_version"):
         assert key in on_disk
 

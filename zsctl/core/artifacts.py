@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,9 @@ from zsctl.core.errors import BadInput
 from zsctl.core.schemas import SCHEMA_VERSION, TABLES, missing_or_mistyped
 
 MANIFEST = "manifest.json"
-_SECRET_WORDS = ("key", "token", "secret", "password")
+# Key words that mark a secret (api_key, hf_token, password…); whole words only, so counts such as
+# max_new_tokens or tokens_per_doc stay readable.
+_SECRET_WORDS = {"key", "apikey", "token", "secret", "password"}
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -120,7 +123,7 @@ def _scrub(obj):
     """Drop anything that looks like a secret before it reaches a manifest."""
     if isinstance(obj, dict):
         return {
-            k: ("***" if any(w in str(k).lower() for w in _SECRET_WORDS) and v else _scrub(v))
+            k: ("***" if _SECRET_WORDS & set(re.split(r"[_\-\s.]+", str(k).lower())) and v else _scrub(v))
             for k, v in obj.items()
         }
     if isinstance(obj, (list, tuple)):

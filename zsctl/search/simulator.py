@@ -90,6 +90,30 @@ class Generation(NamedTuple):
     finish: str  # "stop" (EOS or a stop string) | "length"
 
 
+# Small simulators decoding greedily fall into loops ("Kiss and Tell: Kiss and Tell: …") that eat the
+# whole budget; no n-gram may repeat within a completion. (HF's no_repeat_ngram_size would also
+# forbid repeating the prompt, i.e. writing the gold answer the prompt names.)
+NO_REPEAT_NGRAM = 4
+
+
+class _NoRepeatInCompletion:
+    """Logits processor: ban the tokens that would repeat an n-gram of the generated part."""
+
+    def __init__(self, n: int, start: int):
+        self.n, self.start = n, start
+
+    def __call__(self, input_ids, scores):
+        n = self.n
+        for r, row in enumerate(input_ids[:, self.start:].tolist()):
+            if len(row) < n:
+                continue
+            prefix = tuple(row[-(n - 1):])
+            banned = {row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix}
+            if banned:
+                scores[r, list(banned)] = float("-inf")
+        return scores
+
+
 def generate_batch(
     model, tok, prompt_ids: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
     top_p: float = 1.0, stop: list[str] | None = None,
@@ -106,7 +130,8 @@ def generate_batch(
     for r, p in enumerate(prompt_ids):
         input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
         attention[r, width - len(p):] = 1
-    kw = dict(max_new_tokens=max(1, int(max_new_tokens)), do_sample=temperature > 0, pad_token_id=pad)
+    kw = dict(max_new_tokens=max(1, int(max_new_tokens)), do_sample=temperature > 0, pad_token_id=pad,
+              logits_processor=[_NoRepeatInCompletion(NO_REPEAT_NGRAM, width)])
     if stop:
         kw.update(stopping_criteria=[_text_stop(tok, list(stop), width)])
     if temperature > 0:
@@ -201,8 +226,7 @@ def trained_tokens_per_doc(model_dir: str) -> int | None:
     mf = Path(model_dir) / "manifest.json"
     if not mf.is_file():
         return None
-    extra = json.loads(mf.read_text(encoding="utf-8")).get("extra", {})
-    return extra.get("tokens_per_doc")
+    return json.loads(mf.read_text(encoding="utf-8")).get("tokens_per_doc")
 
 
 class SimulatorEngine(_Simulated):
