@@ -189,3 +189,18 @@ def test_spec_options_and_errors(tiny_model_dir):
         make_sim("sim:")
     with pytest.raises(BadInput, match="noise_p"):
         make_sim(f"sim:{tiny_model_dir}", noise_p=1.5)
+
+
+def test_no_ngram_repeats_within_a_completion_but_the_prompt_may_be_repeated():
+    import torch
+
+    from zsctl.search.simulator import _NoRepeatInCompletion
+
+    ban = _NoRepeatInCompletion(3, start=4)
+    # prompt 7 8 9 7 | generated 1 2 5 1 2 -> after "1 2" the token 5 would repeat "1 2 5"
+    ids = torch.tensor([[7, 8, 9, 7, 1, 2, 5, 1, 2], [7, 8, 9, 7, 8, 3, 3, 3, 3]])
+    scores = ban(ids, torch.zeros(2, 12))
+    assert scores[0].isinf().nonzero().flatten().tolist() == [5]
+    assert scores[1].isinf().nonzero().flatten().tolist() == [3]  # "3 3 3" again
+    # "7 8 9" is in the prompt: generating "7 8" then 9 stays allowed
+    assert not ban(torch.tensor([[7, 8, 9, 7, 8]]), torch.zeros(1, 12)).isinf().any()

@@ -114,6 +114,11 @@ def test_train_sim_lora_merges_and_reloads(tiny_model_dir, tmp_path):
     assert manifest["kind"] == "simulator" and manifest["base_model"] == str(tiny_model_dir)
     assert manifest["inputs"][0]["manifest_sha256"] == artifacts.sha256_file(data / "manifest.json")
     assert manifest["summary"]["val_loss"] == summary["val_loss"]
+    # the per-document generation budget the sim: engine will use, measured on the training completions
+    assert isinstance(manifest["tokens_per_doc"], int) and manifest["tokens_per_doc"] > 0
+    from zsctl.search.simulator import SimulatorEngine
+
+    assert SimulatorEngine(str(out)).tokens_per_doc == manifest["tokens_per_doc"]
     assert len(json.loads((out / "train_log.json").read_text())) == 3
     assert not (out / "adapter_config.json").exists()  # merged: a plain HF model
     assert not list(tmp_path.glob(".sim*"))  # no temp or trainer dirs left behind
