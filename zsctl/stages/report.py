@@ -176,8 +176,12 @@ def _plots(out: Path, rl_runs, evals, ledger) -> list[Path] | None:
             continue
         steps = [m["step"] for m in mets]
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(steps, [m["reward_mean"] for m in mets], label="reward (mean)")
-        ax.plot(steps, [m["valid_answer_rate"] for m in mets], label="valid-answer rate")
+        rewards = [m["reward_mean"] for m in mets]
+        w = min(5, len(rewards))  # one step's batch is small: a moving average shows the trend
+        smooth = [sum(rewards[max(0, i - w + 1):i + 1]) / len(rewards[max(0, i - w + 1):i + 1]) for i in range(len(rewards))]
+        ax.plot(steps, rewards, alpha=0.35, color="C0", label="reward (batch mean)")
+        ax.plot(steps, smooth, color="C0", label=f"reward ({w}-step average)")
+        ax.plot(steps, [m["valid_answer_rate"] for m in mets], color="C1", label="valid-answer rate")
         ax.set_xlabel("step"), ax.set_ylim(-0.02, 1.02), ax.legend(), ax.set_title(f"RL {d.name}: reward")
         save(fig, f"{d.name}_reward.png")
 
@@ -195,8 +199,8 @@ def _plots(out: Path, rl_runs, evals, ledger) -> list[Path] | None:
     if evals:
         import numpy as np
 
-        runs = sorted({r for r, _, _ in evals})
-        benches = sorted({b for _, b, _ in evals})
+        runs = list(dict.fromkeys(r for r, _, _ in evals))  # run order: base → warm start → RL
+        benches = list(dict.fromkeys(b for _, b, _ in evals))
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.5), sharey=True)
         for ax, metric in zip(axes, ("em", "subem", "f1")):
             x = np.arange(len(benches))
@@ -210,6 +214,7 @@ def _plots(out: Path, rl_runs, evals, ledger) -> list[Path] | None:
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.bar(["real calls", "simulated calls"], [ledger["real_calls"], ledger["simulated_calls"]], color=["C3", "C2"])
-    ax.set_title(f"search calls (saved ${ledger['cost_saved_usd']:.2f} at ${ledger['price_per_1k_usd']:g}/1k)")
+    # "\$": a bare pair of dollar signs would be read as matplotlib math
+    ax.set_title(f"search calls (saved \\${ledger['cost_saved_usd']:.2f} at \\${ledger['price_per_1k_usd']:g}/1k)")
     save(fig, "search_cost.png")
     return made
