@@ -63,6 +63,7 @@ def main() -> None:
 
     from zsctl.core import prompts
     from zsctl.core.models import load_model, lora_config
+    from zsctl.core.progress import Progress
     from zsctl.core.rewards import REWARDS
     from zsctl.stages import rl
 
@@ -74,7 +75,7 @@ def main() -> None:
             batch_size=args.batch_size, group_size=args.group_size, max_turns=args.max_turns,
             max_new_tokens=args.max_new_tokens, topk=args.topk, lr=1e-5, reward="f1+format",
         )
-        trainer, _, recorder, _ = rl.build_trainer(cfg)
+        trainer, _, recorder, _ = rl.build_trainer(cfg, Progress(quiet=True))
         z_timer = step_timer()
         trainer.add_callback(z_timer)
         trainer.train()
@@ -91,7 +92,7 @@ def main() -> None:
             for q in questions
         ])
         base_args = dataclasses.replace(
-            trainer.args, output_dir=f"{tmp}/trl",
+            trainer.args, output_dir=f"{tmp}/trl", generation_batch_size=None,  # recomputed from the batch
             generation_kwargs={"min_new_tokens": per_completion, "max_new_tokens": per_completion},
             max_completion_length=per_completion,
         )

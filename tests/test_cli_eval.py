@@ -101,3 +101,14 @@ def test_eval_bamboogle_smollm2_bm25(tmp_path):
     assert r.exit_code == 0, r.output
     met = json.loads((out / "metrics.json").read_text())
     assert met["overall"]["n"] == 20
+
+
+def test_summary_rates_of_protocol_use():
+    from zsctl.stages.evaluate import summarize
+
+    def row(answered, searches, em=0.0):
+        return {"data_source": "nq", "em": em, "subem": em, "f1": em, "num_searches": searches, "answered": answered}
+
+    met = summarize([row(True, 0, 1.0), row(False, 2), row(False, 0), row(True, 1)])["overall"]
+    assert met["answer_rate"] == 0.5 and met["valid_rate"] == 0.75 and met["em"] == 0.25
+    assert met["avg_searches"] == 0.75

@@ -56,7 +56,10 @@ def summarize(rows: list[dict]) -> dict:
     def agg(rs):
         n = len(rs)
         mean = lambda k: sum(r[k] for r in rs) / n if n else 0.0  # noqa: E731
-        return {"n": n, "em": mean("em"), "subem": mean("subem"), "f1": mean("f1"), "avg_searches": mean("num_searches")}
+        return {"n": n, "em": mean("em"), "subem": mean("subem"), "f1": mean("f1"), "avg_searches": mean("num_searches"),
+                # protocol use: an answer in tags, or at least a search or an answer (a small model off
+                # the protocol scores 0 for that reason, not for lack of knowledge)
+                "answer_rate": mean("answered"), "valid_rate": sum(r["answered"] or r["num_searches"] > 0 for r in rs) / n if n else 0.0}
 
     by: dict[str, list[dict]] = {}
     for r in rows:
@@ -108,6 +111,7 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
                     **metrics.score(pred, q["golden_answers"]),
                     "num_searches": t.num_searches,
                     "response": t.response,
+                    "answered": t.prediction is not None,  # not a column: only for the rates in metrics.json
                 }
             )
         progress.advance(len(batch))
