@@ -22,7 +22,7 @@ WARM_STEPS=${WARM_STEPS:-12}
 N_COLLECT=${N_COLLECT:-24}            # questions for real-search trajectories (x2 samples)
 SIM_STEPS=${SIM_STEPS:-12}
 RL_STEPS=${RL_STEPS:-8}
-N_EVAL=${N_EVAL:-24}                  # evaluation questions per benchmark
+N_EVAL=${N_EVAL:-20}                  # evaluation questions per benchmark
 TOPK=${TOPK:-2}
 Q=${QUIET:+--quiet}
 
@@ -46,7 +46,7 @@ zsctl build-sft --for policy --templated --trajectories "$RUN/question_searches"
 
 step "3/11 warmup: SFT of the policy on them (<information> tokens get no loss)"
 zsctl warmup --data "$RUN/policy_sft" --policy "$MODEL" --out "$RUN/warmup" --max-steps "$WARM_STEPS" \
-  --batch-size 4 --max-length 384 --lr 5e-4 --val-limit 8 $Q
+  --batch-size 2 --grad-accum 2 --max-length 384 --lr 5e-4 --val-limit 8 $Q
 
 step "4/11 collect: the warm policy searches the real engine; every call is logged"
 zsctl collect --questions "$TRAIN" --model "$RUN/warmup" --search "$SEARCH" --out "$RUN/trajectories" \
@@ -55,11 +55,11 @@ zsctl collect --questions "$TRAIN" --model "$RUN/warmup" --search "$SEARCH" --ou
 
 step "5/11 build-sft: simulator corpus (documents holding a gold answer = useful, else noisy)"
 zsctl build-sft --trajectories "$RUN/trajectories,$RUN/question_searches" --out "$RUN/sim_sft" --label answer \
-  --docs "$TOPK" --doc-words 40 $Q
+  --docs "$TOPK" --doc-words 30 $Q
 
 step "6/11 train-sim: fine-tune the simulator (LoRA, completion-only loss)"
 zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$SIM_STEPS" \
-  --batch-size 4 --max-length 384 --lr 5e-4 --val-limit 8 $Q
+  --batch-size 2 --grad-accum 2 --max-length 384 --lr 5e-4 --val-limit 8 $Q
 
 step "7/11 check-sim: does the mode keyword control the documents?"
 zsctl check-sim --search "sim:$RUN/simulator" --trajectories "$RUN/question_searches" \
@@ -67,7 +67,7 @@ zsctl check-sim --search "sim:$RUN/simulator" --trajectories "$RUN/question_sear
 
 step "8/11 rl: GRPO with the simulated engine and the noise curriculum"
 zsctl rl --policy "$RUN/warmup" --search "sim:$RUN/simulator" --train "$TRAIN" --out "$RUN/policy" \
-  --steps "$RL_STEPS" --batch-size 8 --group-size 4 --lr 2e-4 --max-turns 2 --max-new-tokens 48 \
+  --steps "$RL_STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 --max-turns 2 --max-new-tokens 48 \
   --topk "$TOPK" --noise-start 0 --noise-end 0.5 --reward f1+format $Q
 
 step "9-11/11 eval: base, warm start and RL policy with the REAL engine on held-apart questions"

@@ -29,7 +29,7 @@ t0=$(date +%s)
 SEARCH="bm25:$FROM/index"
 
 zsctl rl --policy "$FROM/warmup" --search "sim:$SIM$SIM_OPTS" --train "$TRAIN" --out "$RUN/policy" \
-  --steps "$STEPS" --batch-size 8 --group-size 4 --lr 2e-4 --max-turns 2 --max-new-tokens 48 \
+  --steps "$STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 --max-turns 2 --max-new-tokens 48 \
   --topk "$TOPK" --noise-start 0 --noise-end 0.5 --reward f1+format --save-every 10 $Q
 echo "rl finished after $(( $(date +%s) - t0 )) s"
 
