@@ -5,7 +5,8 @@
 #   noise curriculum → eval of base / warm start / RL with the REAL engine on held-apart questions
 #   → report. Training stages only read the training split of the bundled benchmarks; every eval
 #   reads the evaluation split (no question is in both).
-# Hardware: 2 CPU cores, ~4 GB RAM. Expected time: about 15 minutes (set-up not included).
+# Hardware: 2 CPU cores, 6 GB RAM (measured peak 5.3 GB). Expected time: about 15 minutes (measured
+# 14.6 min on 2 quiet cores; set-up not included). Everything is under $RUN; rerunning overwrites it.
 # Knobs (environment): RUN (output folder), MODEL, and the sizes below; the test suite runs this
 # script with a tiny model and tiny sizes.
 set -euo pipefail

@@ -3,7 +3,8 @@
 # trained simulator): rl with the simulated engine and the noise curriculum for STEPS steps, then the
 # base model, the warm start and the RL policy scored with the REAL BM25 engine on N_EVAL held-apart
 # evaluation questions, then the report (reward / valid-answer curves, noise, before/after).
-# Hardware: 2 CPU cores. Expected time: ~45 min for 50 steps and 3 x 100 eval questions.
+# Hardware: 2 CPU cores, ~6 GB RAM. Expected time: ~40 min for 50 steps and 3 x 100 eval questions
+# (measured 38 min with --grad-accum 1, peak 13 GB; the script now uses micro-batches).
 #   bash pipelines/demo.sh && bash pipelines/rl_cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
