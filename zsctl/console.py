@@ -50,28 +50,35 @@ def make_progress(quiet: bool) -> Progress:
     return Progress(quiet=quiet)
 
 
-def metrics_table(metrics: dict, title: str = "") -> Table:
-    """Per-benchmark n, EM, SubEM, F1 and searches (scores shown as percentages)."""
+def _score_cells(m: dict) -> list[str]:
+    """n, EM, SubEM, F1 (as %) and searches per question of one metrics.json entry."""
+    return [str(m["n"]), f"{100 * m['em']:.1f}", f"{100 * m['subem']:.1f}", f"{100 * m['f1']:.1f}",
+            f"{m['avg_searches']:.2f}"]
+
+
+def _score_table(title: str, keys: tuple[str, ...]) -> Table:
     t = Table(title=title or None)
-    for col in ("benchmark", "n", "EM", "SubEM", "F1", "searches"):
-        t.add_column(col, justify="left" if col == "benchmark" else "right")
+    for col in (*keys, "n", "EM", "SubEM", "F1", "searches"):
+        t.add_column(col, justify="left" if col in keys else "right")
+    return t
+
+
+def metrics_table(metrics: dict, title: str = "") -> Table:
+    """Per-benchmark n, EM, SubEM, F1 (%) and searches, plus the overall row for several benchmarks."""
+    t = _score_table(title, ("benchmark",))
     rows = list(metrics.get("benchmarks", {}).items())
     if len(rows) != 1:
         rows.append(("overall", metrics["overall"]))
     for name, m in rows:
-        t.add_row(name, str(m["n"]), f"{100 * m['em']:.1f}", f"{100 * m['subem']:.1f}",
-                  f"{100 * m['f1']:.1f}", f"{m['avg_searches']:.2f}")
+        t.add_row(name, *_score_cells(m))
     return t
 
 
 def eval_table(rows: list[dict], title: str = "") -> Table:
-    """One row per (run, benchmark): n, EM, SubEM, F1 (%) and searches per question."""
-    t = Table(title=title or None)
-    for col in ("run", "benchmark", "n", "EM", "SubEM", "F1", "searches"):
-        t.add_column(col, justify="left" if col in ("run", "benchmark") else "right")
+    """One row per (run, benchmark), as `zsctl report` lists a run's evaluations."""
+    t = _score_table(title, ("run", "benchmark"))
     for r in rows:
-        t.add_row(r["run"], r["benchmark"], str(r["n"]), f"{100 * r['em']:.1f}", f"{100 * r['subem']:.1f}",
-                  f"{100 * r['f1']:.1f}", f"{r['avg_searches']:.2f}")
+        t.add_row(r["run"], r["benchmark"], *_score_cells(r))
     return t
 
 

@@ -226,7 +226,10 @@ def trained_tokens_per_doc(model_dir: str) -> int | None:
     mf = Path(model_dir) / "manifest.json"
     if not mf.is_file():
         return None
-    return json.loads(mf.read_text(encoding="utf-8")).get("tokens_per_doc")
+    try:
+        return json.loads(mf.read_text(encoding="utf-8")).get("tokens_per_doc")
+    except (ValueError, AttributeError):  # not a zsctl manifest: fall back to the default budget
+        return None
 
 
 class SimulatorEngine(_Simulated):
