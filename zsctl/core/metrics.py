@@ -177,3 +177,91 @@ def score(pred: object, golds: object) -> dict[str, float]:
     {'em': 0.0, 'subem': 0.0, 'f1': 0.0}
     """
     return {"em": exact_match(pred, golds), "subem": sub_exact_match(pred, golds), "f1": f1_score(pred, golds)}
+
+
+# --- search quality ------------------------------------------------------------------------------
+# Two facts about every search call, shown beside EM/F1 by eval, collect, rl and report: whether the
+# query says anything of its own (a policy that learns to search "query" or "I need a fact" is not
+# searching, whatever its EM), and whether the documents it got back hold a gold answer.
+
+_YES_NO = frozenset({"yes", "no"})
+
+# Words of the search protocol and of the instruction: a query made only of these (and stop words)
+# names nothing to search for.
+INSTRUCTION_WORDS = frozenset(
+    "search searching searches query queries need needs needed fact facts know knows known "
+    "information answer answers question questions find look lookup result results think "
+    "your my i me".split()
+)
+STOP_WORDS = frozenset(
+    "a an the and or but if of to in on at by for with about from into over as is are was were be "
+    "been being am do does did doing have has had having it its this that these those there here "
+    "what which who whom whose when where why how not no yes so than then too very can could will "
+    "would shall should may might must just also only some any all each both more most other such "
+    "same own s t he she they them his her their we us our you he's she's it's".split()
+)
+
+
+def content_words(text: object) -> list[str]:
+    """Normalised words of `text` that are neither stop words nor words of the search protocol.
+
+    >>> content_words("Who directed the film Jaws?")
+    ['directed', 'film', 'jaws']
+    >>> content_words("I need a fact, so I search.")
+    []
+    """
+    return [w for w in normalize_answer(text).split() if w not in STOP_WORDS and w not in INSTRUCTION_WORDS]
+
+
+def is_degenerate_query(query: object) -> bool:
+    """True for a query with no content word of its own: empty, a placeholder such as "query" or
+    "your query", or instruction words ("I need a fact I do not know").
+
+    >>> [is_degenerate_query(q) for q in ["", "query", "your query", "I need a fact, so I search."]]
+    [True, True, True, True]
+    >>> is_degenerate_query("director of Jaws")
+    False
+    """
+    return not content_words(query)
+
+
+def find_answer(texts: Iterable[object], golds: object) -> str | None:
+    """The first gold answer that occurs, normalised and as whole words, in one of `texts`.
+
+    Yes/no golds (HotpotQA comparisons) never count: "no" occurs in almost any text.
+
+    >>> find_answer(["Jaws was directed by Steven Spielberg."], ["Steven Spielberg"])
+    'Steven Spielberg'
+    >>> find_answer(["No, it was not."], ["no"]) is None
+    True
+    """
+    hay = " " + " | ".join(normalize_answer(t) for t in texts) + " "  # '|' never survives normalisation
+    if isinstance(golds, (str, bytes)) or golds is None:
+        golds = [] if golds is None else [golds]
+    for g in golds:
+        n = normalize_answer(g)
+        if n and n not in _YES_NO and f" {n} " in hay:
+            return g
+    return None
+
+
+def docs_hold_answer(documents: Iterable[object], golds: object) -> bool:
+    """Whether search results (dicts or objects with title/text) hold a gold answer.
+
+    >>> docs_hold_answer([{"title": "Jaws", "text": "Directed by Steven Spielberg."}], ["Steven Spielberg"])
+    True
+    """
+    texts = []
+    for d in documents or []:
+        if isinstance(d, dict):
+            texts += [d.get("title") or "", d.get("text") or ""]
+        else:
+            texts += [getattr(d, "title", "") or "", getattr(d, "text", "") or ""]
+    return find_answer(texts, golds) is not None
+
+
+def yes_no(golds: object) -> bool:
+    """True when every gold answer is yes or no: such questions cannot show whether documents hold
+    the answer, so search-hit rates and simulator checks leave them out."""
+    ns = [normalize_answer(g) for g in (golds or [])]
+    return bool(ns) and all(n in _YES_NO for n in ns)
