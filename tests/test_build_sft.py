@@ -21,13 +21,6 @@ from zsctl.stages.build_sft import BuildSFTConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
-
-def test_found_answer_whole_words_within_one_document():
-    assert build_sft.found_answer(["Limassol is in Cyprus"], ["Lima"]) is None
-    assert build_sft.found_answer(["the capital, Lima."], ["Quito", "lima"]) == "lima"
-    assert build_sft.found_answer(["the Eiffel", "Tower is tall"], ["Eiffel Tower"]) is None  # not across documents
-    assert build_sft.found_answer(["No, there is no such thing. Yes."], ["no", "Yes"]) is None  # yes/no never count
-
 def _one_torch_thread():
     # see tests/test_collect.py: one thread is much faster for the tiny model on a busy machine
     import torch
@@ -36,6 +29,13 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def test_found_answer_whole_words_within_one_document():
+    assert build_sft.found_answer(["Limassol is in Cyprus"], ["Lima"]) is None
+    assert build_sft.found_answer(["the capital, Lima."], ["Quito", "lima"]) == "lima"
+    assert build_sft.found_answer(["the Eiffel", "Tower is tall"], ["Eiffel Tower"]) is None  # not across documents
+    assert build_sft.found_answer(["No, there is no such thing. Yes."], ["no", "Yes"]) is None  # yes/no never count
 
 
 def doc(title: str, text: str, score: float = 1.0) -> dict:
