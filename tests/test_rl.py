@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import script_model
+from conftest import ROOT, script_model
 from zsctl.cli import app
 from zsctl.core import prompts
 from zsctl.core.artifacts import read_manifest, read_table_file
@@ -57,6 +59,86 @@ def test_curriculum_values():
     assert vals == sorted(vals) and vals[0] == pytest.approx(0.1) and vals[-1] == pytest.approx(0.9)
     # the exponential ramp stays below the linear one in between (slow start, fast end)
     assert all(v < 0.1 + 0.8 * i / 20 for i, v in enumerate(vals) if 0 < i < 20)
+
+
+def test_curriculum_step_m_of_m_uses_the_end_value(tmp_path, train_file, tiny_model_dir):
+    cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir), steps=4, noise_start=0.1, noise_end=0.5)
+    trainer, _, recorder, _ = rl.build_trainer(cfg)
+    logged = []
+    for done in range(cfg.steps):  # TRL's global_step during step i (1-based) is i - 1
+        trainer.state.global_step = done
+        trainer.rollout_func(["question number 0?", "question number 0?"], trainer)
+        logged.append((recorder.pending["step"], recorder.pending["noise_p"]))
+    assert logged == [(i, pytest.approx(rl.noise_probability(i, 4, 0.1, 0.5))) for i in (1, 2, 3, 4)]
+    assert logged[-1][1] == pytest.approx(0.5) and logged[0][1] > 0.1
+
+
+def test_trl_settings_match_the_rollout(tmp_path, train_file, tiny_model_dir):
+    cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir), algo="dr_grpo", max_new_tokens=8,
+               max_response_tokens=64, temperature=0.7)
+    trainer, *_ = rl.build_trainer(cfg)
+    # dr_grpo divides the loss by max_completion_length: it must be the whole response budget
+    assert trainer.max_completion_length == trainer.args.max_completion_length == 64
+    # TRL's loss and logprobs assume sampling from the full softmax at this temperature
+    assert trainer.temperature == 0.7 and trainer.top_p == 1.0 and trainer.top_k in (0, None)
+
+
+def test_hf_rollouts_sample_from_the_full_softmax(tmp_path, train_file, tiny_model_dir, monkeypatch):
+    """TRL's loss treats HF rollouts as exactly on-policy under softmax(logits / T): no top-k/top-p cut."""
+    import torch
+
+    trainer, *_ = rl.build_trainer(_cfg(tmp_path, train_file, policy=str(tiny_model_dir), temperature=1.0))
+    support = []
+    multinomial = torch.multinomial
+
+    def probe(probs, *a, **kw):
+        support.append(int((probs > 0).sum(-1).min()))
+        return multinomial(probs, *a, **kw)
+
+    monkeypatch.setattr(torch, "multinomial", probe)
+    trainer.rollout_func(["question number 0?", "question number 1?"], trainer)
+    assert support and min(support) == trainer.model.config.vocab_size
+
+
+def test_dapo_trajectory_that_used_up_its_turns_is_finished(tmp_path, train_file, corpus_file, tiny_model_dir):
+    """A trajectory that never answers must reach the loss (and be penalised) under dapo's truncation mask."""
+    model, tok = load_model(str(tiny_model_dir))
+    script_model(model, tok, {
+        "number 0": ["<search> alpha </search>", "<search> bravo </search>"],  # searches in its final round
+        "number 1": ["<answer> nope </answer>"],
+    })
+    cfg = _cfg(tmp_path, train_file, search=f"bm25:{corpus_file}", lora=False, algo="dapo", topk=1, max_turns=1,
+               max_new_tokens=24, max_response_tokens=400, temperature=0.0)
+    trainer, *_ = rl.build_trainer(cfg, policy=(model, tok))
+    assert trainer.mask_truncated_completions
+    out = trainer.rollout_func(["question number 0?", "question number 1?"], trainer)
+    for ids, mask in zip(out["completion_ids"], out["env_mask"]):
+        assert ids[-1] == tok.eos_token_id and mask[-1] == 0  # closed by us, not trained on
+    assert out["prediction"] == ["", "nope"] and out["num_searches"] == [1, 0]
+
+
+def test_completion_never_exceeds_the_response_budget(tmp_path, train_file, corpus_file, tiny_model_dir):
+    """max_response_tokens bounds what TRL trains on; an answer cut off by the bound is no answer."""
+    model, tok = load_model(str(tiny_model_dir))
+    script = script_model(model, tok, {"number 0": ["<search> alpha </search>", "<answer> answer 0 </answer>"]})
+    cfg = _cfg(tmp_path, train_file, search=f"bm25:{corpus_file}", lora=False, topk=2, max_turns=2,
+               max_new_tokens=24, max_response_tokens=1000, temperature=0.0)
+    trainer, *_ = rl.build_trainer(cfg, policy=(model, tok))
+    full = trainer.rollout_func(["question number 0?"], trainer)
+    ids, mask = full["completion_ids"][0], full["env_mask"][0]
+    assert full["prediction"] == ["answer 0"]
+    search_len = mask.index(0)  # the policy's search, then the inserted documents
+    answer_start = len(mask) - 1 - mask[:-1][::-1].index(0)  # first token of the answer round
+    for budget in (search_len + 3, answer_start + 3):  # inside the documents; inside the answer
+        trainer, _, recorder, _ = rl.build_trainer(replace(cfg, max_response_tokens=budget, out=str(tmp_path / f"b{budget}")),
+                                                   policy=(model, tok))
+        script.rounds = {k: -1 for k in script.rounds}  # the script starts over
+        out = trainer.rollout_func(["question number 0?"], trainer)
+        assert len(out["completion_ids"][0]) == len(out["env_mask"][0]) == budget
+        assert out["completion_ids"][0] == ids[:budget] and out["env_mask"][0] == mask[:budget]
+        assert out["prediction"] == [""]
+        rows = pq.read_table(next(recorder.rollouts_dir.glob("step-000001-*.parquet"))).to_pylist()
+        assert rows[0]["reward"] == 0.0 and rows[0]["response"] == tok.decode(ids[:budget], skip_special_tokens=True)
 
 
 def test_rewards_on_crafted_completions():
@@ -173,6 +255,98 @@ def test_sigkill_mid_step_then_resume_logs_each_step_once(tmp_path, train_file, 
     assert order(out) == order(ref)
 
 
+def test_resume_never_takes_an_earlier_runs_checkpoint(tmp_path, train_file, tiny_model_dir):
+    cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir), steps=2, save_every=1)
+    rl.run(cfg)  # an earlier run in the same --out, finished: checkpoints 1 and 2 marked complete
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "checkpoint-2" / rl.DONE_MARK).is_file()
+    trainer, *_ = rl.build_trainer(cfg)  # a new run starts there ...
+    marked_during_save = []
+    save = trainer._save_checkpoint
+
+    def spy(*a, **kw):
+        marked_during_save.append((ckpts / f"checkpoint-{trainer.state.global_step}" / rl.DONE_MARK).exists())
+        return save(*a, **kw)
+
+    trainer._save_checkpoint = spy
+    trainer.args.max_steps = 1
+    trainer.train()  # ... saves its checkpoint-1, then dies before step 2
+    assert marked_during_save == [False]  # a checkpoint being written is never marked finished
+    assert (ckpts / "checkpoint-1" / rl.DONE_MARK).is_file() and not (ckpts / "checkpoint-2").exists()
+    _, _, _, resume_from = rl.build_trainer(replace(cfg, resume=True))
+    assert resume_from == str(ckpts / "checkpoint-1")
+
+
+def test_resume_refuses_a_run_with_other_settings(tmp_path, train_file, corpus_file, tiny_model_dir):
+    cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir))
+    rl.build_trainer(cfg)
+    changes = dict(search=f"bm25:{corpus_file}", reward="em", max_turns=3, lr=1e-4, beta=0.01, temperature=0.7,
+                   max_new_tokens=16, max_response_tokens=128)
+    for key, value in changes.items():
+        with pytest.raises(BadInput, match=f"{key}: {getattr(cfg, key)} then, {value} now"):
+            rl.build_trainer(replace(cfg, resume=True, **{key: value}))
+    rl.build_trainer(replace(cfg, resume=True, save_every=3, val_every=0))  # not part of a run's identity
+
+
+@pytest.mark.parametrize("mode", ["colocate", "server"])
+def test_use_vllm_trains_with_vllm_logprobs(tmp_path, train_file, tiny_model_dir, monkeypatch, mode):
+    """`--use-vllm` through TRL's own VLLMGeneration with a stand-in engine (tests/vllm_standin.py):
+    the policy tokens' logprobs reach TRL aligned with the completion, so its importance-sampling
+    correction sees ratio 1, and training runs."""
+    import vllm_standin  # imports trl
+
+    vllm_standin.install(monkeypatch)
+    cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir), use_vllm=True, vllm_mode=mode, lora=False, steps=2,
+               max_turns=1, max_new_tokens=8, max_response_tokens=48)
+    trainer, *_ = rl.build_trainer(cfg)
+    assert trainer.use_vllm and trainer.vllm_importance_sampling_correction
+    outputs = []
+    rollout = trainer.rollout_func
+    trainer.rollout_func = lambda prompts, tr: outputs.append(rollout(prompts, tr)) or outputs[-1]
+    trainer.train()
+    assert len(outputs) == 2
+    for out in outputs:
+        for ids, lps, mask in zip(out["completion_ids"], out["logprobs"], out["env_mask"]):
+            assert len(ids) == len(lps) == len(mask) <= cfg.max_response_tokens
+            assert all(lp == 0.0 for lp, m in zip(lps, mask) if not m)
+            assert all(lp < 0 for lp, m in zip(lps, mask) if m)
+    assert any(0 in m[:-1] for out in outputs for m in out["env_mask"])  # inserted notes inside completions
+    engine = trainer.vllm_generation.engine
+    assert engine.calls and trainer.vllm_generation.syncs == 2  # TRL synced weights once per step
+    logs = [h for h in trainer.state.log_history if "sampling/sampling_logp_difference/max" in h]
+    assert len(logs) == 2
+    for h in logs:
+        assert h["sampling/sampling_logp_difference/max"] < 1e-3 and math.isfinite(h["loss"])
+        assert h["sampling/importance_sampling_ratio/min"] == pytest.approx(1.0, abs=1e-3)
+    assert trainer.vllm_generation.generation_kwargs["max_tokens"] == cfg.max_new_tokens  # per round
+
+
+def test_vllm_server_mode_ranks_ending_in_different_rounds_do_not_deadlock(tmp_path, corpus_file, tiny_model_dir):
+    """2 processes (gloo), TRL's server-mode generation (a collective per call): process 0's rows answer
+    in round 1, process 1's search until their turns run out, and the two hold different numbers of rows."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(ROOT / "tests" / "vllm_standin.py"), str(tiny_model_dir), str(corpus_file), "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the two processes deadlocked")
+    assert proc.returncode == 0, stderr[-3000:]
+    result = json.loads(next(line for line in stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    ranks, engine = result[:2], result[2]
+    assert ranks[0]["stops"] == ["answer"] * 2 and ranks[0]["searches"] == [0, 0]
+    assert ranks[1]["stops"] == ["turns"] * 3 and ranks[1]["searches"] == [2, 2, 2]
+    for r in ranks:
+        assert r["lockstep"] and r["generate_calls"] == 3  # every round, also with no row left
+        assert r["logprobs_aligned"] and r["policy_logprobs_negative"] and r["inserted_logprobs_zero"]
+    assert engine["engine_calls"] == [6, 6, 6]  # each process padded to the larger share, 3 rows
+
+
 @pytest.mark.parametrize(
     "kw, needle",
     [
@@ -237,7 +411,7 @@ def test_smollm2_few_rl_steps_with_simulated_search(tmp_path):
     assert read_manifest(out)["kind"] == "policy"
     mets = pq.read_table(out / "metrics.parquet").to_pylist()
     assert [m["step"] for m in mets] == [1, 2, 3]
-    assert [m["noise_p"] for m in mets] == pytest.approx([rl.noise_probability(i, 3, 0.0, 0.5) for i in range(3)])
+    assert [m["noise_p"] for m in mets] == pytest.approx([rl.noise_probability(i, 3, 0.0, 0.5) for i in (1, 2, 3)])
     assert all(math.isfinite(m["loss"]) and m["generated_tokens"] > 0 for m in mets)
     model, tok = load_model(str(out))  # the merged policy reloads and generates
     ids = tok("Question: who wrote Hamlet?", return_tensors="pt")

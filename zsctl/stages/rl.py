@@ -6,11 +6,16 @@ save (LoRA merged) → rollouts.parquet, metrics.parquet, manifest.json (last).
 The rollout: TRL hands us the batch's prompts (each repeated `group_size` times); the agent loop
 rolls all of them out together at token level, and returns per trajectory `prompt_ids`,
 `completion_ids` (policy turns + inserted <information> tokens), `env_mask` (0 on every inserted
-token, so they are attended to but never trained on) and extras the reward functions read.
+token, so they are attended to but never trained on), `logprobs` (the sampler's own, with vLLM, for
+TRL's importance-sampling correction) and extras the reward functions read. A completion holds at
+most `max_response_tokens` tokens (TRL's `max_completion_length`), its closing EOS included; a
+trajectory that answered or used up its turns is closed with EOS, one cut by the budget is not
+(so `dapo` masks only those) and is scored on what was kept.
 
-Curriculum (ZeroSearch): at step i of m the simulator writes a noisy document with probability
+Curriculum (ZeroSearch): at step i of m (i = 1 … m) the simulator writes a noisy document with
+probability
     p_i = p_s + (b^(i/m) - 1) / (b - 1) * (p_e - p_s)
-drawn per search; p_i and the realised noisy share are logged every step.
+drawn per search, so step m uses p_e; p_i and the realised noisy share are logged every step.
 
 Algorithms, all through TRL's GRPOTrainer (the paper used veRL with PPO / GRPO / REINFORCE):
 - grpo: per-sequence-normalised clipped policy gradient, advantages = (r - group mean) / group std.
@@ -35,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from zsctl.agent import AgentConfig, AgentLoop
-from zsctl.core import artifacts, data, metrics
+from zsctl.core import artifacts, data, metrics, prompts
 from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
 from zsctl.core.rewards import REWARDS
@@ -51,6 +56,7 @@ ALGOS = {
 }
 RUN_FILE = "rl_run.json"  # identifies the run a --resume must match
 DONE_MARK = "zsctl_complete.json"  # written into checkpoint-N after TRL finished saving it
+FINISHED = ("answer", "turns")  # trajectory stops that end it for good (closed with EOS for TRL)
 
 
 @dataclass
@@ -110,9 +116,11 @@ def noise_probability(step: int, total: int, p_start: float, p_end: float, base:
 
 
 def _run_identity(cfg: RLConfig) -> dict:
-    """What must not change between a run and its --resume (data order and curriculum depend on it)."""
-    keys = ("policy", "train", "algo", "steps", "batch_size", "grad_accum", "group_size", "seed", "lora", "limit",
-            "noise_start", "noise_end", "noise_base")
+    """What must not change between a run and its --resume: data order, curriculum, the environment,
+    the rollout and the objective (checkpointing, logging and validation may)."""
+    keys = ("policy", "search", "train", "algo", "steps", "batch_size", "grad_accum", "group_size", "seed", "lora",
+            "lora_r", "limit", "noise_start", "noise_end", "noise_base", "reward", "max_turns", "max_new_tokens",
+            "max_response_tokens", "topk", "max_doc_words", "temperature", "lr", "beta", "use_vllm")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -205,7 +213,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
         import torch
         from trl.models.utils import unwrap_model_for_generation
 
-        step = trainer.state.global_step  # 0-based: updates done so far
+        step = trainer.state.global_step + 1  # this step, 1-based (TRL counts the updates done so far)
         p = noise_probability(step, cfg.steps, cfg.noise_start, cfg.noise_end, cfg.noise_base)
         if hasattr(engine, "noise_p"):  # simulated engines draw useful/noisy per search with p_i
             engine.noise_p = p
@@ -216,7 +224,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             model.eval()
             loop = AgentLoop(model, trainer.processing_class, engine, agent_cfg)
             if trainer.use_vllm:
-                loop.generate_fn = _vllm_generate(trainer)
+                _attach_vllm(loop, trainer)
             with torch.no_grad():
                 trajs = loop.run(
                     loop.encode_prompts(prompts),
@@ -225,22 +233,15 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             model.train(was_training)
         gen_s = time.perf_counter() - t0
 
-        eos = trainer.processing_class.eos_token_id
-        completion_ids, env_mask = [], []
-        for t in trajs:
-            ids, mask = list(t.response_ids), list(t.env_mask)
-            if t.stop == "answer":  # ended on </answer>: close with EOS (not trained) so TRL sees it as finished
-                ids.append(eos)
-                mask.append(0)
-            completion_ids.append(ids)
-            env_mask.append(mask)
+        tok = trainer.processing_class
+        completion_ids, env_mask, logprobs = zip(*[_completion(t, tok, cfg.max_response_tokens) for t in trajs])
         predictions = [t.prediction or "" for t in trajs]
         golds = [golds_by_question[q]["golden_answers"] for q in prompts]
         rewards = reward_fn(completions=[t.response for t in trajs], golden_answers=golds, prediction=predictions)
 
         g = cfg.group_size
-        recorder.rollouts(step + 1, [
-            {"step": step + 1, "noise_p": p, "question_id": golds_by_question[q]["id"], "sample": i % g,
+        recorder.rollouts(step, [
+            {"step": step, "noise_p": p, "question_id": golds_by_question[q]["id"], "sample": i % g,
              "response": t.response, "prediction": pred, "reward": float(r), "num_searches": t.num_searches,
              "sim_labels": t.sim_labels}
             for i, (q, t, pred, r) in enumerate(zip(prompts, trajs, predictions, rewards))
@@ -261,7 +262,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
         n = len(rewards_all)
         model_tokens = sum(part["tokens"] for part in parts)
         recorder.pending = {
-            "step": step + 1,
+            "step": step,
             "noise_p": p,
             "noisy_share": (labels.count("noisy") / len(labels)) if labels else float("nan"),
             "sim_searches": len(labels),
@@ -273,14 +274,16 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             "gen_tokens_per_s": model_tokens / gen_s if gen_s > 0 else float("nan"),
         }
         progress.log(
-            f"step {step + 1}/{cfg.steps}: p={p:.3f} reward={recorder.pending['reward_mean']:.3f} "
+            f"step {step}/{cfg.steps}: p={p:.3f} reward={recorder.pending['reward_mean']:.3f} "
             f"valid={recorder.pending['valid_answer_rate']:.2f} searches={recorder.pending['searches_per_traj']:.2f}"
         )
         return {
             "prompt_ids": [t.prompt_ids for t in trajs],
-            "completion_ids": completion_ids,
-            "logprobs": None,
-            "env_mask": env_mask,
+            "completion_ids": list(completion_ids),
+            # the sampler's logprobs (vLLM) let TRL correct for its mismatch with the trained model;
+            # None (HF generate on the trained model itself) means exactly on-policy
+            "logprobs": list(logprobs) if all(lp is not None for lp in logprobs) else None,
+            "env_mask": list(env_mask),
             "prediction": predictions,
             "num_searches": [t.num_searches for t in trajs],
         }
@@ -293,14 +296,56 @@ def _std(xs: list[float]) -> float:
     return math.sqrt(sum((x - m) ** 2 for x in xs) / len(xs))
 
 
-def _vllm_generate(trainer):
-    """Generation through TRL's own vLLM engine (weights synced by TRL before each rollout)."""
+def _completion(t, tok, budget: int) -> tuple[list[int], list[int], list[float] | None]:
+    """What TRL trains on for trajectory `t`: (completion ids, env mask, sampler logprobs or None).
 
-    def generate(seqs: list[list[int]]) -> list[list[int]]:
-        _, completion_ids, _, _ = trainer.vllm_generation.generate(prompts=seqs, images=None, num_generations=1)
-        return completion_ids
+    A finished trajectory (it answered, or used its last round) is closed with EOS, not trained on,
+    so TRL counts it as terminated (`dapo` masks only unterminated ones). At most `budget` tokens: a
+    longer one is cut there and `t` is rescored as unfinished (an answer that was cut is no answer).
+    """
+    ids, mask = list(t.response_ids), list(t.env_mask)
+    lps = list(t.logprobs) if len(t.logprobs) == len(ids) and ids else None
+    if t.stop in FINISHED:
+        ids.append(tok.eos_token_id)
+        mask.append(0)
+        if lps is not None:
+            lps.append(0.0)
+    if len(ids) > budget:
+        ids, mask = ids[:budget], mask[:budget]
+        lps = lps[:budget] if lps is not None else None
+        t.stop, t.prediction = "length", None
+        t.response = tok.decode(ids, skip_special_tokens=True)
+    return ids, mask, lps
 
-    return generate
+
+def _attach_vllm(loop: AgentLoop, trainer) -> None:
+    """Make `loop` generate through TRL's own vLLM engine (TRL syncs its weights before each rollout).
+
+    TRL's server mode (and colocated tensor parallelism) gathers every process's prompts in a
+    collective and hands process k the rows from k * len(prompts): every process must call it in
+    every round (`lockstep`) and with as many rows as the others, so a shorter local batch is padded
+    with one-token filler rows whose output is dropped. A round in which no process has a row left
+    costs only the count exchange.
+    """
+    from accelerate.utils import gather_object
+
+    vg, acc = trainer.vllm_generation, trainer.accelerator
+    collective = acc.num_processes > 1 and (vg.mode == "server" or getattr(vg, "tensor_parallel_size", 1) > 1)
+
+    def generate(seqs: list[list[int]]) -> tuple[list[list[int]], list[list[float]] | None]:
+        rows = max(gather_object([len(seqs)])) if collective else len(seqs)
+        if rows == 0:
+            return [], []
+        batch = seqs + [[loop.pad_id]] * (rows - len(seqs))
+        _, completion_ids, logprobs, _ = vg.generate(prompts=batch, images=None, num_generations=1)
+        ids = [list(c) for c in completion_ids[: len(seqs)]]
+        if logprobs is None:
+            return ids, None
+        # one entry per token (the sampled token's; vLLM writes None for NaN, TRL neutralises NaN)
+        return ids, [[math.nan if lp[0] is None else lp[0] for lp in row] for row in logprobs[: len(seqs)]]
+
+    loop.generate_fn = generate
+    loop.lockstep = collective
 
 
 def _make_callback(cfg: RLConfig, recorder: Recorder, progress: Progress, validate):
@@ -386,8 +431,11 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
         run_file = out / RUN_FILE
         if not run_file.is_file():
             raise BadInput(f"--resume: '{out}' holds no zsctl rl run ({RUN_FILE} missing); drop --resume or pass the run's --out")
-        if json.loads(run_file.read_text()) != _run_identity(cfg):
-            raise BadInput(f"--resume: '{out}' was started with other settings (see {run_file}); use the same options or a new --out")
+        then, now = json.loads(run_file.read_text()), _run_identity(cfg)
+        if then != now:
+            diff = "; ".join(f"{k}: {then.get(k)} then, {now[k]} now" for k in now if then.get(k) != now[k])
+            raise BadInput(f"--resume: '{out}' was started with other settings ({diff or 'see ' + str(run_file)}); "
+                           "use the same options or a new --out")
         last = _last_complete_checkpoint(ckpt_dir)
         resume_from = str(last) if last else None
 
@@ -397,10 +445,13 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     model, tok = policy or load_model(cfg.policy, dtype="bfloat16" if on_gpu else "float32")
 
     out = artifacts.prepare_out(out)
-    (out / RUN_FILE).write_text(json.dumps(_run_identity(cfg)))
-    for p in ckpt_dir.glob("checkpoint-*"):  # a checkpoint the kill interrupted is not one to trust
-        if not (p / DONE_MARK).is_file():
+    for p in ckpt_dir.glob("checkpoint-*"):
+        # a new run drops an earlier run's checkpoints (a later --resume must not take them, and TRL
+        # must not save into a directory that still says "complete"); a resumed run drops the one
+        # the kill interrupted. Before the run file, so it never vouches for another run's checkpoints.
+        if not cfg.resume or not (p / DONE_MARK).is_file():
             shutil.rmtree(p, ignore_errors=True)
+    (out / RUN_FILE).write_text(json.dumps(_run_identity(cfg)))
     start_step = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
 
     args = GRPOConfig(
@@ -411,8 +462,11 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
         num_generations=cfg.group_size,
         learning_rate=cfg.lr,
         beta=cfg.beta,
+        # the rollout samples from the full softmax at this temperature (no top-k/top-p), as TRL's loss assumes
         temperature=cfg.temperature,
-        max_completion_length=cfg.max_new_tokens,
+        top_k=0,
+        top_p=1.0,
+        max_completion_length=cfg.max_response_tokens,  # what _completion bounds; dr_grpo's loss divides by it
         logging_steps=1,
         save_strategy="steps" if cfg.save_every else "no",
         save_steps=cfg.save_every or 500,
@@ -425,7 +479,9 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
         use_vllm=cfg.use_vllm,
         vllm_mode=cfg.vllm_mode,
         vllm_server_host=cfg.vllm_server_host,
-        generation_kwargs={"stop": ["</search>", "</answer>"], "include_stop_str_in_output": True} if cfg.use_vllm else None,
+        # vLLM generates one round per call: TRL's max_completion_length would be its per-call budget
+        generation_kwargs={"stop": prompts.STOP_STRINGS, "include_stop_str_in_output": True,
+                           "max_tokens": cfg.max_new_tokens} if cfg.use_vllm else None,
         remove_unused_columns=False,
         disable_tqdm=True,
         **ALGOS[cfg.algo],
