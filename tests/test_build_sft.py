@@ -31,11 +31,11 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def test_found_answer_whole_words_within_one_document():
-    assert build_sft.found_answer(["Limassol is in Cyprus"], ["Lima"]) is None
-    assert build_sft.found_answer(["the capital, Lima."], ["Quito", "lima"]) == "lima"
-    assert build_sft.found_answer(["the Eiffel", "Tower is tall"], ["Eiffel Tower"]) is None  # not across documents
-    assert build_sft.found_answer(["No, there is no such thing. Yes."], ["no", "Yes"]) is None  # yes/no never count
+def test_answers_are_found_as_whole_words_within_one_document():
+    assert metrics.find_answer(["Limassol is in Cyprus"], ["Lima"]) is None
+    assert metrics.find_answer(["the capital, Lima."], ["Quito", "lima"]) == "lima"
+    assert metrics.find_answer(["the Eiffel", "Tower is tall"], ["Eiffel Tower"]) is None  # not across documents
+    assert metrics.find_answer(["No, there is no such thing. Yes."], ["no", "Yes"]) is None  # yes/no never count
 
 
 def doc(title: str, text: str, score: float = 1.0) -> dict:

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from conftest import script_model
-from zsctl.core import prompts
+from zsctl.core import metrics, prompts
 from zsctl.core.errors import BadInput
 from zsctl.core.models import load_model
 from zsctl.search.base import QueryContext
@@ -204,3 +204,112 @@ def test_no_ngram_repeats_within_a_completion_but_the_prompt_may_be_repeated():
     assert scores[1].isinf().nonzero().flatten().tolist() == [3]  # "3 3 3" again
     # "7 8 9" is in the prompt: generating "7 8" then 9 stays allowed
     assert not ban(torch.tensor([[7, 8, 9, 7, 8]]), torch.zeros(1, 12)).isinf().any()
+
+
+# --- verified generation (?verify=N) ---------------------------------------------------------------
+
+# (query, question, golds, mode, the replies the simulator writes on its successive tries)
+VERIFY_CASES = [
+    ("capital of peru", "What is the capital of Peru?", ["Lima"], "useful",  # no answer, then the answer
+     ["Doc 1: (Peru) A country in South America.", "Doc 1: (Peru) The capital of Peru is Lima."]),
+    ("hamlet author", "Who wrote Hamlet?", ["Shakespeare"], "useful",  # right the first time
+     ["Doc 1: (Hamlet) Hamlet was written by Shakespeare."]),
+    ("tallest mountain", "Which is the tallest mountain on Earth?", ["Mount Everest"], "useful",
+     ["Doc 1: (Nepal) Mount Everest is in Nepal.",  # the answer, but nothing about the query
+      "Doc 1: (Alps) Mont Blanc is a tall peak. Mount Everest is higher."]),  # still no query word
+    ("lego founder", "Who founded Lego?", ["Ole Kirk Christiansen"], "noisy",  # holds the answer twice
+     ["Doc 1: (Lego) Lego was founded by Ole Kirk Christiansen. It makes toys.",
+      "Doc 1: (Lego) Ole Kirk Christiansen started Lego in Billund. Lego bricks are plastic."]),
+    ("I need a fact", "In which city is the Louvre?", ["Paris"], "useful",  # names nothing: never profits
+     ["Doc 1: (Louvre) The Louvre is in Paris.", "Doc 1: (Museums) Museums hold art."]),
+]
+
+
+def _verify_engine(tiny, verify):
+    model, tok = tiny
+    script_model(model, tok, {question: replies for _, question, _, _, replies in VERIFY_CASES})
+    return _engine(tiny, verify=verify)
+
+
+def _verify_search(engine):
+    return engine.search([c[0] for c in VERIFY_CASES], k=1,
+                         contexts=[QueryContext(question, golds, mode) for _, question, golds, mode, _ in VERIFY_CASES])
+
+
+def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
+    engine = _verify_engine(tiny, verify=1)
+    calls = _count_generate(engine.model)
+    temperatures = []
+    orig = engine._complete
+    engine._complete = lambda texts, budget, stop, t: temperatures.append(t) or orig(texts, budget, stop, t)
+    results = _verify_search(engine)
+    texts = [docs[0].title + " | " + docs[0].text for docs in results]
+    assert calls == [5, 4]  # every row once, then ONE batch of the four that failed
+    assert temperatures == [0.0, 0.8]  # the retry samples: a greedy retry would repeat itself
+    assert engine.last_tries == [2, 1, 2, 2, 2]
+    assert engine.last_verified == [True, True, False, False, True]
+    assert texts[0] == "Peru | The capital of Peru is Lima." and texts[1] == "Hamlet | Hamlet was written by Shakespeare."
+    # never verified: the last try with every answer-holding sentence removed
+    assert texts[2] == "Alps | Mont Blanc is a tall peak."
+    assert texts[3] == "Lego | Lego bricks are plastic."
+    # the degenerate query was written from the noisy prompt, though useful was asked for
+    assert engine.last_modes[4] == "useful" and "Mode: noisy." in engine.last_prompts[4]
+    assert texts[4] == "Museums | Museums hold art."
+    for (_, _, golds, _, _), docs in zip(VERIFY_CASES[2:], results[2:]):
+        assert not metrics.docs_hold_answer([d.as_dict() for d in docs], golds)
+    assert engine.regenerated == 4 and engine.fallbacks == 2 and engine.generation_s > 0
+
+
+def test_without_verify_the_first_reply_stands(tiny):
+    engine = _verify_engine(tiny, verify=0)
+    calls = _count_generate(engine.model)
+    results = _verify_search(engine)
+    assert calls == [5] and engine.last_tries == [1] * 5 and engine.last_verified == [None] * 5
+    assert "Mode: useful." in engine.last_prompts[4]
+    assert results[4][0].text == "The Louvre is in Paris."  # the leak verification closes
+
+
+def test_verify_spec_option_and_bad_values(tiny_model_dir, tmp_path):
+    assert make_sim(f"sim:{tiny_model_dir}?verify=2").verify == 2
+    for bad in ("-1", "11", "two"):
+        with pytest.raises(BadInput, match="verify"):
+            make_sim(f"sim:{tiny_model_dir}?verify={bad}")
+    from zsctl.search import make_engine
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "1", "title": "Lima", "text": "Lima is the capital of Peru."}\n')
+    with pytest.raises(BadInput, match="verify applies only to simulated engines"):
+        make_engine(f"bm25:{corpus}?verify=2")
+
+
+def test_verify_over_http_retries_only_the_failing_prompt_with_sampling():
+    from test_search import http_server
+
+    from zsctl.search.simulator import make_sim_http
+
+    seen: dict[str, int] = {}
+
+    def completions(request, n):
+        if request["path"].endswith("/models"):
+            return 200, {"data": [{"id": "sim"}]}
+        choices = []
+        for i, prompt in enumerate(request["body"]["prompt"]):
+            tries = seen[prompt] = seen.get(prompt, 0) + 1
+            good = "Peru" not in prompt or tries > 1  # the Peru prompt passes on its second try
+            text = "Doc 1: (Peru) Lima is the capital of Peru." if good else "Doc 1: (Peru) A country."
+            if "Hamlet" in prompt:
+                text = "Doc 1: (Hamlet) A play by Shakespeare."
+            choices.append({"index": i, "text": text})
+        return 200, {"choices": choices}
+
+    with http_server(completions) as (url, log):
+        engine = make_sim_http(f"sim+{url}/v1?verify=2")
+        ctxs = [QueryContext("What is the capital of Peru?", ["Lima"], "useful"),
+                QueryContext("Who wrote Hamlet?", ["Shakespeare"], "useful")]
+        results = engine.search(["capital of peru", "hamlet author"], k=1, contexts=ctxs)
+        engine.close()
+    posts = [r["body"] for r in log if r["method"] == "POST"]
+    assert [len(b["prompt"]) for b in posts] == [2, 1] and "Peru" in posts[1]["prompt"][0]
+    assert posts[0]["temperature"] == 0.0 and posts[1]["temperature"] == 0.8
+    assert engine.last_tries == [2, 1] and engine.last_verified == [True, True]
+    assert results[0][0].text == "Lima is the capital of Peru."

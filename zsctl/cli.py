@@ -193,7 +193,8 @@ def build_sft_cmd(
     trajectories: str = typer.Option(..., "--trajectories", help="DIR[,DIR...]: collect outputs, or .parquet / .jsonl trajectory files."),
     out: str = OUT,
     target: str = typer.Option("simulator", "--for", help="simulator (sim_sft) | policy (policy_sft)."),
-    label: str = typer.Option("outcome", "--label", help="Simulator labels: outcome | answer | judge."),
+    label: str = typer.Option("outcome", "--label", help="Simulator labels: docs (useful/noisy pair from one search's top-N; collect with --topk 10) | outcome | answer | judge."),
+    degenerate_share: float = typer.Option(0.15, "--degenerate-share", help="--label docs: extra pairs with a placeholder query and answer-free documents in both modes, as a share of the pairs."),
     judge_model: str = typer.Option("smollm2-135m", "--judge-model", help="Model for --label judge."),
     balance: bool = typer.Option(True, "--balance/--no-balance", help="Downsample the larger label class (seeded)."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of questions in val.parquet."),
@@ -212,15 +213,15 @@ def build_sft_cmd(
 
     cfg = build_sft.BuildSFTConfig(
         trajectories=trajectories, out=out, target=target, label=label, judge_model=judge_model, balance=balance,
-        val_fraction=val_fraction, docs=docs, doc_words=doc_words, min_f1=min_f1, templated=templated,
+        degenerate_share=degenerate_share, val_fraction=val_fraction, docs=docs, doc_words=doc_words, min_f1=min_f1, templated=templated,
         policy=policy, search=search, seed=seed,
     )
     summary = _execute(build_sft.run, cfg, quiet)
     if summary is not None:
         from zsctl.console import kv_table
 
-        keys = ("out", "kind", "mode", "trajectories", "search_calls", "duplicates", "labels_before", "labels_after",
-                "rows_train", "rows_val", "questions_train", "questions_val", "wall_s")
+        keys = ("out", "kind", "mode", "trajectories", "search_calls", "duplicates", "yes_no", "no_answer_docs",
+                "degenerate_queries", "degenerate_synthesized", "labels_before", "labels_after", "rows_train", "rows_val", "questions_train", "questions_val", "wall_s", "warning")
         _emit(summary, as_json, kv_table({k: summary[k] for k in keys if k in summary}, "build-sft"))
 
 
@@ -444,7 +445,7 @@ def check_sim_cmd(
     out: str = OUT,
     questions: Optional[str] = typer.Option(None, "--questions", help="Bundled benchmark name(s) (eval split) or a FlashRAG jsonl / parquet; the question is the query."),
     trajectories: Optional[str] = typer.Option(None, "--trajectories", help="Take the logged queries (with their own questions) from this trajectories artifact."),
-    limit: Optional[int] = typer.Option(30, "--limit", help="At most N queries."),
+    limit: Optional[int] = typer.Option(30, "--limit", help="At most N held-apart queries (spread over the benchmarks)."),
     vs: Optional[str] = typer.Option(None, "--vs", help="A real engine to compare with, e.g. bm25:PATH."),
     k: int = typer.Option(3, "--k", help="Documents per query."),
     sim_mode: str = SIM_MODE,
@@ -470,7 +471,7 @@ def _check_sim_table(summary: dict):
     from rich.table import Table
 
     sim, real = summary["simulator"], summary.get("real")
-    t = Table(title=f"check-sim: {sim['spec']} ({summary['n_queries']} queries, k={summary['k']})")
+    t = Table(title=f"check-sim: {sim['spec']} (n = {summary['n_queries']} held-apart queries, k={summary['k']})")
     columns = [("useful", sim["useful"]), ("noisy", sim["noisy"])] + ([("real", real)] if real else [])
     t.add_column("metric")
     for name, _ in columns:
@@ -479,7 +480,12 @@ def _check_sim_table(summary: dict):
                        ("mean_doc_words", "words/doc"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2")]:
         pct = key in ("has_answer", "format_valid")
         t.add_row(label, *[f"{100 * m[key]:.1f}" if pct else f"{m[key]:.2f}" for _, m in columns])
-    t.caption = f"controllability gap (useful - noisy has-answer): {100 * sim['controllability_gap']:.1f} points"
+    lo, hi = sim["gap_ci95"]
+    leak, held = sim["leak"], summary["held_apart"]
+    t.caption = (f"gap (useful - noisy has-answer): {100 * sim['controllability_gap']:.1f} points, 95% CI "
+                 f"[{100 * lo:.1f}, {100 * hi:.1f}] | format valid {100 * sim['format_valid']:.1f}% | leak (useful mode, "
+                 f"query names nothing): {100 * leak['has_answer']:.1f}% of {leak['n']} | dropped: "
+                 f"{held['excluded_trained']} trained on, {held['excluded_yes_no']} yes/no | trained questions: {held['trained_on']}")
     return t
 
 

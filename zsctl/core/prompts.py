@@ -115,6 +115,20 @@ SIMULATOR_FEWSHOT_TEMPLATE = (
     "Now (mode {mode})\nQuestion: {question}\nAnswer: {answer}\nQuery: {query}\n"
 )
 
+# Queries that name nothing (metrics.is_degenerate_query holds for each): a small policy copies such
+# words from its instruction. `build-sft --label docs` pairs some of its training questions with one
+# of DEGENERATE_QUERIES and answer-free documents in BOTH modes, so the simulator learns that a bad
+# query gets no answer even in useful mode. check-sim's leak probe asks with LEAK_PROBES: the words
+# small policies really wrote (also trained on) and others the corpus never shows.
+DEGENERATE_QUERIES = (
+    "query", "search", "your query", "my query", "search query", "I need a fact",
+    "I need a fact I do not know", "I need a fact, so I search.", "information", "the answer",
+)
+LEAK_PROBES = (
+    "query", "search", "I need a fact", "I need a fact I do not know",
+    "search for information", "what I need to know", "facts", "find the answer",
+)
+
 _TEMPLATE_FIELDS = {"query", "question", "answer", "mode", "k"}
 
 

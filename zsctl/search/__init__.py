@@ -82,6 +82,9 @@ def make_engine(spec: str, *, cache: str | None = None, **kw) -> SearchEngine:
     if cache and spec.startswith("sim"):
         raise BadInput(f"search spec '{spec}': simulated engines are never cached; drop the search cache option")
     factory = _factory(spec)
+    if factory not in (None, _sim, _sim_http) and "verify=" in spec.partition("?")[2]:
+        raise BadInput(f"search spec '{spec}': verify applies only to simulated engines (sim:MODEL?verify=N, "
+                       "sim+http://…?verify=N); drop it")
     if factory is None:
         forms = ", ".join(k + ("…" if k.endswith((":", "/")) else "") for k in ENGINES)
         raise BadInput(f"search spec '{spec}' is not recognised; use one of: {forms} "

@@ -11,6 +11,17 @@ call go through one batched generate (in-process) or one round of batched reques
 Two prompt styles (`sim_mode`): `tuned` feeds the raw `SIMULATOR_TEMPLATE` text, byte for byte what
 train-sim trains on; `prompt` wraps the few-shot template in the tokenizer's chat template, for an
 untuned instruct model (the paper's prompt-based baseline).
+
+Verified generation (`?verify=N`, beyond the paper, whose simulator output is used as written): a
+useful reply must hold a gold answer (metrics.docs_hold_answer) AND share a content word with the
+query (metrics.content_words); a noisy reply must not hold a gold answer. The failing rows are
+generated again together, in one batch, up to N times, sampling at RETRY_TEMPERATURE (a greedy
+retry would repeat the same text). A reply that never passes is replaced by its last try with every
+answer-holding sentence removed, so it holds no answer. A query that names nothing (no content word)
+can never pass in useful mode, so it is written from the noisy prompt (and verified as noisy): a
+policy gains nothing from a degenerate query. Without gold answers (or with yes/no golds, which containment
+cannot judge) only the useful reply's link to the query is checked. Tries per query are in
+`last_tries` (1 = first reply kept), pass/fail in `last_verified`.
 """
 
 from __future__ import annotations
@@ -19,13 +30,15 @@ import itertools
 import json
 import math
 import random
+import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
-from zsctl.core import prompts
+from zsctl.core import metrics, prompts
 from zsctl.core.errors import BadInput
 from zsctl.search.base import Document, QueryContext, SearchEngine
 
@@ -41,6 +54,12 @@ SIM_SYSTEM = "You are a search engine."
 # Prompt mode starts the reply for the model: an untuned model then keeps the 'Doc i:' format far
 # more often than when it is only told to (the primer is put back in front of what it writes).
 PRIMER = "Doc 1:"
+# Verified generation: retries sample (the first reply keeps the engine's own temperature) and are
+# bounded; a retry at temperature 0 would reproduce the failed text token for token.
+RETRY_TEMPERATURE = 0.8
+RETRY_TOP_P = 0.95
+MAX_VERIFY = 10
+_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 
 
 def stop_strings(k: int) -> list[str]:
@@ -156,12 +175,14 @@ class _Simulated(SearchEngine):
 
     def __init__(self, *, sim_mode: str = "tuned", template: str | None = None, noise_p: float = 0.0,
                  seed: int = 0, max_new_tokens: int | None = None, temperature: float = 0.0,
-                 top_p: float = 1.0):
+                 top_p: float = 1.0, verify: int = 0):
         super().__init__()
         if sim_mode not in SIM_STYLES:
             raise BadInput(f"simulator mode '{sim_mode}' is not one of {', '.join(SIM_STYLES)}")
         if not 0.0 <= float(noise_p) <= 1.0:
             raise BadInput(f"simulator noise_p={noise_p} is outside [0, 1]")
+        if not 0 <= int(verify) <= MAX_VERIFY:
+            raise BadInput(f"simulator option verify={verify} must be between 0 (off) and {MAX_VERIFY} retries")
         default = prompts.SIMULATOR_TEMPLATE if sim_mode == "tuned" else prompts.SIMULATOR_FEWSHOT_TEMPLATE
         self.sim_mode = sim_mode
         self.template = prompts.load_template(template, default)
@@ -174,9 +195,15 @@ class _Simulated(SearchEngine):
         self.outputs = 0  # generations parsed so far
         self.well_formed = 0  # of which held exactly k numbered documents
         self.tok = None  # set by subclasses; prompt mode needs it for the chat template
+        self.verify = int(verify)
         self.last_prompts: list[str] = []
         self.last_texts: list[str] = []
         self.last_well_formed: list[bool] = []
+        self.last_tries: list[int] = []  # generations per query (1 + retries)
+        self.last_verified: list[bool | None] = []  # None when verify is off
+        self.regenerated = 0  # rows generated again by verification
+        self.fallbacks = 0  # replies that never passed and had their answer removed
+        self.generation_s = 0.0  # wall time inside the model or its servers
 
     def _choose_mode(self, ctx: QueryContext | None) -> str:
         if ctx is not None and ctx.mode:
@@ -201,24 +228,87 @@ class _Simulated(SearchEngine):
     def _search(self, queries, k, contexts):
         ctxs = contexts or [None] * len(queries)
         self.last_modes = [self._choose_mode(c) for c in ctxs]
-        self.last_prompts = [self.render(q, c, m, k) for q, c, m in zip(queries, ctxs, self.last_modes)]
+        # verified: a query that names nothing can never pass in useful mode, so it is written in noisy
+        # mode from the start (last_modes keeps the mode asked for)
+        modes = ["noisy" if self.verify and m == "useful" and metrics.is_degenerate_query(q) else m
+                 for q, m in zip(queries, self.last_modes)]
+        self.last_prompts = [self.render(q, c, m, k) for q, c, m in zip(queries, ctxs, modes)]
+        inputs = [self.model_input(p) for p in self.last_prompts]
         budget = self.max_new_tokens or self.tokens_per_doc * k
-        texts = self._complete([self.model_input(p) for p in self.last_prompts], budget, stop_strings(k))
-        if self.sim_mode == "prompt":
-            texts = [PRIMER + t for t in texts]
-        self.stats.calls += len(queries)
-        results, flags = [], []
-        for text in texts:
+        n = len(queries)
+        texts, tries = [""] * n, [0] * n
+        todo, temperature = list(range(n)), self.temperature
+        for attempt in range(1 + self.verify):
+            if not todo:
+                break
+            for i, text in zip(todo, self._timed_complete([inputs[i] for i in todo], budget, stop_strings(k), temperature)):
+                texts[i] = PRIMER + text if self.sim_mode == "prompt" else text
+                tries[i] += 1
+            if attempt:
+                self.regenerated += len(todo)
+            if not self.verify:
+                break
+            todo = [i for i in todo if not self._passes(texts[i], queries[i], ctxs[i], modes[i], k)]
+            temperature = max(self.temperature, RETRY_TEMPERATURE)
+        self.stats.calls += n
+        failed = set(todo) if self.verify else set()  # rows whose last try did not pass
+        results, flags, verified = [], [], []
+        for i, text in enumerate(texts):
             docs, ok = prompts.parse_documents(text, k)
+            passed = None
+            if self.verify:
+                passed = i not in failed
+                if not passed:
+                    docs = _without_answer(docs, _golds(ctxs[i]))
+                    texts[i] = prompts.format_documents(docs)
+                    self.fallbacks += 1
             results.append([Document(d["title"], d["text"], d["score"]) for d in docs])
             flags.append(ok)
+            verified.append(passed)
         self.last_texts, self.last_well_formed = list(texts), flags
+        self.last_tries, self.last_verified = tries, verified
         self.outputs += len(flags)
         self.well_formed += sum(flags)
         return results
 
-    def _complete(self, texts: list[str], max_new_tokens: int, stop: list[str]) -> list[str]:
+    def _passes(self, text: str, query: str, ctx: QueryContext | None, mode: str, k: int) -> bool:
+        """Verification of one reply: useful → holds a gold answer and is about the query;
+        noisy → holds no gold answer (see the module docstring)."""
+        docs, _ = prompts.parse_documents(text, k)
+        golds = _golds(ctx)
+        holds = metrics.docs_hold_answer(docs, golds)
+        if mode == "noisy":
+            return not holds
+        about = set(metrics.content_words(query)) & {w for d in docs for w in metrics.content_words(f"{d['title']} {d['text']}")}
+        return bool(about) and (holds or not golds)
+
+    def _timed_complete(self, texts: list[str], max_new_tokens: int, stop: list[str], temperature: float) -> list[str]:
+        t0 = time.perf_counter()
+        try:
+            return self._complete(texts, max_new_tokens, stop, temperature)
+        finally:
+            self.generation_s += time.perf_counter() - t0
+
+    def _complete(self, texts: list[str], max_new_tokens: int, stop: list[str], temperature: float) -> list[str]:
         raise NotImplementedError
+
+
+def _golds(ctx: QueryContext | None) -> list[str]:
+    """The gold answers verification can judge by containment: none for yes/no golds."""
+    golds = list(ctx.golden_answers) if ctx and ctx.golden_answers else []
+    return [] if metrics.yes_no(golds) else golds
+
+
+def _without_answer(docs: list[dict], golds: list[str]) -> list[dict]:
+    """Documents with every sentence (and title) that holds a gold answer removed."""
+    out = []
+    for d in docs:
+        title = "" if metrics.find_answer([d["title"]], golds) else d["title"]
+        kept = [x for x in _SENTENCE_END.split(d["text"]) if not metrics.find_answer([x], golds)]
+        out.append({**d, "title": title, "text": " ".join(kept)})
+    if metrics.docs_hold_answer(out, golds):  # an answer across a sentence break: drop every text
+        out = [{**d, "title": "", "text": ""} for d in out]
+    return out
 
 
 def trained_tokens_per_doc(model_dir: str) -> int | None:
@@ -256,12 +346,13 @@ class SimulatorEngine(_Simulated):
         # tuned: exactly as TRL's SFTTrainer tokenises a plain-text prompt column
         return self.tok(model_input)["input_ids"]
 
-    def _complete(self, texts, max_new_tokens, stop):
+    def _complete(self, texts, max_new_tokens, stop, temperature):
         ids = [self.encode(t) for t in texts]
+        top_p = self.top_p if temperature == self.temperature else RETRY_TOP_P
         with self.lock:
             self.generate_calls += 1
             gens = generate_batch(self.model, self.tok, ids, max_new_tokens,
-                                  temperature=self.temperature, top_p=self.top_p, stop=stop)
+                                  temperature=temperature, top_p=top_p, stop=stop)
             self.generated_tokens += sum(g.tokens for g in gens)
         return [g.text for g in gens]
 
@@ -273,7 +364,7 @@ class SimulatorEngine(_Simulated):
 _OPTIONS = {
     "sim_mode": str, "template": str, "noise_p": float, "seed": int, "max_new_tokens": int,
     "temperature": float, "top_p": float, "batch_size": int, "timeout": float, "tries": int, "backoff": float,
-    "model": str,
+    "model": str, "verify": int,
 }
 _HTTP_ONLY = {"batch_size", "timeout", "tries", "backoff", "model"}
 
@@ -379,14 +470,14 @@ class SimulatorHTTPEngine(_Simulated):
                            "pass ?model=NAME")
         return names.pop() if names else None
 
-    def _complete(self, texts, max_new_tokens, stop):
+    def _complete(self, texts, max_new_tokens, stop, temperature):
         # spread even a small batch over every endpoint so they all work on each turn
         size = min(self.batch_size, math.ceil(len(texts) / len(self.urls)))
         chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
         with self._lock:
             urls = [self.urls[next(self._rr) % len(self.urls)] for _ in chunks]
-        body = {"max_tokens": int(max_new_tokens), "temperature": self.temperature, "top_p": self.top_p,
-                "stop": list(stop)}
+        top_p = self.top_p if temperature == self.temperature else RETRY_TOP_P
+        body = {"max_tokens": int(max_new_tokens), "temperature": temperature, "top_p": top_p, "stop": list(stop)}
         if self.model_name:
             body["model"] = self.model_name
         futures = [self._pool.submit(self._request, url, {**body, "prompt": chunk}, len(chunk))

@@ -6,13 +6,31 @@ Both files have one schema: SIM_SFT for kind "sim_sft" (default, `--for simulato
 kind "policy_sft" (`--for policy`). val.parquet always exists (it may hold 0 rows). Rows are split by
 question: a hash of the question text decides, so one question never lands in both files.
 
-Simulator rows (one per distinct (query, top-K documents) pair): `prompt` is the simulator template
-filled with the call's query, ITS OWN trajectory's question and first gold answer, and the label as
-mode keyword; `completion` is the real documents as `Doc i: (title) text`. Labels:
-- outcome: calls of trajectories that ended correct (em == 1) are useful, the others noisy;
-- answer:  calls whose documents contain a gold answer (normalised, whole words) are useful;
-- judge:   an LLM (`--judge-model`) is asked whether the documents suffice (batched, yes vs no).
-The majority label is then downsampled at random (seeded) to the size of the minority.
+Simulator rows: `prompt` is the simulator template filled with the call's query, ITS OWN
+trajectory's question and a gold answer, and the label as mode keyword; `completion` is real
+documents as `Doc i: (title) text`. Labels:
+- docs (recommended): contrastive pairs from ONE logged call's top-N results (collect with --topk
+  well above --docs, e.g. 10). The useful row's completion is the answer-holding documents first
+  (metrics.docs_hold_answer, per document), filled up to k with the best-ranked others; the noisy
+  row's is the k best-ranked documents WITHOUT the answer. Both prompts are the same text but for
+  the mode word (same query, question, answer — the gold alias the documents hold — and k). A call
+  whose results hold no answer gives no pair. A degenerate query (metrics.is_degenerate_query)
+  gets its answer-free results in BOTH modes: a search that names nothing earns nothing, even in
+  useful mode. Logged degenerate queries are rare (question-as-query data has none), so for a
+  seeded share of the pairs (--degenerate-share) one more pair is written with a placeholder query
+  (prompts.DEGENERATE_QUERIES) and that call's answer-free documents in both modes.
+- answer: one row per call, useful when its documents hold a gold answer. Caveat: useful and noisy
+  rows then come from DIFFERENT queries, so the model can learn query → documents rather than
+  mode → documents; prefer docs.
+- outcome: calls of trajectories that ended correct (em == 1) are useful, the others noisy. Needs
+  trajectories of a policy that answers: question-as-query searches (collect --model none) never
+  answer, so all their calls would be noisy; they are counted and warned about (an error when
+  nothing else is there).
+- judge: an LLM (`--judge-model`) is asked whether the documents suffice (batched, yes vs no).
+Yes/no golds (HotpotQA comparisons) are skipped by docs and answer and counted (`yes_no`): "no"
+occurs in almost any text, so containment says nothing. Rows are distinct (query, completion)
+pairs; for answer/outcome/judge the majority label is downsampled at random (seeded) to the size
+of the minority (docs pairs are balanced by construction).
 
 Policy rows: rejection sampling keeps the trajectories whose prediction reached `--min-f1` (default:
 exact match) — prompt = the policy's chat-formatted prompt, completion = its own response with the
@@ -53,7 +71,7 @@ from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
 from zsctl.core.schemas import POLICY_SFT, SIM_SFT, STR_LIST, missing_or_mistyped
 
-LABELS = ("outcome", "answer", "judge")
+LABELS = ("outcome", "answer", "judge", "docs")
 TARGETS = ("simulator", "policy")
 SPLIT_FILES = ("train.parquet", "val.parquet")
 USEFUL, NOISY = 1, 0
@@ -77,7 +95,8 @@ class BuildSFTConfig:
     trajectories: str  # DIR[,DIR|FILE...]: trajectories artifacts, .parquet or .jsonl files
     out: str
     target: str = "simulator"  # simulator | policy (CLI: --for)
-    label: str = "outcome"  # simulator labels: outcome | answer | judge
+    label: str = "outcome"  # simulator labels: outcome | answer | judge | docs
+    degenerate_share: float = 0.15  # docs: extra placeholder-query pairs, as a share of the pairs
     judge_model: str = "smollm2-135m"
     judge_batch_size: int = 16
     balance: bool = True
@@ -229,21 +248,6 @@ def is_val(question: str, fraction: float) -> bool:
     return h64(" ".join(question.split()).lower()) / 2**64 < fraction
 
 
-_YES_NO = frozenset({"yes", "no"})
-
-
-def found_answer(texts: list[str], golds: list[str]) -> str | None:
-    """The first gold answer that occurs, normalised and as whole words, in one of the texts.
-
-    Yes/no answers (HotpotQA comparisons) never count: "no" occurs in almost any text."""
-    hay = " " + " | ".join(metrics.normalize_answer(t) for t in texts) + " "  # '|' never survives normalisation
-    for g in golds:
-        n = metrics.normalize_answer(g)
-        if n and n not in _YES_NO and f" {n} " in hay:
-            return g
-    return None
-
-
 def clean_docs(docs: list[dict], words: int) -> list[dict]:
     """Documents with text, each cut to `words` words as the agent loop cuts them."""
     out = []
@@ -375,6 +379,8 @@ def _check_config(cfg: BuildSFTConfig) -> None:
         raise BadInput(f"--docs {cfg.docs} must be at least 1")
     if cfg.min_f1 is not None and not 0.0 <= cfg.min_f1 <= 1.0:
         raise BadInput(f"--min-f1 {cfg.min_f1} must be in [0, 1]")
+    if not 0.0 <= cfg.degenerate_share <= 1.0:
+        raise BadInput(f"--degenerate-share {cfg.degenerate_share} must be in [0, 1]")
 
 
 def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, progress) -> dict:
@@ -384,6 +390,10 @@ def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, p
     stats = {"trajectories": 0, "search_calls": 0, "duplicates": 0, "no_documents": 0, "no_gold": 0, "not_selected": 0}
     if engine is not None:
         stats["question_searches"] = 0
+    if cfg.target == "simulator":
+        stats.update({"outcome": {"question_as_query": 0}, "answer": {"yes_no": 0},
+                      "docs": {"yes_no": 0, "no_answer_docs": 0, "no_answer_free_docs": 0, "degenerate_queries": 0,
+                               "degenerate_synthesized": 0}}.get(cfg.label, {}))
     seen: set[int] = set()  # 64-bit hashes of the distinct pairs
     unserved: dict | None = {} if engine is not None else None  # templated + --search only
     make_rows = {
@@ -411,7 +421,7 @@ def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, p
     counts = {name: len(writer.labels[name]) for name in SPLIT_FILES}
     if stats["trajectories"] == 0:
         raise BadInput(f"no trajectories in {', '.join(map(str, files))}; run zsctl collect first")
-    keep, label_counts = _balance(cfg, writer.labels)
+    keep, label_counts = _balance(cfg, writer.labels, stats)
     if sum(counts.values()) == 0:
         raise BadInput(_empty_message(cfg, stats))
 
@@ -436,6 +446,10 @@ def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, p
     }
     if judge is not None:
         summary["judge_calls"] = judge.calls
+    if stats.get("question_as_query"):
+        summary["warning"] = (f"{stats['question_as_query']} trajectories are question-as-query searches that never "
+                              "answer: --label outcome made all their calls noisy; --label docs suits them")
+        progress.log(f"build-sft: warning: {summary['warning']}")
     artifacts.write_manifest(
         out, _kind(cfg), config=asdict(cfg), inputs=[artifacts.input_ref(p.parent if p.name == "trajectories.parquet" else p) for p in files],
         summary=summary, seed=cfg.seed, extra={"layout": {"train": "train.parquet", "val": "val.parquet"}, "mode": _mode(cfg)},
@@ -456,7 +470,7 @@ def _mode(cfg) -> str:
     return "rejection:em" if cfg.min_f1 is None else f"rejection:f1>={cfg.min_f1}"
 
 
-def _balance(cfg, labels: dict[str, array]) -> tuple[object, dict]:
+def _balance(cfg, labels: dict[str, array], stats: dict) -> tuple[object, dict]:
     """Keep-mask over all rows (train rows first, then val) and the label counts before/after."""
     import numpy as np
 
@@ -466,7 +480,7 @@ def _balance(cfg, labels: dict[str, array]) -> tuple[object, dict]:
         return keep, {}
     before = {"useful": int((lab == USEFUL).sum()), "noisy": int((lab == NOISY).sum())}
     if len(lab) and (before["useful"] == 0 or before["noisy"] == 0):
-        raise BadInput(_one_class_message(cfg, before))
+        raise BadInput(_one_class_message(cfg, before, stats))
     if cfg.balance:
         minority = USEFUL if before["useful"] <= before["noisy"] else NOISY
         majority_idx = np.flatnonzero(lab != minority)
@@ -477,17 +491,26 @@ def _balance(cfg, labels: dict[str, array]) -> tuple[object, dict]:
     return keep, {"labels_before": before, "labels_after": after}
 
 
-def _one_class_message(cfg, before: dict) -> str:
+def _one_class_message(cfg, before: dict, stats: dict) -> str:
     fix = {
-        "outcome": "collect with --samples > 1 and --temperature > 0 so some trajectories end correct and some wrong, or try --label answer",
-        "answer": "try --label outcome or --label judge, or collect more questions",
-        "judge": "try another --judge-model or --label answer",
+        "outcome": "collect with --samples > 1 and --temperature > 0 so some trajectories end correct and some wrong, or try --label docs",
+        "answer": "try --label docs, or collect more questions",
+        "judge": "try another --judge-model or --label docs",
+        "docs": "collect more questions",  # pairs always hold both; kept for completeness
     }[cfg.label]
+    if cfg.label == "outcome" and stats.get("question_as_query"):
+        fix = (f"{stats['question_as_query']} trajectories are question-as-query searches (collect --model none), "
+               "which never answer; use --label docs for them")
     return (f"--label {cfg.label} gave {before['useful']} useful and {before['noisy']} noisy search calls; "
             f"the simulator needs both: {fix}")
 
 
 def _empty_message(cfg, stats: dict) -> str:
+    if cfg.target == "simulator" and cfg.label == "docs":
+        return (f"no search call gave a useful/noisy pair among {stats['trajectories']} trajectories "
+                f"({stats['search_calls']} calls: {stats['no_answer_docs']} without an answer-holding document, "
+                f"{stats['no_answer_free_docs']} without an answer-free one, {stats['yes_no']} with yes/no golds); "
+                "collect with a deeper --topk (e.g. 10) on a corpus that holds the answers")
     if cfg.target == "simulator":
         return (f"no usable search calls among {stats['trajectories']} trajectories ({stats['search_calls']} calls, "
                 f"{stats['no_documents']} without documents); collect with a real engine, e.g. --search bm25:PATH")
@@ -524,6 +547,8 @@ def _copy_masked(src: Path, out: Path, name: str, schema: pa.Schema, keep, offse
 
 
 def _simulator_rows(cfg, batch, seen, stats, *, judge=None, **_) -> list[tuple[str, dict, int]]:
+    if cfg.label == "docs":
+        return _doc_pairs(cfg, batch, seen, stats)
     calls = []  # (trajectory, search index, query, docs, completion)
     for t in batch:
         searches = t.get("searches") or []
@@ -531,6 +556,11 @@ def _simulator_rows(cfg, batch, seen, stats, *, judge=None, **_) -> list[tuple[s
         if not golds_of(t):
             stats["no_gold"] += len(searches)
             continue
+        if cfg.label == "answer" and metrics.yes_no(golds_of(t)):
+            stats["yes_no"] += len(searches)
+            continue
+        if cfg.label == "outcome" and _question_as_query(t):
+            stats["question_as_query"] += 1
         for j, s in enumerate(searches):
             docs = clean_docs(s.get("documents"), cfg.doc_words)[: cfg.docs]
             query = (s.get("query") or "").strip()
@@ -549,25 +579,92 @@ def _simulator_rows(cfg, batch, seen, stats, *, judge=None, **_) -> list[tuple[s
     if cfg.label == "outcome":
         useful = [float(t.get("em") or 0.0) >= 1.0 for t, *_ in calls]
     elif cfg.label == "answer":
-        useful = [found_answer([d["text"] for d in docs], golds_of(t)) is not None for t, _, _, docs, _ in calls]
+        useful = [metrics.docs_hold_answer(docs, golds_of(t)) for t, _, _, docs, _ in calls]
     else:
         useful = judge([(t["question"], golds_of(t)[0], completion) for t, _, _, _, completion in calls])
     rows = []
     for (t, j, query, docs, completion), ok in zip(calls, useful):
         label = "useful" if ok else "noisy"
-        gold = golds_of(t)[0]  # this call's own trajectory: never a neighbour's question or answer
-        row = {
-            "id": f"{t['traj_id']}#{j}",
-            "prompt": prompts.render_simulator_prompt(query, t["question"], gold, label, k=len(docs)),
-            "completion": completion,
-            "label": label,
-            "query": query,
-            "question": t["question"],
-            "golden_answer": gold,
-            "source_traj_id": str(t["traj_id"]),
-        }
+        # this call's own trajectory: never a neighbour's question or answer
+        row = _sim_row(t, f"{t['traj_id']}#{j}", query, golds_of(t)[0], label, docs)
         rows.append((_split(cfg, t), row, USEFUL if ok else NOISY))
     return rows
+
+
+def _question_as_query(t: dict) -> bool:
+    """A trajectory whose every search is its own question (collect --model none): it never answers."""
+    question = " ".join(t["question"].split())
+    searches = t.get("searches") or []
+    return bool(searches) and all(" ".join((s.get("query") or "").split()) == question for s in searches)
+
+
+def _doc_pairs(cfg, batch, seen, stats) -> list[tuple[str, dict, int]]:
+    """`--label docs`: a useful and a noisy row from ONE logged call (see the module docstring)."""
+    rows = []
+    for t in batch:
+        searches = t.get("searches") or []
+        stats["search_calls"] += len(searches)
+        golds = golds_of(t)
+        if not golds:
+            stats["no_gold"] += len(searches)
+            continue
+        if metrics.yes_no(golds):
+            stats["yes_no"] += len(searches)
+            continue
+        for j, s in enumerate(searches):
+            query = (s.get("query") or "").strip()
+            docs = clean_docs(s.get("documents"), cfg.doc_words)  # all N results: the pair picks from them
+            if not docs or not query:
+                stats["no_documents"] += 1
+                continue
+            hits = [metrics.docs_hold_answer([d], golds) for d in docs]
+            answer_free = [d for d, h in zip(docs, hits) if not h]
+            k = min(cfg.docs, len(answer_free))
+            if k == 0:
+                stats["no_answer_free_docs"] += 1
+                continue
+            row_id = f"{t['traj_id']}#{j}"
+            if metrics.is_degenerate_query(query):
+                # a bad query's real results, minus any answer they hold by chance, in both modes
+                stats["degenerate_queries"] += 1
+                rows += _pair(cfg, t, seen, stats, row_id, query, golds[0], answer_free[:k], answer_free[:k])
+                continue
+            if not any(hits):
+                stats["no_answer_docs"] += 1
+                continue
+            ranked = [d for d, h in zip(docs, hits) if h] + answer_free  # answer-holding first, rank order kept
+            gold = metrics.find_answer([x for d in ranked[:k] for x in (d["title"], d["text"])], golds) or golds[0]
+            rows += _pair(cfg, t, seen, stats, row_id, query, gold, ranked[:k], answer_free[:k])
+            if h64(str(cfg.seed), row_id) / 2**64 < cfg.degenerate_share:
+                placeholder = prompts.DEGENERATE_QUERIES[h64(row_id) % len(prompts.DEGENERATE_QUERIES)]
+                stats["degenerate_synthesized"] += 1
+                rows += _pair(cfg, t, seen, stats, f"{row_id}~", placeholder, golds[0], answer_free[:k], answer_free[:k])
+    return rows
+
+
+def _pair(cfg, t, seen, stats, row_id, query, gold, useful_docs, noisy_docs) -> list[tuple[str, dict, int]]:
+    """The useful and the noisy row of one call, or none when an earlier call gave the same pair."""
+    key = h64(query, t["question"], prompts.format_documents(useful_docs), prompts.format_documents(noisy_docs))
+    if key in seen:
+        stats["duplicates"] += 1
+        return []
+    seen.add(key)
+    split = _split(cfg, t)  # by question: both rows of a pair land in the same file
+    return [(split, _sim_row(t, f"{row_id}:u", query, gold, "useful", useful_docs), USEFUL),
+            (split, _sim_row(t, f"{row_id}:n", query, gold, "noisy", noisy_docs), NOISY)]
+
+
+def _sim_row(t: dict, row_id: str, query: str, gold: str, label: str, docs: list[dict]) -> dict:
+    return {
+        "id": row_id,
+        "prompt": prompts.render_simulator_prompt(query, t["question"], gold, label, k=len(docs)),
+        "completion": prompts.format_documents(docs),
+        "label": label,
+        "query": query,
+        "question": t["question"],
+        "golden_answer": gold,
+        "source_traj_id": str(t["traj_id"]),
+    }
 
 
 def _policy_rows(cfg, batch, seen, stats, *, policy_tok=None, **_) -> list[tuple[str, dict, int]]:
@@ -622,7 +719,7 @@ def _demo(cfg, t, row_id, query, documents, seen, stats, policy_tok):
     do not contain a gold answer (or it repeats an earlier demonstration)."""
     query = (query or "").strip()
     docs = clean_docs(documents, cfg.doc_words)
-    answer = found_answer([d["text"] for d in docs], golds_of(t)) if query and docs else None
+    answer = metrics.find_answer([d["text"] for d in docs], golds_of(t)) if query and docs else None
     if answer is None:
         stats["not_selected"] += 1
         return None

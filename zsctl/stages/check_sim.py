@@ -1,21 +1,36 @@
-"""`zsctl check-sim`: how good is a simulated search engine?
+"""`zsctl check-sim`: how good is a simulated search engine, on queries it never trained on?
 
-For a set of queries — the logged searches of a trajectories artifact (each with its own question
-and gold answers), or the questions themselves used as queries — the simulator writes documents in
-BOTH modes. Reported per mode: the share of outputs that contain a gold answer (useful should be
-high, noisy low: the gap is the controllability), format validity (k well-formed `Doc i:` docs),
-mean document length in words, and distinct-1/distinct-2 over the outputs. With `--vs S` a real
-engine answers the same queries and gets the same containment/length/distinct figures.
+For a set of queries — the questions of `--questions` used as queries (for bundled benchmarks their
+evaluation split), or the logged searches of a `--trajectories` artifact — the simulator writes
+documents in BOTH modes. Held apart: when the simulator is a `sim:DIR` that train-sim wrote, its
+manifest names its build-sft data, and every query whose question is in that data's train.parquet
+(what train-sim fits) is dropped and counted; when the data cannot be found (sim+http://, another
+model, a moved folder) the summary says the check was not made. Yes/no golds are dropped and
+counted too: containment cannot judge "no".
 
-Writes check_sim.parquet (one row per query × mode, documents included), metrics.json, manifest.
+Reported per mode: the share of outputs that hold a gold answer (metrics.docs_hold_answer; useful
+should be high, noisy low) with a 95 % Wilson interval, format validity (k well-formed `Doc i:`
+docs), mean document length, distinct-1/2. The gap (useful − noisy) comes with a 95 % interval by
+Newcombe's hybrid score method (his method 10: the two Wilson intervals combined), which treats
+the two modes as independent samples — conservative when a query's two outcomes are positively
+correlated. Leak probe: each query's question and answer are also asked with a query that names
+nothing (prompts.LEAK_PROBES, cycled) in useful mode; the share of those replies that hold a gold
+answer is the leak (a simulator that hands out answers to any query rewards a policy that
+searches "query"). With `--vs S` a real engine answers the same queries for comparison.
+
+Writes check_sim.parquet (one row per query × mode, probes and real results included),
+metrics.json, manifest.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from zsctl.core import artifacts, data, metrics, prompts
 from zsctl.core.errors import BadInput
@@ -59,22 +74,84 @@ def load_queries(cfg: CheckSimConfig) -> list[dict]:
             raise BadInput(f"trajectories '{cfg.trajectories}' hold no search queries; collect with a real engine first")
     elif cfg.questions:
         rows = []
-        names = [s.strip() for s in cfg.questions.split(",") if s.strip()]
-        each = -(-cfg.limit // len(names)) if cfg.limit and names else None  # the limit shared out
-        for name in names:
+        for name in [s.strip() for s in cfg.questions.split(",") if s.strip()]:
             split = "eval" if name in data.BENCHMARKS else None  # never the questions training used
-            for q in data.load_questions(name, split=split, limit=each).to_pylist():
+            for q in data.load_questions(name, split=split).to_pylist():
                 rows.append({"id": f"{q['data_source']}:{q['id']}", "query": q["question"], "question": q["question"],
                              "golden_answers": list(q["golden_answers"])})
     else:
         raise BadInput("check-sim needs --questions (benchmark name or file) or --trajectories DIR")
-    return rows[: cfg.limit] if cfg.limit else rows
+    return rows
 
 
-def has_answer(text: str, golds: list[str]) -> bool:
-    """A normalised gold answer occurs in the normalised text as whole words."""
-    hay = f" {metrics.normalize_answer(text)} "
-    return any(g and f" {g} " in hay for g in (metrics.normalize_answer(x) for x in golds))
+def trained_questions(search: str) -> tuple[set[str] | None, str]:
+    """The questions the simulator of `sim:DIR` was fitted on (normalised) and where they came from;
+    (None, why they are unknown) otherwise."""
+    if not search.startswith("sim:"):
+        return None, "unknown: not a sim:DIR simulator"
+    model_dir = Path(search[len("sim:"):].partition("?")[0])
+    if not (model_dir / artifacts.MANIFEST).is_file():
+        return None, f"unknown: {model_dir} has no zsctl manifest"
+    for ref in artifacts.read_manifest(model_dir).get("inputs") or []:
+        train = Path(ref.get("path", "")) / "train.parquet"
+        if train.is_file():
+            questions = pq.read_table(train, columns=["question"]).column("question").to_pylist()
+            return {_norm(q) for q in questions}, str(train)
+    return None, f"unknown: the training data named in {model_dir / artifacts.MANIFEST} is not there"
+
+
+def _norm(question: str) -> str:
+    return " ".join(question.split()).lower()
+
+
+def select_queries(cfg: CheckSimConfig, rows: list[dict]) -> tuple[list[dict], dict]:
+    """The held-apart queries with judgeable golds, up to --limit spread over the sources, and the
+    counts of what was dropped."""
+    trained, source = trained_questions(cfg.search)
+    held = {"trained_on": source, "candidates": len(rows), "excluded_trained": 0, "excluded_yes_no": 0}
+    kept = []
+    for r in rows:
+        if trained is not None and _norm(r["question"]) in trained:
+            held["excluded_trained"] += 1
+        elif metrics.yes_no(r["golden_answers"]) or not any(g.strip() for g in r["golden_answers"]):
+            held["excluded_yes_no"] += 1
+        else:
+            kept.append(r)
+    if not kept:
+        raise BadInput(f"none of the {len(rows)} queries is held apart and answerable ({held['excluded_trained']} "
+                       f"trained on per {source}, {held['excluded_yes_no']} with yes/no golds); "
+                       "pass --questions BENCH (its evaluation split) or questions the simulator never saw")
+    return (_spread(kept, cfg.limit) if cfg.limit else kept), held
+
+
+def _spread(rows: list[dict], limit: int) -> list[dict]:
+    """Up to `limit` rows taken round-robin over their sources (benchmark, or one trajectories file)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["id"].split(":")[0], []).append(r)
+    out, i = [], 0
+    while len(out) < limit and any(i < len(g) for g in groups.values()):
+        out += [g[i] for g in groups.values() if i < len(g)][: limit - len(out)]
+        i += 1
+    return out
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ((0, 1) when n = 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def gap_interval(h1: int, n1: int, h2: int, n2: int) -> tuple[float, float]:
+    """95 % interval of p1 − p2, Newcombe's hybrid score method (the two Wilson intervals combined)."""
+    p1, p2 = h1 / max(1, n1), h2 / max(1, n2)
+    (l1, u1), (l2, u2) = wilson(h1, n1), wilson(h2, n2)
+    d = p1 - p2
+    return d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2), d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -92,6 +169,8 @@ def summarize(rows: list[dict]) -> dict:
     return {
         "n": n,
         "has_answer": mean([float(r["has_answer"]) for r in rows]),
+        "has_answer_ci95": list(wilson(sum(r["has_answer"] for r in rows), n)),
+        "mean_tries": mean([r["tries"] for r in rows]),
         "format_valid": mean([float(r["well_formed"]) for r in rows]),
         "mean_doc_words": mean([len(d["text"].split()) for d in docs]),
         "empty_docs": 1.0 - len(docs) / max(1, sum(len(r["documents"]) for r in rows)),
@@ -105,7 +184,7 @@ def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, v
     progress = progress or Progress()
     if cfg.k < 1 or cfg.batch_size < 1:
         raise BadInput("--k and --batch-size must be at least 1")
-    queries = load_queries(cfg)
+    queries, held = select_queries(cfg, load_queries(cfg))
     if engine is None:
         if not cfg.search.startswith("sim"):
             raise BadInput(f"--search '{cfg.search}' is not a simulated engine; pass sim:MODEL or sim+http://HOST:PORT/v1")
@@ -121,30 +200,41 @@ def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, v
     for start in range(0, len(queries), cfg.batch_size):
         batch = queries[start:start + cfg.batch_size]
         texts = [q["query"] for q in batch]
-        # both modes of the batch in one simulator call: one generate (or request round) per batch
-        pairs = [(q, mode) for mode in prompts.SIM_MODES for q in batch]
-        ctxs = [QueryContext(q["question"], q["golden_answers"], mode) for q, mode in pairs]
-        results = engine.search([q["query"] for q, _ in pairs], cfg.k, ctxs)
-        for (q, mode), docs, raw, ok in zip(pairs, results, engine.last_texts, engine.last_well_formed):
-            rows.append(_row(q, "simulator", engine.spec, mode, docs, raw, ok, cfg.k))
+        # both modes and the leak probe of the batch in one simulator call: one generate (or request
+        # round) per batch
+        probes = [{**q, "query": prompts.LEAK_PROBES[(start + i) % len(prompts.LEAK_PROBES)]} for i, q in enumerate(batch)]
+        asks = [(q, mode, "simulator") for mode in prompts.SIM_MODES for q in batch] + [(q, "useful", "probe") for q in probes]
+        ctxs = [QueryContext(q["question"], q["golden_answers"], mode) for q, mode, _ in asks]
+        results = engine.search([q["query"] for q, _, _ in asks], cfg.k, ctxs)
+        tries = engine.last_tries or [1] * len(asks)
+        for (q, mode, role), docs, raw, ok, n in zip(asks, results, engine.last_texts, engine.last_well_formed, tries):
+            rows.append(_row(q, role, engine.spec, mode, docs, raw, ok, cfg.k, n))
         if vs_engine is not None:
             for q, docs in zip(batch, vs_engine.search(texts, cfg.k)):
-                rows.append(_row(q, "real", vs_engine.spec or cfg.vs, "real", docs, "", None, cfg.k))
+                rows.append(_row(q, "real", vs_engine.spec or cfg.vs, "real", docs, "", None, cfg.k, 1))
         progress.advance(len(batch))
     progress.stop()
     wall = time.perf_counter() - t0
 
     sim_rows = [r for r in rows if r["role"] == "simulator"]
     by_mode = {m: summarize([r for r in sim_rows if r["mode"] == m]) for m in prompts.SIM_MODES}
+    u, nz = by_mode["useful"], by_mode["noisy"]
+    probe = summarize([r for r in rows if r["role"] == "probe"])
     result = {
         "n_queries": len(queries),
         "k": cfg.k,
+        "held_apart": held,
         "simulator": {
             "spec": engine.spec,
             "sim_mode": getattr(engine, "sim_mode", None),
+            "verify": getattr(engine, "verify", 0),
             **by_mode,
-            "controllability_gap": by_mode["useful"]["has_answer"] - by_mode["noisy"]["has_answer"],
+            "controllability_gap": u["has_answer"] - nz["has_answer"],
+            "gap_ci95": list(gap_interval(round(u["has_answer"] * u["n"]), u["n"], round(nz["has_answer"] * nz["n"]), nz["n"])),
             "format_valid": summarize(sim_rows)["format_valid"],
+            "leak": {"n": probe["n"], "has_answer": probe["has_answer"], "has_answer_ci95": probe["has_answer_ci95"],
+                     "probes": list(prompts.LEAK_PROBES)},
+            "generation_s": round(getattr(engine, "generation_s", 0.0), 2),
         },
     }
     if vs_engine is not None:
@@ -160,13 +250,16 @@ def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, v
     return summary
 
 
-def _row(q: dict, role: str, spec: str, mode: str, docs, raw: str, well_formed: bool | None, k: int) -> dict:
+def _row(q: dict, role: str, spec: str, mode: str, docs, raw: str, well_formed: bool | None, k: int,
+         tries: int) -> dict:
+    documents = [d.as_dict() for d in docs]
     return {
         "id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"], "query": q["query"],
-        "role": role, "engine": spec, "mode": mode, "documents": [d.as_dict() for d in docs],
+        "role": role, "engine": spec, "mode": mode, "documents": documents,
         "text": prompts.format_documents(docs), "raw": raw,
         "well_formed": bool(well_formed) if well_formed is not None else len(docs) == k,
-        "has_answer": has_answer(_content([d.as_dict() for d in docs]), q["golden_answers"]),
+        "has_answer": metrics.docs_hold_answer(documents, q["golden_answers"]),
+        "tries": int(tries),
     }
 
 

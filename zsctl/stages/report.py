@@ -66,8 +66,16 @@ def _check_sim_section(d: Path, s: dict) -> list[str]:
     lines = [f"## Simulator check `{d.name}`: {sim.get('spec', '?')} ({s.get('n_queries', '?')} queries, k={s.get('k', '?')})",
              "", "| | " + " | ".join(name for name, _ in cols) + " |", "|---|" + "---|" * len(cols)]
     lines += [f"| {label} | " + " | ".join(_fmt(c.get(key), pct) for _, c in cols) + " |" for label, key, pct in rows]
-    lines += ["", f"Controllability gap (useful - noisy, holds a gold answer): {_fmt(sim.get('controllability_gap'))} points", ""]
-    return lines
+    lines += ["", f"Controllability gap (useful - noisy, holds a gold answer): {_fmt(sim.get('controllability_gap'))} points"]
+    if sim.get("gap_ci95"):  # check-sim's held-apart figures (older runs lack them)
+        leak, held = sim.get("leak", {}), s.get("held_apart", {})
+        lo, hi = sim["gap_ci95"]
+        lines[-1] += (f", 95% interval [{_fmt(lo)}, {_fmt(hi)}] (Newcombe), n = {s.get('n_queries', '?')} held-apart queries "
+                      f"({held.get('excluded_trained', '?')} trained-on and {held.get('excluded_yes_no', '?')} yes/no dropped; "
+                      f"trained questions: {held.get('trained_on', '?')}); format valid {_fmt(sim.get('format_valid'))} %; "
+                      f"leak (useful mode, a query that names nothing): {_fmt(leak.get('has_answer'))} % of {leak.get('n', '?')}"
+                      + (f"; verify={sim['verify']}" if sim.get("verify") else ""))
+    return lines + [""]
 
 
 def _ledger(found, price: float) -> dict:

@@ -1,0 +1,150 @@
+"""`build-sft --label docs`: contrastive useful/noisy pairs from one logged search, yes/no golds,
+degenerate queries; and the fixed defects of `--label answer` / `--label outcome`."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from test_build_sft import build, doc, traj, write_trajs
+from zsctl.cli import app
+from zsctl.core import metrics, prompts
+from zsctl.core.errors import BadInput
+
+# one real-looking top-5: two documents hold the answer (one through its alias), three do not
+TOP5 = [
+    doc("Peru", "Peru is a country in South America."),
+    doc("Lima", "Lima is the capital and largest city of Peru."),
+    doc("Andes", "The Andes run through Peru."),
+    doc("City of Kings", "The City of Kings was founded by Pizarro in 1535."),
+    doc("Cusco", "Cusco was the Inca capital."),
+]
+PERU = ("What is the capital of Peru?", ["Lima", "City of Kings"])
+
+
+def rows_by_id(train, val) -> dict[str, dict]:
+    return {r["id"]: r for r in train + val}
+
+
+def test_one_query_gives_a_useful_and_a_noisy_row_that_differ_only_in_the_mode_word(tmp_path):
+    src = write_trajs(tmp_path / "t", [traj("p#0", *PERU, [("capital of peru", TOP5)])])
+    summary, train, val = build(tmp_path, src, label="docs", docs=2, degenerate_share=0.0, val_fraction=0.0)
+    rows = rows_by_id(train, val)
+    useful, noisy = rows["p#0#0:u"], rows["p#0#0:n"]
+    # answer-holding documents first, in rank order; the noisy row gets the best-ranked others
+    assert useful["completion"] == prompts.format_documents([TOP5[1], TOP5[3]])
+    assert noisy["completion"] == prompts.format_documents([TOP5[0], TOP5[2]])
+    assert useful["prompt"].replace("Mode: useful.", "Mode: noisy.") == noisy["prompt"]
+    assert useful["prompt"] == prompts.render_simulator_prompt("capital of peru", PERU[0], "Lima", "useful", k=2)
+    assert (useful["label"], noisy["label"]) == ("useful", "noisy")
+    assert metrics.docs_hold_answer(prompts.parse_documents(useful["completion"], 2)[0], PERU[1])
+    assert not metrics.docs_hold_answer(prompts.parse_documents(noisy["completion"], 2)[0], PERU[1])
+    assert summary["labels_before"] == {"useful": 1, "noisy": 1} == summary["labels_after"]
+    assert summary["mode"] == "label:docs"
+
+
+def test_the_prompt_names_the_gold_alias_the_documents_hold(tmp_path):
+    only_alias = [TOP5[3], TOP5[0], TOP5[2]]
+    src = write_trajs(tmp_path / "t", [traj("p#0", *PERU, [("peru founded", only_alias)])])
+    _, train, val = build(tmp_path, src, label="docs", docs=2, degenerate_share=0.0, val_fraction=0.0)
+    rows = rows_by_id(train, val)
+    assert rows["p#0#0:u"]["golden_answer"] == "City of Kings" and "Answer: City of Kings\n" in rows["p#0#0:n"]["prompt"]
+    # fewer answer-free documents than --docs: both rows shrink to the same k
+    assert rows["p#0#0:u"]["completion"].count("Doc ") == rows["p#0#0:n"]["completion"].count("Doc ") == 2
+
+
+def test_yes_no_golds_and_answerless_results_are_skipped_and_counted(tmp_path):
+    rows = [
+        traj("p#0", *PERU, [("capital of peru", TOP5)]),
+        traj("y#0", "Is Lima in Peru?", ["yes"], [("lima peru", TOP5), ("lima", TOP5)]),
+        traj("n#0", "Who wrote Hamlet?", ["Shakespeare"], [("hamlet", TOP5)]),  # nothing holds the answer
+    ]
+    src = write_trajs(tmp_path / "t", rows)
+    summary, train, val = build(tmp_path, src, label="docs", degenerate_share=0.0, val_fraction=0.0)
+    assert summary["yes_no"] == 2 and summary["no_answer_docs"] == 1
+    assert {r["question"] for r in train + val} == {PERU[0]}
+
+
+def test_a_logged_degenerate_query_gets_no_answer_in_either_mode(tmp_path):
+    src = write_trajs(tmp_path / "t", [traj("p#0", *PERU, [("I need a fact", TOP5)])])
+    summary, train, val = build(tmp_path, src, label="docs", docs=3, degenerate_share=0.0, val_fraction=0.0)
+    rows = rows_by_id(train, val)
+    useful, noisy = rows["p#0#0:u"], rows["p#0#0:n"]
+    assert "Mode: useful." in useful["prompt"] and "Query: I need a fact\n" in useful["prompt"]
+    assert useful["completion"] == noisy["completion"] == prompts.format_documents([TOP5[0], TOP5[2], TOP5[4]])
+    assert summary["degenerate_queries"] == 1
+
+
+def test_placeholder_query_pairs_are_added_for_a_seeded_share(tmp_path):
+    rows = [traj(f"p{i}#0", f"What is the capital of Peru, take {i}?", PERU[1], [("capital of peru", TOP5)])
+            for i in range(40)]
+    src = write_trajs(tmp_path / "t", rows)
+    summary, train, val = build(tmp_path, src, "a", label="docs", degenerate_share=0.25, val_fraction=0.0)
+    extra = [r for r in train + val if r["id"].endswith(("~:u", "~:n"))]
+    assert summary["degenerate_synthesized"] == len(extra) // 2 and 3 <= len(extra) // 2 <= 18
+    for r in extra:
+        assert r["query"] in prompts.DEGENERATE_QUERIES and metrics.is_degenerate_query(r["query"])
+        assert not metrics.docs_hold_answer(prompts.parse_documents(r["completion"], 3)[0], PERU[1])
+    assert summary["labels_after"]["useful"] == summary["labels_after"]["noisy"] == 40 + len(extra) // 2
+    again, _, _ = build(tmp_path, src, "b", label="docs", degenerate_share=0.25, val_fraction=0.0)
+    assert again["degenerate_synthesized"] == summary["degenerate_synthesized"]  # seeded
+    none, _, _ = build(tmp_path, src, "c", label="docs", degenerate_share=0.0, val_fraction=0.0)
+    assert none["degenerate_synthesized"] == 0
+
+
+def test_pairs_stay_in_one_split(tmp_path):
+    rows = [traj(f"p{i}#0", f"Question number {i} about Peru?", PERU[1], [(f"peru {i}", TOP5)]) for i in range(30)]
+    src = write_trajs(tmp_path / "t", rows)
+    _, train, val = build(tmp_path, src, label="docs", degenerate_share=0.0, val_fraction=0.3)
+    assert train and val
+    for part in (train, val):
+        ids = {r["id"] for r in part}
+        assert all(i[:-1] + ("n" if i.endswith("u") else "u") in ids for i in ids)
+
+
+def test_answer_label_skips_yes_no_golds_instead_of_calling_them_noisy(tmp_path):
+    rows = [traj("p#0", *PERU, [("capital of peru", TOP5[:2]), ("andes", TOP5[2:3])]),
+            traj("y#0", "Is Lima in Peru?", ["yes"], [("lima peru", TOP5[:1])])]
+    src = write_trajs(tmp_path / "t", rows)
+    summary, train, val = build(tmp_path, src, label="answer", balance=False, val_fraction=0.0)
+    assert summary["yes_no"] == 1 and {r["question"] for r in train + val} == {PERU[0]}
+
+
+def test_outcome_label_on_question_as_query_searches(tmp_path):
+    qsearch = [traj(f"q{i}#0", f"Question {i} about Peru?", PERU[1], [(f"Question {i} about Peru?", TOP5)])
+               for i in range(3)]
+    src = write_trajs(tmp_path / "qs", qsearch)
+    out = tmp_path / "never"
+    r = CliRunner().invoke(app, ["build-sft", "--trajectories", str(src), "--out", str(out), "--label", "outcome", "--quiet"])
+    assert r.exit_code == 2 and "question-as-query" in r.output and "--label docs" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not out.exists()
+    # mixed with a policy's trajectories: built, but the summary warns
+    policy = [traj("w#0", *PERU, [("capital of peru", TOP5[:2])], em=1.0)]
+    mixed = f"{src},{write_trajs(tmp_path / 'pol', policy)}"
+    summary, _, _ = build(tmp_path, mixed, label="outcome", balance=False)
+    assert summary["question_as_query"] == 3 and "question-as-query" in summary["warning"]
+
+
+def test_docs_label_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    src = write_trajs(tmp_path / "t", [traj("n#0", "Who wrote Hamlet?", ["Shakespeare"], [("hamlet", TOP5)])])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = CliRunner().invoke(app, ["build-sft", "--trajectories", str(src), "--out", str(out), "--label", "docs", "--quiet"])
+    assert r.exit_code == 2 and "no search call gave a useful/noisy pair" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    with pytest.raises(BadInput, match="--degenerate-share"):
+        build(tmp_path, src, label="docs", degenerate_share=1.5)
+
+
+def test_cli_docs_label_json(tmp_path):
+    src = write_trajs(tmp_path / "t", [traj("p#0", *PERU, [("capital of peru", TOP5)])])
+    out = tmp_path / "sft"
+    r = CliRunner().invoke(app, ["build-sft", "--trajectories", str(src), "--out", str(out), "--label", "docs",
+                                 "--degenerate-share", "0", "--val-fraction", "0", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["rows_train"] == 2 and pq.read_table(out / "train.parquet").num_rows == 2
