@@ -148,3 +148,27 @@ def test_cli_docs_label_json(tmp_path):
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output.strip().splitlines()[-1])
     assert summary["rows_train"] == 2 and pq.read_table(out / "train.parquet").num_rows == 2
+
+
+def test_deep_results_give_several_pairs_when_asked(tmp_path):
+    holding = [doc(f"Lima {i}", f"Lima fact number {i}.") for i in range(3)]
+    free = [doc(f"Other {i}", f"Unrelated fact number {i}.") for i in range(6)]
+    top9 = [holding[0], free[0], holding[1], free[1], free[2], holding[2], free[3], free[4], free[5]]
+    src = write_trajs(tmp_path / "t", [traj("p#0", *PERU, [("capital of peru", top9)])])
+    _, train, val = build(tmp_path, src, "three", label="docs", docs=2, pairs_per_search=3, degenerate_share=0.0,
+                          val_fraction=0.0)
+    rows = rows_by_id(train, val)
+    expect = {
+        "p#0#0": ([holding[0], holding[1]], [free[0], free[1]]),
+        "p#0#0.1": ([holding[1], free[2]], [free[2], free[3]]),
+        "p#0#0.2": ([holding[2], free[4]], [free[4], free[5]]),
+    }
+    assert set(rows) == {f"{i}:{m}" for i in expect for m in "un"}
+    for i, (useful, noisy) in expect.items():
+        assert rows[f"{i}:u"]["completion"] == prompts.format_documents(useful)
+        assert rows[f"{i}:n"]["completion"] == prompts.format_documents(noisy)
+        assert rows[f"{i}:u"]["prompt"].replace("Mode: useful.", "Mode: noisy.") == rows[f"{i}:n"]["prompt"]
+    one, _, _ = build(tmp_path, src, "one", label="docs", docs=2, degenerate_share=0.0, val_fraction=0.0)
+    assert one["labels_after"] == {"useful": 1, "noisy": 1}  # the default: one pair per search
+    with pytest.raises(BadInput, match="--pairs-per-search"):
+        build(tmp_path, src, "bad", label="docs", pairs_per_search=0)

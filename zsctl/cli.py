@@ -195,6 +195,7 @@ def build_sft_cmd(
     target: str = typer.Option("simulator", "--for", help="simulator (sim_sft) | policy (policy_sft)."),
     label: str = typer.Option("outcome", "--label", help="Simulator labels: docs (useful/noisy pair from one search's top-N; collect with --topk 10) | outcome | answer | judge."),
     degenerate_share: float = typer.Option(0.15, "--degenerate-share", help="--label docs: extra pairs with a placeholder query and answer-free documents in both modes, as a share of the pairs."),
+    pairs_per_search: int = typer.Option(1, "--pairs-per-search", help="--label docs: up to N pairs from one search's results (the i-th answer-holding document each; needs deep results, e.g. collect --topk 20)."),
     judge_model: str = typer.Option("smollm2-135m", "--judge-model", help="Model for --label judge."),
     balance: bool = typer.Option(True, "--balance/--no-balance", help="Downsample the larger label class (seeded)."),
     val_fraction: float = typer.Option(0.1, "--val-fraction", help="Share of questions in val.parquet."),
@@ -213,7 +214,7 @@ def build_sft_cmd(
 
     cfg = build_sft.BuildSFTConfig(
         trajectories=trajectories, out=out, target=target, label=label, judge_model=judge_model, balance=balance,
-        degenerate_share=degenerate_share, val_fraction=val_fraction, docs=docs, doc_words=doc_words, min_f1=min_f1, templated=templated,
+        degenerate_share=degenerate_share, pairs_per_search=pairs_per_search, val_fraction=val_fraction, docs=docs, doc_words=doc_words, min_f1=min_f1, templated=templated,
         policy=policy, search=search, seed=seed,
     )
     summary = _execute(build_sft.run, cfg, quiet)

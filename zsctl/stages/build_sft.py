@@ -18,7 +18,10 @@ documents as `Doc i: (title) text`. Labels:
   gets its answer-free results in BOTH modes: a search that names nothing earns nothing, even in
   useful mode. Logged degenerate queries are rare (question-as-query data has none), so for a
   seeded share of the pairs (--degenerate-share) one more pair is written with a placeholder query
-  (prompts.DEGENERATE_QUERIES) and that call's answer-free documents in both modes.
+  (prompts.DEGENERATE_QUERIES) and that call's answer-free documents in both modes. With
+  --pairs-per-search N > 1, a deep result list gives up to N pairs: pair i (i ≥ 1) is the i-th
+  answer-holding document in front of the i-th window of k−1 answer-free ones (useful) against that
+  window of k (noisy).
 - answer: one row per call, useful when its documents hold a gold answer. Caveat: useful and noisy
   rows then come from DIFFERENT queries, so the model can learn query → documents rather than
   mode → documents; prefer docs.
@@ -97,6 +100,7 @@ class BuildSFTConfig:
     target: str = "simulator"  # simulator | policy (CLI: --for)
     label: str = "outcome"  # simulator labels: outcome | answer | judge | docs
     degenerate_share: float = 0.15  # docs: extra placeholder-query pairs, as a share of the pairs
+    pairs_per_search: int = 1  # docs: at most this many pairs from one search's results
     judge_model: str = "smollm2-135m"
     judge_batch_size: int = 16
     balance: bool = True
@@ -381,6 +385,8 @@ def _check_config(cfg: BuildSFTConfig) -> None:
         raise BadInput(f"--min-f1 {cfg.min_f1} must be in [0, 1]")
     if not 0.0 <= cfg.degenerate_share <= 1.0:
         raise BadInput(f"--degenerate-share {cfg.degenerate_share} must be in [0, 1]")
+    if cfg.pairs_per_search < 1:
+        raise BadInput(f"--pairs-per-search {cfg.pairs_per_search} must be at least 1")
 
 
 def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, progress) -> dict:
@@ -632,14 +638,27 @@ def _doc_pairs(cfg, batch, seen, stats) -> list[tuple[str, dict, int]]:
             if not any(hits):
                 stats["no_answer_docs"] += 1
                 continue
-            ranked = [d for d, h in zip(docs, hits) if h] + answer_free  # answer-holding first, rank order kept
-            gold = metrics.find_answer([x for d in ranked[:k] for x in (d["title"], d["text"])], golds) or golds[0]
-            rows += _pair(cfg, t, seen, stats, row_id, query, gold, ranked[:k], answer_free[:k])
+            holding = [d for d, h in zip(docs, hits) if h]
+            ranked = holding + answer_free  # answer-holding first, rank order kept
+            rows += _pair(cfg, t, seen, stats, row_id, query, _held_gold(ranked[:k], golds), ranked[:k], answer_free[:k])
+            # --pairs-per-search: the next answer-holding results, each with its own window of answer-free
+            # ones (deep result lists hold several; each pair is another pair of distinct completions)
+            for i in range(1, min(cfg.pairs_per_search, len(holding))):
+                window = answer_free[i * k:(i + 1) * k]
+                if len(window) < k:
+                    break
+                useful = [holding[i]] + window[: k - 1]
+                rows += _pair(cfg, t, seen, stats, f"{row_id}.{i}", query, _held_gold(useful, golds), useful, window)
             if h64(str(cfg.seed), row_id) / 2**64 < cfg.degenerate_share:
                 placeholder = prompts.DEGENERATE_QUERIES[h64(row_id) % len(prompts.DEGENERATE_QUERIES)]
                 stats["degenerate_synthesized"] += 1
                 rows += _pair(cfg, t, seen, stats, f"{row_id}~", placeholder, golds[0], answer_free[:k], answer_free[:k])
     return rows
+
+
+def _held_gold(docs: list[dict], golds: list[str]) -> str:
+    """The gold alias the documents hold, for the prompt: the simulator learns to write what it is given."""
+    return metrics.find_answer([x for d in docs for x in (d["title"], d["text"])], golds) or golds[0]
 
 
 def _pair(cfg, t, seen, stats, row_id, query, gold, useful_docs, noisy_docs) -> list[tuple[str, dict, int]]:
