@@ -112,3 +112,64 @@ def test_summary_rates_of_protocol_use():
     met = summarize([row(True, 0, 1.0), row(False, 2), row(False, 0), row(True, 1)])["overall"]
     assert met["answer_rate"] == 0.5 and met["valid_rate"] == 0.75 and met["em"] == 0.25
     assert met["avg_searches"] == 0.75
+
+
+SEARCH_CORPUS = [
+    ("Lima", "Lima is the capital and largest city of Peru."),
+    ("Peru", "Peru is a country in western South America."),
+    ("Hamlet", "Hamlet is a tragedy written by William Shakespeare."),
+    ("Everest", "Mount Everest is the highest mountain above sea level."),
+]
+# (id, data_source, question, golds, what the scripted policy writes round by round). Keys are
+# substrings of the question that no document contains (the script is chosen by the row's text).
+SEARCH_QUESTIONS = [
+    ("g", "arts", "Who painted Guernica?", ["Pablo Picasso"], ["<search> query </search>", "<answer> Picasso </answer>"]),
+    ("t", "arts", "Who wrote Tamburlaine?", ["Christopher Marlowe"], ["<search> query </search>", "<answer> Marlowe </answer>"]),
+    ("l", "geo", "Is Lima in Peru?", ["yes"], ["<search> Lima Peru </search>", "<answer> yes </answer>"]),
+    ("c", "geo", "What is the capital of Peru?", ["Lima"], ["<search> capital of Peru </search>", "<answer> Lima </answer>"]),
+    ("m", "geo", "What is the highest mountain?", ["Mount Everest"], ["<answer> Mount Everest </answer>"]),
+]
+
+
+def test_eval_records_degenerate_queries_and_search_hits(tmp_path, tiny_model_dir, monkeypatch):
+    """Known values end to end: a scripted tiny model, a real BM25 engine over a small corpus."""
+    from conftest import script_model
+    from zsctl.console import metrics_table
+    from zsctl.core.models import load_model
+    from zsctl.stages import evaluate
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(SEARCH_CORPUS)))
+    bench = tmp_path / "q.jsonl"
+    bench.write_text("".join(json.dumps({"id": i, "data_source": ds, "question": q, "golden_answers": g}) + "\n"
+                             for i, ds, q, g, _ in SEARCH_QUESTIONS))
+    model, tok = load_model(str(tiny_model_dir))
+    keys = {"g": "Guernica", "t": "Tamburlaine", "l": "Lima in Peru", "c": "capital of Peru", "m": "highest mountain"}
+    script_model(model, tok, {keys[i]: script for i, _, _, _, script in SEARCH_QUESTIONS})
+    monkeypatch.setattr(evaluate, "load_model", lambda spec: (model, tok))
+    out = tmp_path / "ev"
+    summary = evaluate.run(evaluate.EvalConfig(bench=str(bench), model="scripted", search=f"bm25:{corpus}", out=str(out),
+                                               max_turns=2, max_new_tokens=24, topk=2))
+
+    preds = {p["id"]: p for p in pq.read_table(out / "predictions.parquet").to_pylist()}
+    facts = {i: [(s["query"], s["degenerate"], s["has_answer"]) for s in p["searches"]] for i, p in preds.items()}
+    assert facts == {
+        "g": [("query", True, False)],  # names nothing, and the corpus has no Picasso
+        "t": [("query", True, False)],
+        "l": [("Lima Peru", False, None)],  # yes/no golds cannot tell
+        "c": [("capital of Peru", False, True)],
+        "m": [],
+    }
+    assert preds["c"]["searches"][0]["documents"][0]["title"] == "Lima"
+    met = json.loads((out / "metrics.json").read_text())
+    overall = met["overall"]
+    assert (overall["searches"], overall["degenerate_share"], overall["hit_searches_n"]) == (4, 0.5, 3)
+    assert overall["search_hit_rate"] == pytest.approx(1 / 3)
+    assert overall["top_queries"][0] == ["query", 2] and len(overall["top_queries"]) == 3
+    arts, geo = met["benchmarks"]["arts"], met["benchmarks"]["geo"]
+    assert (arts["searches"], arts["degenerate_share"], arts["search_hit_rate"]) == (2, 1.0, 0.0)
+    assert (geo["searches"], geo["degenerate_share"], geo["search_hit_rate"], geo["hit_searches_n"]) == (2, 0.0, 1.0, 1)
+    assert overall["em"] == pytest.approx(3 / 5) and summary["overall"] == overall
+    table = metrics_table(summary)
+    assert [c.header for c in table.columns][-2:] == ["degenerate %", "search hit %"]
+    assert list(table.columns[-2].cells) == ["100.0", "0.0", "50.0"]  # arts, geo, overall

@@ -90,6 +90,11 @@ def test_collect_logs_real_searches_scores_and_ledger(tmp_path, corpus, tiny_mod
     assert (p["em"], h["em"], e["em"]) == (1.0, 0.0, 1.0) and h["f1"] == 0.0 and p["prediction"] == "Lima"
     assert (p["question"], p["golden_answers"], p["engine"], p["num_searches"]) == (QUESTIONS[0][1], ["Lima"], cfg.search, 1)
     assert summary["share_correct"] == pytest.approx(2 / 3) and summary["searches_per_trajectory"] == 1.0
+    # search quality per logged call, and in the summary
+    assert [(s["degenerate"], s["has_answer"]) for s in p["searches"] + e["searches"]] == [(False, True), (False, True), (False, False)]
+    assert (summary["searches"], summary["degenerate_share"], summary["hit_searches_n"]) == (3, 0.0, 3)
+    assert summary["search_hit_rate"] == pytest.approx(2 / 3) and [q for q, _ in summary["top_queries"]] == \
+        ["capital of Peru", "highest mountain", "Nile river Africa"]
     ledger = summary["ledger"]
     assert ledger["engine_calls"] == 3 and ledger["logged_searches"] == 3 and "estimated_cost_usd" not in ledger
     manifest = json.loads((Path(cfg.out) / "manifest.json").read_text())

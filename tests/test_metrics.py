@@ -116,3 +116,43 @@ def test_score_keys_and_range():
     s = score("<answer>x</answer>", ["x"])
     assert set(s) == {"em", "subem", "f1"}
     assert all(0.0 <= v <= 1.0 and isinstance(v, float) for v in s.values())
+
+
+# --- search quality ------------------------------------------------------------------------------
+
+from zsctl.core import metrics as m  # noqa: E402
+
+
+@pytest.mark.parametrize("query", ["", "   ", "query", "your query", "Search", "I need a fact, so I search.",
+                                   "I need a fact I do not know", "the answer to the question", "Let me check."])
+def test_degenerate_queries_name_nothing(query):
+    assert m.is_degenerate_query(query)
+
+
+@pytest.mark.parametrize("query", ["Kiss and Tell", "who told the story of the prodigal son", "Jaws director",
+                                   "capital of Peru", "1984"])
+def test_real_queries_are_not_degenerate(query):
+    assert not m.is_degenerate_query(query)
+
+
+def test_search_facts_and_quality_count_what_they_should():
+    lima = [{"title": "Lima", "text": "Lima is the capital of Peru."}]
+    facts = [
+        m.search_facts("capital of Peru", lima, ["Lima"]),       # names something, holds the answer
+        m.search_facts("query", lima, ["Lima"]),                 # degenerate, and still holds it
+        m.search_facts("Peru", [{"title": "", "text": "Limassol is in Cyprus."}], ["Lima"]),  # whole words only
+        m.search_facts("Peru", lima, ["yes"]),                   # yes/no golds cannot tell
+        m.search_facts("Peru", lima, []),                        # nor can no golds
+    ]
+    assert [f["degenerate"] for f in facts] == [False, True, False, False, False]
+    assert [f["has_answer"] for f in facts] == [True, True, False, None, None]
+    q = m.search_quality(facts)
+    assert q == {"searches": 5, "degenerate_share": 0.2, "search_hit_rate": pytest.approx(2 / 3), "hit_searches_n": 3}
+    # an older artifact's searches (no facts recorded) count as searches that cannot tell
+    assert m.search_quality([{"degenerate": None, "has_answer": None}])["hit_searches_n"] == 0
+
+
+def test_top_queries_merge_case_and_spacing():
+    top = m.top_queries(["query", "Query ", "Jaws  director", "jaws director", "jaws director", "x"], n=2)
+    assert top == [["Jaws director", 3], ["query", 2]]
+    assert m.top_queries([]) == []

@@ -51,14 +51,17 @@ def make_progress(quiet: bool) -> Progress:
 
 
 def _score_cells(m: dict) -> list[str]:
-    """n, EM, SubEM, F1 (as %) and searches per question of one metrics.json entry."""
+    """n, EM, SubEM, F1 (as %), searches per question, and the search quality (degenerate-query share
+    and search-hit rate, %; '–' when there is nothing to count or an older run lacks them) of one
+    metrics.json entry."""
+    pct = lambda v: "–" if v is None or v != v else f"{100 * v:.1f}"  # noqa: E731 (v != v: NaN)
     return [str(m["n"]), f"{100 * m['em']:.1f}", f"{100 * m['subem']:.1f}", f"{100 * m['f1']:.1f}",
-            f"{m['avg_searches']:.2f}"]
+            f"{m['avg_searches']:.2f}", pct(m.get("degenerate_share")), pct(m.get("search_hit_rate"))]
 
 
 def _score_table(title: str, keys: tuple[str, ...]) -> Table:
     t = Table(title=title or None)
-    for col in (*keys, "n", "EM", "SubEM", "F1", "searches"):
+    for col in (*keys, "n", "EM", "SubEM", "F1", "searches", "degenerate %", "search hit %"):
         t.add_column(col, justify="left" if col in keys else "right")
     return t
 

@@ -191,7 +191,7 @@ _YES_NO = frozenset({"yes", "no"})
 INSTRUCTION_WORDS = frozenset(
     "search searching searches query queries need needs needed fact facts know knows known "
     "information answer answers question questions find look lookup result results think "
-    "your my i me".split()
+    "your my i me let lets check checking looking up sure answering searched now first next".split()
 )
 STOP_WORDS = frozenset(
     "a an the and or but if of to in on at by for with about from into over as is are was were be "
@@ -265,3 +265,56 @@ def yes_no(golds: object) -> bool:
     the answer, so search-hit rates and simulator checks leave them out."""
     ns = [normalize_answer(g) for g in (golds or [])]
     return bool(ns) and all(n in _YES_NO for n in ns)
+
+
+def search_facts(query: object, documents: Iterable[object], golds: object) -> dict:
+    """What eval, collect and rl record for one search call: `degenerate` (the query names nothing)
+    and `has_answer` (its documents hold a gold answer; None when the golds are all yes/no or
+    empty, which cannot tell).
+
+    >>> search_facts("director of Jaws", [{"title": "Jaws", "text": "Directed by Steven Spielberg."}], ["Steven Spielberg"])
+    {'degenerate': False, 'has_answer': True}
+    >>> search_facts("query", [{"text": "Yes."}], ["yes"])
+    {'degenerate': True, 'has_answer': None}
+    """
+    judged = bool(_golds(golds)) and not yes_no(golds)
+    return {"degenerate": is_degenerate_query(query), "has_answer": docs_hold_answer(documents, golds) if judged else None}
+
+
+def search_quality(facts: Iterable[dict]) -> dict:
+    """Search counts and rates over per-search facts (search_facts' keys): `searches`;
+    `degenerate_share` = degenerate queries / searches; `search_hit_rate` = searches whose documents
+    hold a gold answer / `hit_searches_n`, the searches that can tell (golds not all yes/no). A rate
+    with nothing to count is None.
+
+    >>> search_quality([{"degenerate": True, "has_answer": False}, {"degenerate": False, "has_answer": True},
+    ...                 {"degenerate": False, "has_answer": None}])
+    {'searches': 3, 'degenerate_share': 0.3333333333333333, 'search_hit_rate': 0.5, 'hit_searches_n': 2}
+    >>> search_quality([])
+    {'searches': 0, 'degenerate_share': None, 'search_hit_rate': None, 'hit_searches_n': 0}
+    """
+    facts = list(facts)
+    judged = [bool(f["has_answer"]) for f in facts if f.get("has_answer") is not None]
+    return {
+        "searches": len(facts),
+        "degenerate_share": sum(bool(f["degenerate"]) for f in facts) / len(facts) if facts else None,
+        "search_hit_rate": sum(judged) / len(judged) if judged else None,
+        "hit_searches_n": len(judged),
+    }
+
+
+def top_queries(queries: Iterable[object], n: int = 5) -> list[list]:
+    """The `n` most common queries with their counts, [[query, count], ...]; queries that differ only
+    in case or spacing count as one (shown as first written).
+
+    >>> top_queries(["search", "Jaws director", "Search ", "search"], n=2)
+    [['search', 3], ['Jaws director', 1]]
+    """
+    counts: Counter = Counter()
+    shown: dict[str, str] = {}
+    for q in queries:
+        text = " ".join(str(q or "").split())
+        key = text.casefold()
+        shown.setdefault(key, text)
+        counts[key] += 1
+    return [[shown[k], c] for k, c in counts.most_common(n)]

@@ -11,12 +11,25 @@ import pyarrow as pa
 SCHEMA_VERSION = 1
 
 
-def _f(name: str, typ: pa.DataType, doc: str) -> pa.Field:
-    return pa.field(name, typ, metadata={"description": doc})
+def _f(name: str, typ: pa.DataType, doc: str, optional: bool = False) -> pa.Field:
+    """One documented field; `optional` marks a field added later, which readers do not require
+    (artifacts written before it existed still load; the value reads as null)."""
+    meta = {"description": doc, **({"optional": "true"} if optional else {})}
+    return pa.field(name, typ, metadata=meta)
+
+
+def _optional(field: pa.Field) -> bool:
+    return (field.metadata or {}).get(b"optional") == b"true"
 
 
 DOC = pa.struct([("title", pa.string()), ("text", pa.string()), ("score", pa.float64())])
-SEARCH = pa.struct([("query", pa.string()), ("documents", pa.list_(DOC))])
+# One search call. The two facts are metrics.search_facts (search quality, shown beside EM/F1).
+SEARCH = pa.struct([
+    ("query", pa.string()),
+    ("documents", pa.list_(DOC)),
+    _f("degenerate", pa.bool_(), "the query names nothing (metrics.is_degenerate_query)", optional=True),
+    _f("has_answer", pa.bool_(), "the documents hold a gold answer; null when the golds are all yes/no", optional=True),
+])
 STR_LIST = pa.list_(pa.string())
 
 QUESTIONS = pa.schema(
@@ -81,6 +94,8 @@ ROLLOUTS = pa.schema(
         _f("reward", pa.float64(), "reward given"),
         _f("num_searches", pa.int64(), "search calls"),
         _f("sim_labels", STR_LIST, "mode of each simulated search (useful|noisy); empty for real engines"),
+        _f("searches", pa.list_(SEARCH), "every search call: query, documents and their search-quality facts",
+           optional=True),
     ]
 )
 
@@ -96,6 +111,8 @@ PREDICTIONS = pa.schema(
         _f("f1", pa.float64(), "token F1, max over golds"),
         _f("num_searches", pa.int64(), "search calls"),
         _f("response", pa.string(), "the whole response"),
+        _f("searches", pa.list_(SEARCH), "every search call: query, documents and their search-quality facts",
+           optional=True),
     ]
 )
 
@@ -144,7 +161,8 @@ def missing_or_mistyped(schema: pa.Schema, required: pa.Schema) -> list[str]:
     for field in required:
         idx = schema.get_field_index(field.name)
         if idx < 0:
-            problems.append(f"missing column '{field.name}'")
+            if not _optional(field):
+                problems.append(f"missing column '{field.name}'")
         elif not _compatible(schema.field(idx).type, field.type):
             problems.append(f"column '{field.name}' is {schema.field(idx).type}, expected {field.type}")
     return problems
@@ -168,7 +186,7 @@ def _compatible(got: pa.DataType, want: pa.DataType) -> bool:
             return False
         names = {got.field(i).name: got.field(i).type for i in range(got.num_fields)}
         return all(
-            want.field(i).name in names and _compatible(names[want.field(i).name], want.field(i).type)
-            for i in range(want.num_fields)
+            _compatible(names[f.name], f.type) if f.name in names else _optional(f)
+            for f in (want.field(i) for i in range(want.num_fields))
         )
     return False

@@ -3,7 +3,9 @@
 Each question is answered `--samples` times (temperature 1.0 by default when K > 1, so both right
 and wrong outcomes appear); every search call is logged with its query and rank-ordered documents,
 and every trajectory with its prediction, EM and F1. Bundled benchmark names read their training
-split only, so collected data never contains evaluation questions.
+split only, so collected data never contains evaluation questions. Each logged call also carries
+its search-quality facts (metrics.search_facts: `degenerate`, `has_answer`), and the summary their
+rates (degenerate share, search-hit rate) and the most common queries.
 
 Resumable: after each batch the batch's trajectories go to one shard (OUT/trajectories.shards/
 part-NNNNN.parquet, written atomically). All K samples of a question are in the same shard, so a
@@ -25,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from zsctl.agent import AgentConfig, AgentLoop, QuestionAsQuery
@@ -214,6 +217,8 @@ def _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen) -> dict
         "mean_f1": stats["f1"] / rows if rows else 0.0,
         "searches_per_trajectory": stats["searches"] / rows if rows else 0.0,
         "share_with_search": stats["with_search"] / rows if rows else 0.0,
+        **stats["quality"],
+        "top_queries": stats["top_queries"],
         "wall_s": round(wall, 2),
         "trajectories_per_s": round(new / wall, 3) if wall > 0 else 0.0,
         "generated_tokens": loop.generated_tokens,
@@ -238,7 +243,8 @@ def trajectory_row(cfg: CollectConfig, q: dict, sample: int, t) -> dict:
         "golden_answers": list(q["golden_answers"]),
         "model": cfg.model,
         "engine": cfg.search,
-        "searches": [{"query": s["query"], "documents": s["documents"]} for s in t.searches],
+        "searches": [{"query": s["query"], "documents": s["documents"],
+                      **metrics.search_facts(s["query"], s["documents"], q["golden_answers"])} for s in t.searches],
         "response": t.response,
         "prediction": pred,
         "em": scores["em"],
@@ -253,6 +259,7 @@ def merge_shards(shard_dir: Path, dest: Path) -> tuple[int, dict]:
     rows = 0
     stats = {"correct": 0.0, "f1": 0.0, "searches": 0, "with_search": 0}
     questions = set()
+    facts, queries = [], []  # one small dict / string per search call (documents are not kept)
     with pq.ParquetWriter(tmp, TRAJECTORIES) as w:
         for f in sorted(shard_dir.glob("part-*.parquet")):
             t = pq.read_table(f, schema=TRAJECTORIES)
@@ -264,8 +271,14 @@ def merge_shards(shard_dir: Path, dest: Path) -> tuple[int, dict]:
             stats["searches"] += sum(n)
             stats["with_search"] += sum(1 for x in n if x)
             questions.update(zip(t.column("data_source").to_pylist(), t.column("question_id").to_pylist()))
+            calls = pc.list_flatten(t.column("searches"))
+            queries += pc.struct_field(calls, "query").to_pylist()
+            facts += pa.Table.from_arrays([pc.struct_field(calls, k) for k in ("degenerate", "has_answer")],
+                                          names=["degenerate", "has_answer"]).to_pylist()
     tmp.replace(dest)
     stats["questions"] = len(questions)
+    stats["quality"] = metrics.search_quality(facts)
+    stats["top_queries"] = metrics.top_queries(queries)
     return rows, stats
 
 

@@ -3,6 +3,12 @@
 setup (questions, model, engine) → batched agent rollouts → score every row → write
 predictions.parquet, metrics.json, manifest.json (last). Scores are fractions in [0, 1]; every
 question is scored, partial last batch included, and n is reported.
+
+Search quality beside the scores (metrics.search_facts / search_quality): every search call in
+predictions.parquet carries `degenerate` (its query names nothing) and `has_answer` (its documents
+hold a gold answer); metrics.json gives per benchmark and overall the search count, the degenerate
+share, the search-hit rate (over `hit_searches_n` searches: questions whose golds are not all
+yes/no) and the most common queries.
 """
 
 from __future__ import annotations
@@ -56,10 +62,13 @@ def summarize(rows: list[dict]) -> dict:
     def agg(rs):
         n = len(rs)
         mean = lambda k: sum(r[k] for r in rs) / n if n else 0.0  # noqa: E731
+        searches = [s for r in rs for s in r.get("searches") or []]
         return {"n": n, "em": mean("em"), "subem": mean("subem"), "f1": mean("f1"), "avg_searches": mean("num_searches"),
                 # protocol use: an answer in tags, or at least a search or an answer (a small model off
                 # the protocol scores 0 for that reason, not for lack of knowledge)
-                "answer_rate": mean("answered"), "valid_rate": sum(r["answered"] or r["num_searches"] > 0 for r in rs) / n if n else 0.0}
+                "answer_rate": mean("answered"), "valid_rate": sum(r["answered"] or r["num_searches"] > 0 for r in rs) / n if n else 0.0,
+                # what it searched for: a policy that searches "query" is not searching, whatever its EM
+                **metrics.search_quality(searches), "top_queries": metrics.top_queries(s["query"] for s in searches)}
 
     by: dict[str, list[dict]] = {}
     for r in rows:
@@ -111,6 +120,9 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
                     **metrics.score(pred, q["golden_answers"]),
                     "num_searches": t.num_searches,
                     "response": t.response,
+                    "searches": [{"query": s["query"], "documents": s["documents"],
+                                  **metrics.search_facts(s["query"], s["documents"], q["golden_answers"])}
+                                 for s in t.searches],
                     "answered": t.prediction is not None,  # not a column: only for the rates in metrics.json
                 }
             )

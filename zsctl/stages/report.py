@@ -54,6 +54,16 @@ def _eval_rows(found) -> list[tuple[str, str, dict]]:
     return rows
 
 
+def _top_queries_section(found) -> list[str]:
+    """What each evaluated policy searched for most (metrics.json's overall top queries)."""
+    lines = []
+    for d, _ in sorted(found.get("predictions", []), key=lambda dm: dm[1].get("created_at", "")):
+        top = json.loads((d / "metrics.json").read_text(encoding="utf-8"))["overall"].get("top_queries")
+        if top:
+            lines.append(f"- `{d.name}` searched most for: " + "; ".join(f"\"{q}\" ×{c}" for q, c in top))
+    return lines + [""] if lines else []
+
+
 def _check_sim_section(d: Path, s: dict) -> list[str]:
     """Useful vs noisy (vs the real engine) side by side: the gap in has-answer is the controllability."""
     sim, real = s.get("simulator", {}), s.get("real")
@@ -110,11 +120,16 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
     lines = [f"# zsctl report: {run_dir}", ""]
     evals = _eval_rows(found)
     if evals:
-        lines += ["## Evaluation (real engine)", "", "| run | benchmark | n | EM | SubEM | F1 | searches |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["## Evaluation (real engine)", "",
+                  "| run | benchmark | n | EM | SubEM | F1 | searches | degenerate queries % | search-hit rate % |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r} | {b} | {m['n']} | {_fmt(m['em'])} | {_fmt(m['subem'])} | {_fmt(m['f1'])} | "
-                  f"{_fmt(m['avg_searches'], pct=False)} |" for r, b, m in evals]
-        lines.append("")
+                  f"{_fmt(m['avg_searches'], pct=False)} | {_fmt(m.get('degenerate_share'))} | {_fmt(m.get('search_hit_rate'))} |"
+                  for r, b, m in evals]
+        lines += ["", "Degenerate: a query with no content word of its own (empty, a placeholder, instruction words). "
+                  "Search-hit rate: searches whose documents hold a gold answer, over questions whose golds are not "
+                  "all yes/no.", ""]
+        lines += _top_queries_section(found)
     rl_runs = [(d, pq.read_table(d / "metrics.parquet").to_pylist()) for d, _ in found.get("policy", [])
                if (d / "metrics.parquet").is_file()]
     for d, mets in rl_runs:
@@ -133,7 +148,9 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
         lines += [f"| {label} | {_fmt(avg(head, key), pct)} | {_fmt(avg(tail, key), pct)} |" for label, key, pct in (
             ("reward", "reward_mean", False), ("valid-answer rate %", "valid_answer_rate", True),
             ("noise p planned", "noise_p", False), ("noisy share realised", "noisy_share", False),
-            ("searches / trajectory", "searches_per_traj", False), ("seconds / step", "step_seconds", False))]
+            ("searches / trajectory", "searches_per_traj", False), ("degenerate queries %", "degenerate_share", True),
+            ("search-hit rate %", "search_hit_rate", True), ("search-hit rate, useful mode %", "search_hit_rate_useful", True),
+            ("search-hit rate, noisy mode %", "search_hit_rate_noisy", True), ("seconds / step", "step_seconds", False))]
         lines.append("")
     ledger = _ledger(found, cfg.price_per_1k)
     lines += ["## Search-cost ledger", "",
@@ -154,7 +171,8 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
     tmp.replace(out / "report.md")
     summary = {"out": str(out), "report": str(out / "report.md"), "plots": [p.name for p in plots or []],
                "artifacts": {k: len(v) for k, v in found.items()}, "ledger": ledger,
-               "evaluation": [{"run": r, "benchmark": b, **{k: m[k] for k in ("n", "em", "subem", "f1", "avg_searches")}}
+               "evaluation": [{"run": r, "benchmark": b, **{k: m[k] for k in ("n", "em", "subem", "f1", "avg_searches")},
+                               **{k: m.get(k) for k in ("degenerate_share", "search_hit_rate", "hit_searches_n")}}
                               for r, b, m in evals]}
     artifacts.write_manifest(out, "report", config=asdict(cfg), inputs=[{"path": str(d)} for v in found.values() for d, _ in v],
                              summary=summary)
@@ -203,6 +221,18 @@ def _plots(out: Path, rl_runs, evals, ledger) -> list[Path] | None:
         ax.plot(steps, [m["searches_per_traj"] for m in mets])
         ax.set_xlabel("step"), ax.set_ylabel("searches / trajectory"), ax.set_title("search calls")
         save(fig, f"{d.name}_searches.png")
+
+        if any("degenerate_share" in m for m in mets):  # runs from before these columns have no such plot
+            fig, ax = plt.subplots(figsize=(6, 3.5))
+            for key, label, style in (("degenerate_share", "degenerate queries", "C3"),
+                                      ("search_hit_rate", "search-hit rate", "C2"),
+                                      ("search_hit_rate_useful", "hit rate, useful mode", "C0--"),
+                                      ("search_hit_rate_noisy", "hit rate, noisy mode", "C1--")):
+                vals = [m.get(key) for m in mets]
+                ax.plot(steps, [float("nan") if v is None else v for v in vals], style, marker="o", ms=3, label=label)
+            ax.set_xlabel("step"), ax.set_ylim(-0.02, 1.02), ax.legend(fontsize=8)
+            ax.set_title(f"RL {d.name}: search quality (the simulator's documents)")
+            save(fig, f"{d.name}_search_quality.png")
 
     if evals:
         import numpy as np

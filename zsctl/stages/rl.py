@@ -240,11 +240,14 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
         rewards = reward_fn(completions=[t.response for t in trajs], golden_answers=golds, prediction=predictions)
 
         g = cfg.group_size
+        # search quality per call (metrics.search_facts); the documents are the simulator's
+        searches = [[{"query": s["query"], "documents": s["documents"], **metrics.search_facts(s["query"], s["documents"], gold)}
+                     for s in t.searches] for t, gold in zip(trajs, golds)]
         recorder.rollouts(step, [
             {"step": step, "noise_p": p, "question_id": golds_by_question[q]["id"], "sample": i % g,
              "response": t.response, "prediction": pred, "reward": float(r), "num_searches": t.num_searches,
-             "sim_labels": t.sim_labels}
-            for i, (q, t, pred, r) in enumerate(zip(prompts, trajs, predictions, rewards))
+             "sim_labels": t.sim_labels, "searches": ss}
+            for i, (q, t, pred, r, ss) in enumerate(zip(prompts, trajs, predictions, rewards, searches))
         ])
         # the step's metrics cover every process's rollouts (a collective: all ranks get here each step)
         from accelerate.utils import gather_object
@@ -255,6 +258,8 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             "searches": [t.num_searches for t in trajs],
             "labels": [m for t in trajs for m in t.sim_labels],
             "tokens": sum(sum(m) for m in env_mask),
+            "facts": [{"degenerate": f["degenerate"], "has_answer": f["has_answer"], "mode": s.get("mode")}
+                      for t, ss in zip(trajs, searches) for s, f in zip(t.searches, ss)],
         }
         parts = gather_object([mine]) if trainer.accelerator.num_processes > 1 else [mine]
         rewards_all = [r for part in parts for r in part["rewards"]]
@@ -272,10 +277,12 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             "searches_per_traj": sum(s for part in parts for s in part["searches"]) / n,
             "generated_tokens": model_tokens,
             "gen_tokens_per_s": model_tokens / gen_s if gen_s > 0 else float("nan"),
+            **search_metrics([f for part in parts for f in part["facts"]]),
         }
         progress.log(
             f"step {step}/{cfg.steps}: p={p:.3f} reward={recorder.pending['reward_mean']:.3f} "
-            f"valid={recorder.pending['valid_answer_rate']:.2f} searches={recorder.pending['searches_per_traj']:.2f}"
+            f"valid={recorder.pending['valid_answer_rate']:.2f} searches={recorder.pending['searches_per_traj']:.2f} "
+            f"degenerate={recorder.pending['degenerate_share']:.2f} hit={recorder.pending['search_hit_rate']:.2f}"
         )
         return {
             "prompt_ids": [t.prompt_ids for t in trajs],
@@ -289,6 +296,15 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
         }
 
     return rollout_func
+
+
+def search_metrics(facts: list[dict]) -> dict:
+    """A step's search quality (metrics.search_quality), with the hit rate also per simulator mode:
+    useful documents should hold the answer and noisy ones not, whatever the query. NaN: nothing to count."""
+    row = metrics.search_quality(facts)
+    for mode in ("useful", "noisy"):
+        row[f"search_hit_rate_{mode}"] = metrics.search_quality(f for f in facts if f.get("mode") == mode)["search_hit_rate"]
+    return {k: float("nan") if v is None else v for k, v in row.items()}
 
 
 def _std(xs: list[float]) -> float:
