@@ -251,8 +251,9 @@ def test_policy_templated_only_uses_calls_whose_documents_hold_the_answer(tmp_pa
     summary, train, val = build(tmp_path, src, target="policy", templated=True, policy=str(tiny_model_dir), val_fraction=0.0)
     (row,) = train + val
     assert summary["mode"] == "templated" and summary["not_selected"] == 2
-    assert row["completion"] == (prompts.DEMO_SEARCH_TURN.format(query="capital france")
-                                 + prompts.information_block(PARIS) + prompts.DEMO_ANSWER_TURN.format(answer="Paris"))
+    comp = row["completion"]  # a search turn, the call's own information block, an answer turn
+    assert comp.startswith("<think> ") and "</think>\n<search> capital france </search>" + prompts.information_block(PARIS) in comp
+    assert comp.endswith("</think>\n<answer> Paris </answer>") and comp.count("<think>") == 2
     assert row["id"] == "a#0#1" and row["question"] == "Capital of France?"
     # the inserted span is exactly what warmup masks out
     pieces = sft.split_env_spans(row["completion"])

@@ -15,13 +15,14 @@ from zsctl.core.errors import BadInput
 
 # --- policy ------------------------------------------------------------------------------------
 
-# Kept short on purpose: a 135M model on 2 CPU cores pays for every prompt token in RL.
+# Kept short on purpose: a 135M model on 2 CPU cores pays for every prompt token in RL. No tag pair
+# here encloses filler text: a small model copies whatever stands between <search> and </search>
+# ("your query" became its most common query), so only the answer tag gets an example.
 POLICY_INSTRUCTION = (
-    "Answer the question. Think inside <think> </think>. "
-    "If you need facts, write <search> your query </search> and the results come back "
-    "inside <information> </information>; search as often as you need. "
-    "When you know the answer, write it inside <answer> </answer> with no explanation, "
-    "for example <answer> Paris </answer>.\n"
+    "Answer the question. Think briefly between <think> and </think>. "
+    "To look something up, write the name or question to search for between <search> and </search>; "
+    "the results come back between <information> and </information>. Search as often as you need. "
+    "Then give only the answer between <answer> and </answer>, for example <answer> Paris </answer>.\n"
     "Question: {question}"
 )
 
@@ -30,8 +31,8 @@ POLICY_SYSTEM = "You are a helpful assistant that uses a search engine."
 
 INFORMATION_BLOCK = "\n\n<information>{documents}</information>\n\n"
 INVALID_ACTION = (
-    "\nThat was not a valid action. Search with <search> query </search> "
-    "or give the final answer with <answer> answer </answer>.\n"
+    "\nThat was not a valid action. Put what to look up between <search> and </search>, "
+    "or the final answer between <answer> and </answer>.\n"
 )
 FINAL_TURN = "\nNo more searches are allowed. Give your answer now inside <answer> </answer>.\n"
 
@@ -208,8 +209,42 @@ def judge_messages(question: str, answer: str, documents: str, template: str = J
     return [{"role": "user", "content": template.format(question=question.strip(), answer=answer, documents=documents)}]
 
 
-# `build-sft --for policy --templated`: an answer-grounded demonstration written around one logged
-# real search call. The information block between the two turns is the agent loop's own
-# (information_block), so the demonstration has the token stream the policy sees at inference.
-DEMO_SEARCH_TURN = "<think> I need a fact I do not know, so I search. </think>\n<search> {query} </search>"
-DEMO_ANSWER_TURN = "<think> The search results say it is {answer}. </think>\n<answer> {answer} </answer>"
+# `build-sft --for policy --templated`: answer-grounded demonstrations written around real search
+# calls: one or two search turns, each followed by the agent loop's own information block (so the
+# demonstration has the token stream the policy sees at inference), then an answer turn. The thinking
+# varies, one phrasing per turn picked by a stable hash of the question: when every demonstration
+# thought the same sentence, a small model learned that sentence and searched for its words.
+DEMO_SEARCH_TURN = "<think> {think} </think>\n<search> {query} </search>"
+DEMO_ANSWER_TURN = "<think> {think} </think>\n<answer> {answer} </answer>"
+# before searching with the question itself
+DEMO_THINK_QUESTION = (
+    "I am not sure of this, so I will look it up.",
+    "I do not remember this. Let me check.",
+    "I should check this before answering.",
+    "I cannot answer this from memory.",
+)
+# before searching for a named thing ({topic} is the query)
+DEMO_THINK_TOPIC = (
+    "This is about {topic}. Let me look it up.",
+    "First I need to know more about {topic}.",
+    "I should find out about {topic}.",
+    "The key here is {topic}.",
+)
+# before a further search, for another name the question gives (comparisons)
+DEMO_THINK_ALSO = (
+    "Now I look up {topic} as well.",
+    "I also need facts about {topic}.",
+    "Then I check {topic} too.",
+)
+# before a further search, for a name the earlier results gave
+DEMO_THINK_NEXT = (
+    "The results mention {topic}. Now I look up {topic}.",
+    "Next I need to know about {topic}.",
+    "That leads to {topic}, so I check it.",
+)
+DEMO_THINK_ANSWER = (
+    "The results say it is {answer}.",
+    "According to the documents, it is {answer}.",
+    "So the answer is {answer}.",
+    "The information shows it is {answer}.",
+)

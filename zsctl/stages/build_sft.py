@@ -37,11 +37,16 @@ of the minority (docs pairs are balanced by construction).
 
 Policy rows: rejection sampling keeps the trajectories whose prediction reached `--min-f1` (default:
 exact match) — prompt = the policy's chat-formatted prompt, completion = its own response with the
-`<information>` blocks in place. `--templated` instead writes, for each logged call whose documents
-contain a gold answer, a search turn, that call's information block and an answer turn (for
-policies that never answer right on their own). A small base model may never search at all, so
-`--templated --search SPEC` also searches, once, each question no logged call answered — with the
-question as the query, on that real engine — and keeps the answer-bearing results the same way.
+`<information>` blocks in place. `--templated` instead writes answer-grounded demonstrations around
+real search calls (for policies that never answer right on their own): search turns, each with its
+call's information block, then an answer turn; the thinking varies (several phrasings, picked per
+question by a stable hash). Only calls whose documents hold a gold answer make demonstrations, and
+never one with a degenerate query (metrics.is_degenerate_query). Without `--search`, each answer-
+holding logged call makes one. With `--search SPEC` (a real engine): a question of the bundled
+multi-hop benchmarks (their rows list supporting documents) is first tried with the documents'
+entity names as queries — one entity the question names, or that entity then one its results name —
+so the policy learns to search for named things; questions still without a demonstration use
+their logged calls, then are searched once with the question itself as the query.
 
 Inputs (comma-separated): trajectories artifact directories, or Parquet / JSONL files from other
 tools with at least `question: string`, `golden_answers: list<string>`, `searches: list<struct<query:
@@ -56,8 +61,10 @@ A second pass applies the balancing mask and writes the final files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -354,7 +361,8 @@ def run(cfg: BuildSFTConfig, progress: Progress | None = None) -> dict:
     engine = None
     if cfg.search:
         if not (cfg.target == "policy" and cfg.templated):
-            raise BadInput("--search is only used with --for policy --templated; drop it")
+            if not (cfg.target == "simulator" and cfg.label == "docs"):
+                raise BadInput("--search is only used with --for policy --templated or --label docs; drop it")
         from zsctl.search import make_engine
 
         engine = make_engine(cfg.search)
@@ -399,7 +407,7 @@ def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, p
     if cfg.target == "simulator":
         stats.update({"outcome": {"question_as_query": 0}, "answer": {"yes_no": 0},
                       "docs": {"yes_no": 0, "no_answer_docs": 0, "no_answer_free_docs": 0, "degenerate_queries": 0,
-                               "degenerate_synthesized": 0}}.get(cfg.label, {}))
+                               "degenerate_synthesized": 0, "entity_searches": 0}}.get(cfg.label, {}))
     seen: set[int] = set()  # 64-bit hashes of the distinct pairs
     unserved: dict | None = {} if engine is not None else None  # templated + --search only
     make_rows = {
@@ -415,9 +423,10 @@ def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, p
         for f in files:
             for batch in iter_trajectories(f, cols, read_batch):
                 stats["trajectories"] += len(batch)
-                writer.write(make_rows(cfg, batch, seen, stats, policy_tok=policy_tok, judge=judge, unserved=unserved))
+                writer.write(make_rows(cfg, batch, seen, stats, policy_tok=policy_tok, judge=judge, unserved=unserved,
+                                       engine=engine))
                 progress.advance(len(batch))
-        if engine is not None:
+        if engine is not None and cfg.target == "policy":
             writer.write(_search_questions(cfg, engine, unserved, seen, stats, policy_tok, progress))
     finally:
         writer.close()
@@ -552,9 +561,9 @@ def _copy_masked(src: Path, out: Path, name: str, schema: pa.Schema, keep, offse
 # --- row makers: (split file, row, label) for one batch of trajectories ------------------------------
 
 
-def _simulator_rows(cfg, batch, seen, stats, *, judge=None, **_) -> list[tuple[str, dict, int]]:
+def _simulator_rows(cfg, batch, seen, stats, *, judge=None, engine=None, **_) -> list[tuple[str, dict, int]]:
     if cfg.label == "docs":
-        return _doc_pairs(cfg, batch, seen, stats)
+        return _doc_pairs(cfg, batch, seen, stats) + (_entity_pairs(cfg, batch, engine, seen, stats) if engine else [])
     calls = []  # (trajectory, search index, query, docs, completion)
     for t in batch:
         searches = t.get("searches") or []
@@ -656,6 +665,35 @@ def _doc_pairs(cfg, batch, seen, stats) -> list[tuple[str, dict, int]]:
     return rows
 
 
+def _entity_pairs(cfg, batch, engine, seen, stats) -> list[tuple[str, dict, int]]:
+    """`--label docs --search SPEC`: each question of a bundled multi-hop benchmark is also searched,
+    once, on that real engine with the entity names of its supporting documents (supporting_entities)
+    as queries, as deep as its logged searches went; their results make pairs like logged calls. The
+    hop whose documents hold the answer gives a pair; the others usually give none."""
+    todo: dict[int, list[tuple[dict, int, str]]] = {}  # depth → (trajectory, entity index, entity)
+    for t in batch:
+        key = h64("entity searches", " ".join(t["question"].split()).lower())
+        if key in seen or not golds_of(t) or metrics.yes_no(golds_of(t)):
+            continue
+        seen.add(key)
+        searches = t.get("searches") or []
+        logged = {" ".join((s.get("query") or "").split()).lower() for s in searches}
+        depth = max([len(s.get("documents") or []) for s in searches] + [cfg.docs + 1])
+        for i, entity in enumerate(supporting_entities(t["question"])):
+            if entity.lower() not in logged:
+                todo.setdefault(depth, []).append((t, i, entity))
+    rows = []
+    for depth, items in todo.items():
+        for start in range(0, len(items), 64):
+            chunk = items[start:start + 64]
+            for (t, i, entity), docs in zip(chunk, engine.search([e for _, _, e in chunk], depth)):
+                stats["entity_searches"] += 1
+                searched = {**t, "traj_id": f"{t['traj_id']}@{i}",
+                            "searches": [{"query": entity, "documents": [d.as_dict() for d in docs]}]}
+                rows += _doc_pairs(cfg, [searched], seen, stats)
+    return rows
+
+
 def _held_gold(docs: list[dict], golds: list[str]) -> str:
     """The gold alias the documents hold, for the prompt: the simulator learns to write what it is given."""
     return metrics.find_answer([x for d in docs for x in (d["title"], d["text"])], golds) or golds[0]
@@ -712,38 +750,72 @@ def _policy_rows(cfg, batch, seen, stats, *, policy_tok=None, **_) -> list[tuple
 
 
 def _templated_rows(cfg, batch, seen, stats, *, policy_tok=None, unserved=None, **_) -> list[tuple[str, dict, int]]:
-    """One demonstration per logged call whose documents hold a gold answer. `unserved` collects
-    the questions that got none so far (question hash → trajectory), for the --search fallback."""
+    """Demonstrations from logged calls: one per call whose documents hold a gold answer and whose
+    query names something. With --search (`unserved` is then a dict: question hash → trajectory
+    still to serve, None once served), questions with supporting documents wait for entity searches
+    (_search_questions), and questions no logged call served are searched there too."""
     rows = []
     for t in batch:
         searches = t.get("searches") or []
         stats["search_calls"] += len(searches)
-        qkey = h64(" ".join(t["question"].split()))
-        before = len(rows)
-        for j, s in enumerate(searches):
-            row = _demo(cfg, t, f"{t['traj_id']}#{j}", s.get("query"), s.get("documents"), seen, stats, policy_tok)
-            if row:
-                rows.append(row)
+        calls = [(f"{t['traj_id']}#{j}", [(s.get("query"), s.get("documents"))]) for j, s in enumerate(searches)]
         if unserved is None:
+            rows += _demos(cfg, t, calls, seen, stats, policy_tok)
             continue
-        if len(rows) > before:
-            unserved[qkey] = None  # served by a logged call: never searched for
-        elif qkey not in unserved:
-            unserved[qkey] = {k: t[k] for k in ("traj_id", "question", "golden_answers")}
+        qkey = h64(" ".join(t["question"].split()))
+        titles = supporting_entities(t["question"])
+        if titles:  # its logged calls are the fallback should no entity search hold the answer
+            entry = unserved.setdefault(qkey, _pending(t, titles))
+            entry["calls"] += calls
+            continue
+        made = _demos(cfg, t, calls, seen, stats, policy_tok)
+        rows += made
+        if made:
+            unserved[qkey] = None
+        elif qkey not in unserved or unserved[qkey] is not None:
+            unserved.setdefault(qkey, _pending(t, []))["calls"] += calls
     return rows
 
 
-def _demo(cfg, t, row_id, query, documents, seen, stats, policy_tok):
-    """(split, row, label) of the demonstration built on one search call, or None when its documents
-    do not contain a gold answer (or it repeats an earlier demonstration)."""
-    query = (query or "").strip()
-    docs = clean_docs(documents, cfg.doc_words)
-    answer = metrics.find_answer([d["text"] for d in docs], golds_of(t)) if query and docs else None
+def _pending(t: dict, titles: list[str]) -> dict:
+    return {"traj_id": t["traj_id"], "question": t["question"], "golden_answers": t.get("golden_answers"),
+            "titles": titles, "calls": []}
+
+
+def _demos(cfg, t, calls, seen, stats, policy_tok) -> list:
+    """The demonstrations of several candidate chains (row id, [(query, documents), ...])."""
+    rows = (_demo(cfg, t, row_id, chain, seen, stats, policy_tok) for row_id, chain in calls)
+    return [r for r in rows if r]
+
+
+def _demo(cfg, t, row_id, chain, seen, stats, policy_tok):
+    """(split, row, label) of the demonstration built on a chain of real search calls — one search
+    turn and information block per call, then the answer — or None when the last call's documents
+    hold no gold answer, a query names nothing (metrics.is_degenerate_query), or it repeats an
+    earlier demonstration."""
+    steps = [((q or "").strip(), clean_docs(docs, cfg.doc_words)[: cfg.docs]) for q, docs in chain]
+    if any(metrics.is_degenerate_query(q) for q, _ in steps):
+        stats["degenerate_query"] = stats.get("degenerate_query", 0) + 1
+        return None
+    answer = metrics.find_answer([d["text"] for _, docs in steps for d in docs], golds_of(t))
     if answer is None:
         stats["not_selected"] += 1
         return None
-    completion = (prompts.DEMO_SEARCH_TURN.format(query=query) + prompts.information_block(docs)
-                  + prompts.DEMO_ANSWER_TURN.format(answer=answer.strip()))
+    question = " ".join(t["question"].split())
+    asked = set(metrics.content_words(question))
+    completion = ""
+    for hop, (query, docs) in enumerate(steps):
+        if metrics.normalize_answer(query) == metrics.normalize_answer(question):
+            options = prompts.DEMO_THINK_QUESTION
+        elif not hop:
+            options = prompts.DEMO_THINK_TOPIC
+        else:  # a name the question gives, or one the results gave
+            options = prompts.DEMO_THINK_ALSO if set(metrics.content_words(query)) <= asked else prompts.DEMO_THINK_NEXT
+        think = _phrase(options, question, hop).format(topic=query)
+        completion += prompts.DEMO_SEARCH_TURN.format(think=think, query=query) + prompts.information_block(docs)
+    answer = answer.strip()
+    think = _phrase(prompts.DEMO_THINK_ANSWER, question, len(steps)).format(answer=answer)
+    completion += prompts.DEMO_ANSWER_TURN.format(think=think, answer=answer)
     key = h64(t["question"], completion)
     if key in seen:
         stats["duplicates"] += 1
@@ -760,21 +832,123 @@ def _demo(cfg, t, row_id, query, documents, seen, stats, policy_tok):
     return _split(cfg, t), row, USEFUL
 
 
+def _phrase(options: tuple[str, ...], question: str, turn: int) -> str:
+    """One of the phrasings, the same for the same question and turn on every run and machine."""
+    return options[h64(question, "think", str(turn)) % len(options)]
+
+
+@functools.lru_cache(maxsize=1)
+def _supporting_index() -> dict[str, list[str]]:
+    """Normalised question → entity names of its supporting documents, from the bundled benchmark
+    files that carry them (HotpotQA, 2WikiMultihopQA, MuSiQue: `supporting_docs` with titles)."""
+    from zsctl.core import data
+
+    index: dict[str, list[str]] = {}
+    for name in data.BENCHMARKS:
+        path = data.data_dir() / "bench" / f"{name}.jsonl"
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if '"supporting_docs"' not in line:
+                    continue
+                row = json.loads(line)
+                names = [_entity(d.get("title")) for d in row.get("supporting_docs") or [] if d.get("is_supporting")]
+                names = list(dict.fromkeys(n for n in names if not metrics.is_degenerate_query(n)))
+                if names:
+                    index[metrics.normalize_answer(row.get("question"))] = names
+    return index
+
+
+_DISAMBIGUATION = re.compile(r"\s*\([^()]*\)\s*$")
+
+
+def _entity(title: object) -> str:
+    """A document title as a query: 'Kiss and Tell (1945 film)' → 'Kiss and Tell' (the bracket
+    only disambiguates Wikipedia titles; the question never says it)."""
+    return _DISAMBIGUATION.sub("", " ".join(str(title or "").split())).strip()
+
+
+def supporting_entities(question: str) -> list[str]:
+    """The entity names of a bundled multi-hop question's supporting documents ([] for others)."""
+    return _supporting_index().get(metrics.normalize_answer(question), [])
+
+
+def _entity_chain(cfg, entry: dict, results: dict) -> list | None:
+    """The search chain an agent could follow from the question alone, or None. In order: one
+    entity the question names whose documents hold a gold answer; that entity, then a name its
+    documents give whose documents hold it (bridge questions); two entities the question names, one
+    of them the answer (comparisons: both are looked up, in an order fixed per question). A query
+    that is itself the answer never counts as finding it alone."""
+    golds = golds_of(entry)
+    asked = set(metrics.content_words(entry["question"]))
+    docs = {q: clean_docs(results[q], cfg.doc_words)[: cfg.docs] for q in entry["titles"]}
+
+    def holds(q):
+        return metrics.find_answer([d["text"] for d in docs[q]], golds) is not None
+
+    def is_answer(q):
+        return metrics.find_answer([q], golds) is not None
+
+    named = [q for q in entry["titles"] if set(metrics.content_words(q)) <= asked]
+    for q in named:
+        if holds(q) and not is_answer(q):
+            return [(q, docs[q])]
+    for first in named:
+        if is_answer(first):
+            continue
+        shown = " " + " | ".join(metrics.normalize_answer(f"{d['title']} {d['text']}") for d in docs[first]) + " "
+        for second in entry["titles"]:
+            if second != first and holds(second) and not is_answer(second) \
+                    and f" {metrics.normalize_answer(second)} " in shown:
+                return [(first, docs[first]), (second, docs[second])]
+    answers, others = [q for q in named if is_answer(q)], [q for q in named if not is_answer(q)]
+    if answers and others:
+        pair = [(others[0], docs[others[0]]), (answers[0], docs[answers[0]])]
+        return pair[::-1] if h64(entry["question"], "order") % 2 else pair
+    return None
+
+
 def _search_questions(cfg, engine, unserved: dict, seen, stats, policy_tok, progress) -> list[tuple[str, dict, int]]:
-    """--templated --search: each question without a demonstration is searched once, with the
-    question itself as the query, on the real engine; answer-bearing results become demonstrations."""
+    """--templated --search. Questions with supporting documents first: each supporting entity is
+    searched once on the real engine and a chain that reaches the answer becomes the demonstration
+    (the small model learns to search for named things); failing that, the question's logged calls.
+    Every question still without a demonstration is then searched once with the question itself as
+    the query, and answer-holding results become demonstrations the same way."""
     todo = [t for t in unserved.values() if t is not None]
-    rows = []
-    progress.log(f"build-sft: searching {len(todo)} question(s) that had no answer-bearing logged call")
-    for i in range(0, len(todo), 64):
-        chunk = todo[i : i + 64]
-        queries = [" ".join(t["question"].split()) for t in chunk]
-        for t, query, docs in zip(chunk, queries, engine.search(queries, cfg.search_topk)):
-            stats["question_searches"] += 1
-            row = _demo(cfg, t, f"{t['traj_id']}#q", query, [d.as_dict() for d in docs], seen, stats, policy_tok)
-            if row:
-                rows.append(row)
+    titled = [t for t in todo if t["titles"]]
+    names = list(dict.fromkeys(q for t in titled for q in t["titles"]))
+    results = dict(zip(names, _search_all(cfg, engine, names)))
+    stats["entity_searches"] = len(names)
+    # a question already searched as its own query would get the same results again
+    rows, rest = [], [t for t in todo if not t["titles"] and not _asked(t)]
+    for t in titled:
+        chain = _entity_chain(cfg, t, results)
+        made = _demos(cfg, t, [(f"{t['traj_id']}#e", chain)], seen, stats, policy_tok) if chain else []
+        stats["entity_demos"] = stats.get("entity_demos", 0) + len(made)
+        made = made or _demos(cfg, t, t["calls"], seen, stats, policy_tok)
+        rows += made
+        if not made and not _asked(t):
+            rest.append(t)
+    progress.log(f"build-sft: {len(names)} entity searches for {len(titled)} multi-hop question(s); "
+                 f"searching {len(rest)} question(s) that still have no demonstration")
+    queries = [" ".join(t["question"].split()) for t in rest]
+    for t, query, docs in zip(rest, queries, _search_all(cfg, engine, queries)):
+        stats["question_searches"] += 1
+        rows += _demos(cfg, t, [(f"{t['traj_id']}#q", [(query, docs)])], seen, stats, policy_tok)
     return rows
+
+
+def _asked(t: dict) -> bool:
+    question = metrics.normalize_answer(t["question"])
+    return any(metrics.normalize_answer(q) == question for _, chain in t["calls"] for q, _ in chain)
+
+
+def _search_all(cfg, engine, queries: list[str]) -> list[list[dict]]:
+    out = []
+    for i in range(0, len(queries), 64):
+        out += [[d.as_dict() for d in docs] for docs in engine.search(queries[i : i + 64], cfg.search_topk)]
+    return out
 
 
 def _split(cfg, t: dict) -> str:
