@@ -182,7 +182,7 @@ def collect_cmd(
         from zsctl.console import kv_table
 
         keys = ("out", "questions", "trajectories", "new_trajectories", "share_correct", "searches_per_trajectory",
-                "trajectories_per_s", "engine_calls", "cache_hits", "estimated_cost_usd")
+                "degenerate_share", "search_hit_rate", "trajectories_per_s", "engine_calls", "cache_hits", "estimated_cost_usd")
         flat = {**summary, **summary["ledger"]}
         _emit(summary, as_json, kv_table({k: flat[k] for k in keys if k in flat}, "collect"))
 
