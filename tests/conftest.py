@@ -114,7 +114,9 @@ class ScriptedLogits:
         import torch
 
         width = input_ids.shape[1]
-        if self.last_width is None or width != self.last_width + 1:  # a new generate call
+        continues = (self.last_width is not None and width == self.last_width + 1
+                     and self.last_ids.shape[0] == input_ids.shape[0] and bool((self.last_ids == input_ids[:, :-1]).all()))
+        if not continues:  # a new generate call (or a new round of the agent loop's decoder)
             self.start = width
             self.row_keys = []
             for row in input_ids.tolist():
@@ -122,7 +124,7 @@ class ScriptedLogits:
                 key = next(k for k in self.scripts if k in text)
                 self.rounds[key] += 1
                 self.row_keys.append(key)
-        self.last_width = width
+        self.last_width, self.last_ids = width, input_ids.clone()
         for r, key in enumerate(self.row_keys):
             script = self.scripts[key]
             want = script[self.rounds[key]] if self.rounds[key] < len(script) else ""
@@ -135,10 +137,11 @@ class ScriptedLogits:
 
 
 def script_model(model, tokenizer, scripts: dict[str, list[str]]):
-    """Make `model.generate` follow `scripts` (see ScriptedLogits); returns the processor."""
+    """Make `model.generate` and the agent loop's decoder follow `scripts` (see ScriptedLogits); returns the processor."""
     from transformers import LogitsProcessorList
 
     proc = ScriptedLogits(tokenizer, scripts)
+    model.rollout_logits_processor = LogitsProcessorList([proc])  # read by zsctl.agent.AgentLoop
     orig = model.generate
 
     def generate(*args, **kw):

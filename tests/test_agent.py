@@ -117,3 +117,42 @@ def test_random_tiny_model_never_crashes(tiny_model_dir):
     for t in trajs:
         assert len(t.response_ids) == len(t.env_mask) <= loop.cfg.max_response_tokens + 64
         assert t.stop in {"answer", "eos", "turns", "length"}
+
+
+class ForcedTurn:
+    """A logits processor that makes the model write `plan` (token ids) as its first turn, token by
+    token whatever the tokenizer would merge, and EOS once anything was inserted after it."""
+
+    def __init__(self, tok, prompt_len: int, plan: list[int]):
+        self.tok, self.n, self.plan = tok, prompt_len, plan
+
+    def __call__(self, input_ids, scores):
+        for r, row in enumerate(input_ids.tolist()):
+            real = row[next(j for j, x in enumerate(row) if x != self.tok.pad_token_id):]  # no left padding
+            done = real[self.n:]
+            inserted = "</information>" in self.tok.decode(done)
+            nxt = self.plan[len(done)] if not inserted and len(done) < len(self.plan) else self.tok.eos_token_id
+            scores[r] = -1e9
+            scores[r, nxt] = 0.0
+        return scores
+
+
+def test_turn_ends_at_first_stop_string_spelled_in_many_tokens(tiny):
+    from transformers import LogitsProcessorList
+
+    model, tok = tiny
+    # the old check looked at len(tokens("</search>")) + 2 tokens; one token per character is more
+    assert len(tok("</search>", add_special_tokens=False)["input_ids"]) + 2 < len("</search>")
+    first = tok("<think>x</think><search> alpha ", add_special_tokens=False)["input_ids"]
+    first += tok.convert_tokens_to_ids(list("</search>"))
+    junk = tok(" and <information> my own </information><search> beta </search><answer> b </answer>",
+               add_special_tokens=False)["input_ids"]
+    engine = RecordingEngine()
+    loop = AgentLoop(model, tok, engine, AgentConfig(max_turns=1, max_new_tokens=200, topk=1))
+    prompt_ids = loop.encode_prompts(["what is alpha?"])
+    model.rollout_logits_processor = LogitsProcessorList([ForcedTurn(tok, len(prompt_ids[0]), first + junk)])
+    (t,) = loop.run(prompt_ids)
+    assert engine.batches_seen == [["alpha"]] and t.prediction is None and t.stop == "eos"
+    own = [x for x, m in zip(t.response_ids, t.env_mask) if m]
+    assert own == first + [tok.eos_token_id]  # the first turn stops at its </search>, nothing after it
+    assert loop.decode_steps == len(own)

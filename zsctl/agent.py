@@ -1,14 +1,22 @@
 """The multi-turn search agent loop, shared by collect, eval and rl.
 
-Works on token ids for a whole batch: each round, every still-active sample generates until
-`</search>`, `</answer>` or EOS in ONE batched `generate` call; the engine then answers all searches
-of the round in ONE call; the documents are tokenised once and appended as `<information>` tokens
-that carry mask 0 (attended to, never trained on). Earlier turns are never decoded and re-encoded,
+Works on token ids for a whole batch, in rounds (Search-R1 style): `max_turns` rounds in which a
+search is executed, then one last round (announced by a short note) in which only an answer counts.
+In each round every still-active trajectory writes one turn, which ends at its FIRST `</search>` or
+`</answer>`, at EOS, or at the round's token budget; the engine then answers all searches of the
+round in ONE call; the documents are tokenised once and appended as `<information>` tokens that
+carry mask 0 (attended to, never trained on). An invalid action (neither a search nor an answer)
+gets a short corrective note and uses up its round. Earlier turns are never decoded and re-encoded,
 so the token ids RL trains on are exactly the ones the policy produced.
 
-Round structure (Search-R1 style): `max_turns` rounds in which a search is executed, then one last
-round (announced by a short note) in which only an answer counts. An invalid action (neither a
-search nor an answer) gets a short corrective note and uses up its round.
+HF models decode in our own loop over a KV cache instead of `model.generate`, because static
+batching wasted most of the work on a CPU:
+- a row leaves the batch at the step it stops, so no forward pass is spent on a finished row
+  (`generate` ran every row until the longest one finished);
+- a trajectory keeps its keys/values between rounds, so a round prefills only what was inserted
+  since (documents, notes), not the whole context again.
+Greedy outputs equal batched `generate`'s token for token (tests/test_agent.py keeps the reference).
+Another backend (e.g. vLLM) plugs in as `generate_fn`.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ class Trajectory:
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)
     env_mask: list[int] = field(default_factory=list)  # 1 = policy token, 0 = inserted by the environment
+    # Per response token: the log-probability the sampler gave a policy token, 0.0 for inserted ones.
+    # Empty when the generation backend does not report them.
+    logprobs: list[float] = field(default_factory=list)
     searches: list[dict] = field(default_factory=list)  # {query, documents: [{title,text,score}], mode}
     prediction: str | None = None
     stop: str = ""  # answer | eos | length | turns
@@ -47,6 +58,23 @@ class Trajectory:
     @property
     def sim_labels(self) -> list[str]:
         return [s["mode"] for s in self.searches if s.get("mode")]
+
+
+@dataclass
+class _Turn:
+    ids: list[int]
+    logprobs: list[float] | None
+    hit_eos: bool
+
+
+class _RowCache:
+    """One trajectory's keys/values without padding: `layers[l] = (keys, values)`, each [heads, length, dim]."""
+
+    __slots__ = ("layers", "length")
+
+    def __init__(self, layers: list, length: int):
+        self.layers = layers
+        self.length = length
 
 
 def _trim(docs: list[Document], max_words: int) -> list[Document]:
@@ -69,11 +97,22 @@ class AgentLoop:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        # Optional other backend (e.g. TRL's vLLM engine): token-id sequences in, new token ids out,
-        # stopping at the stop strings. None = HF `generate` on `model`.
+        self.stop_strings = list(prompts.STOP_STRINGS)
+        # Another backend (e.g. TRL's vLLM engine): `generate_fn(seqs)` takes the token ids of each
+        # row and returns (new token ids per row, their logprobs per row or None). It should stop
+        # at `stop_strings`; the loop cuts each row at the first one anyway.
         self.generate_fn = None
-        self.generate_calls = 0
-        self.generated_tokens = 0
+        # With generate_fn: call it in every round, with an empty list once this process has no
+        # row left, so processes that share a collective inside it never wait on each other.
+        self.lockstep = False
+        # HF logits processors applied at each decode step to the same view `generate` gives them;
+        # None = those found on the model as `rollout_logits_processor` (tests script a policy so,
+        # without the stages knowing).
+        self.logits_processor = None
+        self.generate_calls = 0  # generation rounds
+        self.generated_tokens = 0  # policy tokens kept in the trajectories
+        self.decode_steps = 0  # tokens the backend produced (HF: rows x forward passes that sampled)
+        self.prefill_tokens = 0  # HF: tokens fed through the model to build or extend caches
         self._note_cache: dict[str, list[int]] = {}
 
     def _encode_note(self, text: str) -> list[int]:
@@ -89,21 +128,25 @@ class AgentLoop:
         """Roll out every prompt; `contexts[i]` goes with every search of sample i (simulators need it)."""
         cfg = self.cfg
         trajs = [Trajectory(prompt_ids=list(p)) for p in prompt_ids]
+        caches: dict[int, _RowCache] = {}  # HF backend: each live trajectory's keys/values
+        with_logprobs = True
         active = list(range(len(trajs)))
         for rnd in range(cfg.max_turns + 1):
-            if not active:
+            if not active and not (self.lockstep and self.generate_fn):
                 break
             last = rnd == cfg.max_turns
             searches: list[tuple[int, str]] = []
             still: list[int] = []
-            for i, (ids, text, hit_eos) in zip(active, self._generate([trajs[i] for i in active])):
+            for i, turn in zip(active, self._generate(active, trajs, caches, keep_cache=not last)):
                 t = trajs[i]
-                t.response_ids += ids
-                t.env_mask += [1] * len(ids)
-                kind, payload = prompts.parse_action(text)
+                t.response_ids += turn.ids
+                t.env_mask += [1] * len(turn.ids)
+                with_logprobs &= turn.logprobs is not None
+                t.logprobs += turn.logprobs or [0.0] * len(turn.ids)
+                kind, payload = prompts.parse_action(self.tok.decode(turn.ids, skip_special_tokens=True))
                 if kind == "answer":
                     t.prediction, t.stop = payload, "answer"
-                elif hit_eos:
+                elif turn.hit_eos:
                     t.stop = "eos"
                 elif last:
                     t.stop = "turns"
@@ -123,13 +166,18 @@ class AgentLoop:
                 if rnd + 1 == cfg.max_turns:  # the next round is the last: no more searches
                     self._insert(trajs[i], self._encode_note(prompts.FINAL_TURN))
                 active.append(i)
+            for i in set(caches) - set(active):  # finished trajectories free their memory at once
+                del caches[i]
         for t in trajs:
             t.response = self.tok.decode(t.response_ids, skip_special_tokens=True)
+            if not with_logprobs:
+                t.logprobs = []
         return trajs
 
     def _insert(self, t: Trajectory, ids: list[int]) -> None:
         t.response_ids += ids
         t.env_mask += [0] * len(ids)
+        t.logprobs += [0.0] * len(ids)
 
     def _search(self, trajs: list[Trajectory], searches: list[tuple[int, str]], contexts: list[QueryContext]) -> None:
         idx = [i for i, _ in searches]
@@ -145,82 +193,194 @@ class AgentLoop:
             block = prompts.information_block(docs)
             self._insert(trajs[i], self.tok(block, add_special_tokens=False)["input_ids"])
 
-    def _generate(self, batch: list[Trajectory]) -> list[tuple[list[int], str, bool]]:
-        """One batched generate for the round; returns (new ids, their text, ended on EOS) per sample."""
-        seqs = [t.prompt_ids + t.response_ids for t in batch]
+    def _generate(self, rows: list[int], trajs: list[Trajectory], caches: dict, keep_cache: bool) -> list[_Turn]:
+        """One turn for every row of the round, each cut at its first stop."""
+        seqs = [trajs[i].prompt_ids + trajs[i].response_ids for i in rows]
         self.generate_calls += 1
-        new = self.generate_fn(seqs) if self.generate_fn else self._hf_generate(seqs, batch)
-        results = []
-        for row in new:
-            ids, hit_eos = self._cut(list(row))
-            self.generated_tokens += len(ids)
-            results.append((ids, self.tok.decode(ids, skip_special_tokens=True), hit_eos))
-        return results
+        if self.generate_fn is not None:
+            out = self.generate_fn(seqs)
+            new, lps = out if isinstance(out, tuple) else (out, None)  # a backend may return just the ids
+            turns = []
+            for r, row in enumerate(new):
+                row = list(row)
+                self.decode_steps += len(row)
+                n, hit_eos = self._first_stop(row)
+                turns.append(_Turn(row[:n], list(lps[r][:n]) if lps is not None else None, hit_eos))
+        else:
+            batch = [trajs[i] for i in rows]
+            budget = min(self.cfg.max_new_tokens,
+                         max(1, self.cfg.max_response_tokens - min(len(t.response_ids) for t in batch)))
+            turns = self._hf_round(rows, seqs, caches, budget, keep_cache)
+        self.generated_tokens += sum(len(t.ids) for t in turns)
+        return turns
 
-    def _hf_generate(self, seqs: list[list[int]], batch: list[Trajectory]) -> list[list[int]]:
+    # --- stops --------------------------------------------------------------------------------
+
+    def _stop_window(self) -> int:
+        # Every token holds at least one character, so the last len(stop) tokens hold any stop
+        # string the newest token completed, however finely the tokenizer spells it.
+        return max(len(s) for s in self.stop_strings) + 1
+
+    def _first_stop(self, row: list[int]) -> tuple[int, bool]:
+        """(length of the turn up to its first stop, whether that stop is EOS) for a backend's row.
+
+        EOS is kept (the policy ended the turn); a pad token is dropped (a backend's padding); a stop
+        string ends the turn with the token that completes it, and whatever followed is discarded.
+        """
+        has_stop = any(s in self.tok.decode(row) for s in self.stop_strings)
+        w = self._stop_window()
+        for j, tok in enumerate(row):
+            if tok in self.eos_ids:
+                return j + 1, True
+            if tok == self.pad_id:
+                return j, False
+            if has_stop and any(s in self.tok.decode(row[max(0, j + 1 - w): j + 1]) for s in self.stop_strings):
+                return j + 1, False
+        return len(row), False
+
+    # --- HF decoding ----------------------------------------------------------------------------
+
+    def _hf_round(self, rows: list[int], seqs: list[list[int]], caches: dict, budget: int,
+                  keep_cache: bool) -> list[_Turn]:
+        """Decode one turn per row; rows leave the batch as they stop; caches carry to the next round."""
+        import torch
+        from transformers import DynamicCache
+
+        model, cfg = self.model, self.cfg
+        device = next(model.parameters()).device
+        n = len(seqs)
+        old = [caches.get(i) for i in rows]
+        cached = [c.length if c else 0 for c in old]
+        pending = [s[c:] for s, c in zip(seqs, cached)]
+        width, chunk = max(cached), max(len(p) for p in pending)
+        # Each row's cache is left-padded to `width`; its pending tokens sit right-aligned in a
+        # chunk of `chunk` columns (the holes masked), so every row's next token shares a column.
+        mask = torch.zeros((n, width + chunk), dtype=torch.long)
+        ids = torch.full((n, chunk), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((n, chunk), dtype=torch.long)
+        for r, (c, p) in enumerate(zip(cached, pending)):
+            mask[r, width - c:width] = 1
+            mask[r, width + chunk - len(p):] = 1
+            ids[r, chunk - len(p):] = torch.tensor(p)
+            pos[r, chunk - len(p):] = torch.arange(c, c + len(p))
+        data = None
+        if width:
+            data = []
+            ref = next(c for c in old if c)
+            for layer in range(len(ref.layers)):
+                kv = []
+                for part in (0, 1):
+                    h, _, d = ref.layers[layer][part].shape
+                    t = ref.layers[layer][part].new_zeros((n, h, width, d))
+                    for r, c in enumerate(old):
+                        if c and c.length:
+                            t[r, :, width - c.length:] = c.layers[layer][part]
+                    kv.append(t)
+                data.append(tuple(kv))
+        cache = DynamicCache(ddp_cache_data=data, config=model.config)
+        mask = mask.to(device)
+        self.prefill_tokens += sum(len(p) for p in pending)
+
+        def forward(input_ids, positions):
+            out = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions.to(device),
+                        cache=cache, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1, :].float()
+
+        with torch.no_grad():
+            logits = forward(ids, pos)
+            alive = list(range(n))  # batch row -> row of this round
+            base = [c + len(p) for c, p in zip(cached, pending)]  # position of each row's first new token
+            gen: list[list[int]] = [[] for _ in range(n)]
+            lps: list[list[float]] = [[] for _ in range(n)]
+            eos_hit = [False] * n
+            view = None
+            procs = self.logits_processor or getattr(model, "rollout_logits_processor", None)
+            if procs is not None:
+                view = torch.full((n, max(len(s) for s in seqs)), self.pad_id, dtype=torch.long)
+                for r, s in enumerate(seqs):
+                    view[r, view.shape[1] - len(s):] = torch.tensor(s)
+            window = self._stop_window()
+            while alive:
+                if view is not None:  # processors see every row of the round, as under `generate`
+                    full = torch.zeros((n, logits.shape[1]))
+                    full[alive] = logits.cpu()
+                    logits = procs(view, full)[alive].to(logits.device)
+                choice, chosen = self._pick(logits)
+                toks, chosen = choice.tolist(), chosen.tolist()
+                self.decode_steps += len(alive)
+                texts = self.tok.batch_decode([gen[r][-(window - 1):] + [t] for r, t in zip(alive, toks)])
+                stay = []
+                for j, (r, tok) in enumerate(zip(alive, toks)):
+                    gen[r].append(tok)
+                    lps[r].append(chosen[j])
+                    if tok in self.eos_ids:
+                        eos_hit[r] = True
+                    elif tok == self.pad_id:  # not a token of the turn (a model with a separate pad)
+                        gen[r].pop()
+                        lps[r].pop()
+                    elif not any(s in texts[j] for s in self.stop_strings) and len(gen[r]) < budget:
+                        stay.append(j)
+                        continue
+                    if keep_cache and not eos_hit[r]:
+                        caches[rows[r]] = self._row_cache(cache, mask, j)
+                if view is not None:
+                    col = torch.full((n, 1), self.pad_id, dtype=torch.long)
+                    col[alive, 0] = torch.tensor(toks)
+                    view = torch.cat([view, col], dim=1)
+                if not stay:
+                    break
+                if len(stay) < len(alive):
+                    keep = torch.tensor(stay, device=device)
+                    cache.batch_select_indices(keep)
+                    mask = mask[keep]
+                    choice = choice[keep]
+                    alive = [alive[j] for j in stay]
+                    self._drop_empty_columns(cache, mask)
+                    mask = mask[:, int(mask.any(0).int().argmax()):]
+                mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+                positions = torch.tensor([[base[r] + len(gen[r]) - 1] for r in alive])
+                logits = forward(choice[:, None], positions)
+        return [_Turn(gen[r], lps[r], eos_hit[r]) for r in range(n)]
+
+    def _pick(self, logits):
+        """The next token of every row and its log-probability under the distribution it was drawn from.
+
+        Sampling uses the full softmax at the configured temperature (no top-k: RL losses assume
+        it), cut to `top_p` and renormalised; greedy takes the argmax (log-prob at temperature 1).
+        """
         import torch
 
-        width = max(len(s) for s in seqs)
-        device = next(self.model.parameters()).device
-        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, s in enumerate(seqs):  # left padding so every row continues at the right edge
-            input_ids[r, width - len(s):] = torch.tensor(s)
-            attention[r, width - len(s):] = 1
-        sample = self.cfg.temperature > 0
-        budget = min(self.cfg.max_new_tokens, max(1, self.cfg.max_response_tokens - min(len(t.response_ids) for t in batch)))
-        gen_kw = dict(
-            max_new_tokens=budget,
-            do_sample=sample,
-            stopping_criteria=_stop_on_text(self.tok, prompts.STOP_STRINGS, start=width),
-            pad_token_id=self.pad_id,
-        )
-        if sample:
-            gen_kw.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p)
-        else:  # silence "generation flags are not valid" warnings from model defaults
-            gen_kw.update(temperature=None, top_p=None, top_k=None)
-        with torch.no_grad():
-            out = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention.to(device), **gen_kw
-            )
-        return out[:, width:].tolist()
+        cfg = self.cfg
+        if cfg.temperature <= 0:
+            logp = torch.log_softmax(logits, dim=-1)
+            choice = logits.argmax(dim=-1)
+        else:
+            logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
+            if cfg.top_p < 1.0:
+                sorted_lp, order = logp.sort(dim=-1, descending=True)
+                probs = sorted_lp.exp()
+                outside = probs.cumsum(-1) - probs >= cfg.top_p  # the top token always stays
+                sorted_lp = sorted_lp.masked_fill(outside, float("-inf"))
+                logp = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_lp)
+                logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
+            choice = torch.multinomial(logp.exp(), 1)[:, 0]
+        return choice, logp.gather(1, choice[:, None])[:, 0]
 
-    def _cut(self, row: list[int]) -> tuple[list[int], bool]:
-        """Strip the padding `generate` adds after a row finished.
+    @staticmethod
+    def _row_cache(cache, mask, j: int) -> _RowCache:
+        """Row j's keys/values without its padding and holes, to continue in the next round."""
+        cols = mask[j].nonzero()[:, 0]
+        layers = [(layer.keys[j][:, cols], layer.values[j][:, cols]) for layer in cache.layers]
+        return _RowCache(layers, len(cols))
 
-        With pad == EOS (common), a trailing EOS is padding when the row stopped on a stop string
-        and a real policy token when the model ended the turn itself.
-        """
-        for j, tok in enumerate(row):
-            if tok in self.eos_ids or tok == self.pad_id:
-                ids = row[:j]
-                text = self.tok.decode(ids, skip_special_tokens=True)
-                stopped = any(s in text for s in prompts.STOP_STRINGS)
-                if stopped or tok not in self.eos_ids:
-                    return ids, False
-                return ids + [tok], True
-        return row, False
-
-
-def _stop_on_text(tokenizer, stops: list[str], start: int):
-    """A per-row stop criterion that decodes only each row's last few generated tokens.
-
-    HF's `stop_strings` criterion costs more than the forward pass of a small model on a CPU; this
-    one looks at a window just wide enough to hold a whole stop string, past the prompt only (the
-    instruction itself mentions </search> and </answer>).
-    """
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    window = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stops) + 2
-
-    class StopOnText(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            tail = input_ids[:, max(start, input_ids.shape[1] - window):]
-            texts = tokenizer.batch_decode(tail)
-            return torch.tensor([any(s in t for s in stops) for t in texts], device=input_ids.device)
-
-    return StoppingCriteriaList([StopOnText()])
+    @staticmethod
+    def _drop_empty_columns(cache, mask) -> None:
+        """After rows left, drop the leading columns no remaining row uses (their left padding)."""
+        first = int(mask.any(0).int().argmax())
+        if first:
+            for layer in cache.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
 
 
 class QuestionAsQuery:

@@ -1,0 +1,192 @@
+"""The agent loop's decoder: greedy outputs equal the static-batched `generate` it replaced, rows
+leave the batch when they stop, each token is fed through the model once, logprobs line up with
+the response, the pluggable backend (cut at the first stop, logprobs, lockstep), sampling without top-k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zsctl.agent import AgentConfig, AgentLoop
+from zsctl.core import prompts
+from zsctl.core.models import load_model
+from zsctl.search.base import NoSearch
+
+QUESTIONS = [
+    "who?",
+    "what is the capital of a big country far away?",
+    "when did the war of the roses end in england?",
+    "x",
+    "name the river that runs through the city of Paris",
+]
+
+
+@pytest.fixture()
+def varied(tiny_model_dir):
+    """The tiny model with larger random weights: its greedy text varies (the default init writes
+    only newlines), so turns stop at different steps for different reasons."""
+    model, tok = load_model(str(tiny_model_dir))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3, generator=g)
+    return model, tok
+
+
+def static_generate(model, tok, stops: list[str], max_new_tokens: int, eos_ids: set[int], calls: list):
+    """Reference: the decoder this engine replaced, as a backend. Each round is ONE left-padded
+    `generate` over every active row, the whole context prefilled again, every row running until
+    the last one stops (checked on the full text of the turn)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    pad = tok.pad_token_id
+
+    def generate(seqs: list[list[int]]) -> list[list[int]]:
+        calls.append(len(seqs))
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        att = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s):] = torch.tensor(s)
+            att[r, width - len(s):] = 1
+
+        class TurnText(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                texts = tok.batch_decode(input_ids[:, width:])
+                return torch.tensor([any(s in t for s in stops) for t in texts])
+
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
+                                 stopping_criteria=StoppingCriteriaList([TurnText()]), pad_token_id=pad,
+                                 eos_token_id=sorted(eos_ids), temperature=None, top_p=None, top_k=None)
+        return out[:, width:].tolist()
+
+    return generate
+
+
+def _pair(varied, cfg: AgentConfig):
+    model, tok = varied
+    stops = [" who", "album"]  # strings this model writes mid-turn, in several tokens
+    eos = {tok.convert_tokens_to_ids("Ġknown")}  # a word it writes: some trajectories end early
+    new, ref = AgentLoop(model, tok, NoSearch(), cfg), AgentLoop(model, tok, NoSearch(), cfg)
+    calls: list[int] = []
+    for loop in (new, ref):
+        loop.stop_strings, loop.eos_ids = stops, eos
+    ref.generate_fn = static_generate(model, tok, stops, cfg.max_new_tokens, eos, calls)
+    return new, ref, calls
+
+
+def test_greedy_equals_static_generate_and_feeds_each_token_once(varied):
+    model, tok = varied
+    cfg = AgentConfig(max_turns=2, max_new_tokens=20, max_response_tokens=100_000)
+    new, ref, calls = _pair(varied, cfg)
+    prompt_ids = new.encode_prompts(QUESTIONS)
+    got, want = new.run(prompt_ids), ref.run(prompt_ids)
+    for a, b in zip(got, want):
+        assert a.response_ids == b.response_ids and a.env_mask == b.env_mask and a.stop == b.stop
+    # the case mix the comparison must cover: EOS mid-turn, turns that hit a stop string early (and
+    # go on after a note, from the kept cache), turns that ran out of budget
+    assert {t.stop for t in got} == {"eos", "turns"}
+    turns = [[tok.decode(x) for x in _own_turns(t)] for t in got]
+    assert any(any(s in x for s in new.stop_strings) for ts in turns for x in ts)
+    assert any(len(x) == cfg.max_new_tokens for t in got for x in _own_turns(t))
+    # no step on a finished row: every sampled token is kept (the reference ran rows to the longest)
+    assert new.decode_steps == new.generated_tokens == ref.generated_tokens < ref.decode_steps
+    # each token goes through the model once: prompts and insertions in prefills, the rest in steps
+    fed = new.prefill_tokens + new.decode_steps - sum(calls)
+    assert fed == sum(len(t.prompt_ids) + len(t.response_ids) - 1 for t in got)
+
+
+def _own_turns(t) -> list[list[int]]:
+    """The policy's turns of a trajectory (runs of mask-1 tokens)."""
+    runs, cur = [], []
+    for x, m in zip(t.response_ids, t.env_mask):
+        if m:
+            cur.append(x)
+        elif cur:
+            runs, cur = runs + [cur], []
+    return runs + ([cur] if cur else [])
+
+
+def test_logprobs_match_a_full_forward_pass(varied):
+    model, tok = varied
+    new, _, _ = _pair(varied, AgentConfig(max_turns=2, max_new_tokens=12, max_response_tokens=100_000))
+    trajs = new.run(new.encode_prompts(QUESTIONS[:3]))
+    for t in trajs:
+        assert len(t.logprobs) == len(t.response_ids) == len(t.env_mask)
+        seq = torch.tensor([t.prompt_ids + t.response_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), dim=-1)
+        n = len(t.prompt_ids)
+        for j, (x, m, lp) in enumerate(zip(t.response_ids, t.env_mask, t.logprobs)):
+            if m:  # the cache-built decode gave the same distribution as one pass over the whole text
+                assert lp == pytest.approx(logp[n + j - 1, x].item(), abs=1e-4)
+            else:
+                assert lp == 0.0
+
+
+def test_backend_turns_cut_at_first_stop_with_logprobs_and_lockstep(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir))
+    stop_chars = tok.convert_tokens_to_ids(list("</search>"))  # the stop string in nine tokens
+    first = tok("<think>x</think><search> alpha ", add_special_tokens=False)["input_ids"] + stop_chars
+    junk = tok(" more <information> mine </information><search> beta </search>", add_special_tokens=False)["input_ids"]
+    answer = tok("<answer> a </answer>", add_special_tokens=False)["input_ids"]
+    seen: list[int] = []
+
+    def backend(seqs):
+        seen.append(len(seqs))
+        rows = [first + junk if len(seen) == 1 else answer + junk for _ in seqs]
+        return rows, [[-0.5 - j for j in range(len(r))] for r in rows]
+
+    for lockstep, calls in ((False, [1, 1]), (True, [1, 1, 0, 0])):
+        seen.clear()
+        loop = AgentLoop(model, tok, NoSearch(), AgentConfig(max_turns=3, max_new_tokens=64, topk=1))
+        loop.generate_fn, loop.lockstep = backend, lockstep
+        (t,) = loop.run(loop.encode_prompts(["q?"]))
+        assert seen == calls  # lockstep: a call in each of the max_turns + 1 rounds, empty once done
+        assert t.searches[0]["query"] == "alpha" and t.prediction == "a" and t.stop == "answer"
+        n = len(first)
+        assert t.response_ids[:n] == first and t.env_mask[n] == 0  # nothing of the junk kept
+        assert t.logprobs[:n] == [-0.5 - j for j in range(n)]
+        assert len(t.logprobs) == len(t.response_ids)
+        inserted = [lp for lp, m in zip(t.logprobs, t.env_mask) if m == 0]
+        assert inserted and set(inserted) == {0.0}
+        assert t.response_ids[-len(answer):] == answer and t.logprobs[-len(answer):] == [-0.5 - j for j in range(len(answer))]
+
+
+def test_backend_without_logprobs_leaves_them_empty(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir))
+    loop = AgentLoop(model, tok, NoSearch(), AgentConfig(max_turns=1))
+    loop.generate_fn = lambda seqs: [tok("<answer> b </answer>", add_special_tokens=False)["input_ids"] for _ in seqs]
+    (t,) = loop.run(loop.encode_prompts(["q?"]))
+    assert t.prediction == "b" and t.logprobs == []
+
+
+def test_sampling_uses_the_full_softmax_and_top_p(tiny_model_dir):
+    model, tok = load_model(str(tiny_model_dir))
+    model.generation_config.top_k = 1  # a model default that must not reach the sampler
+    vocab = len(tok)
+    loop = AgentLoop(model, tok, NoSearch(), AgentConfig(temperature=1.0))
+    choice, logp = loop._pick(torch.zeros((4000, vocab)))
+    assert len(set(choice.tolist())) > 300  # transformers' default top-k of 50 would cap this at 50
+    assert logp.tolist() == pytest.approx([-torch.log(torch.tensor(float(vocab))).item()] * 4000)
+    loop.cfg.top_p = 0.5
+    logits = torch.full((2000, vocab), -30.0)
+    logits[:, :4] = torch.log(torch.tensor([0.3, 0.25, 0.25, 0.2]))
+    choice, logp = loop._pick(logits)
+    assert set(choice.tolist()) == {0, 1}  # 0.3 + 0.25 reaches 0.5; the rest is cut
+    assert sorted(set(round(x, 4) for x in logp.exp().tolist())) == [round(0.25 / 0.55, 4), round(0.3 / 0.55, 4)]
+
+
+def test_rollout_with_the_model_in_a_peft_wrapper(tiny_model_dir):
+    from peft import get_peft_model
+
+    from zsctl.core.models import lora_config
+
+    model, tok = load_model(str(tiny_model_dir))
+    peft = get_peft_model(model, lora_config(4)).eval()
+    loop = AgentLoop(peft, tok, NoSearch(), AgentConfig(max_turns=1, max_new_tokens=8))
+    trajs = loop.run(loop.encode_prompts(["a?", "bb bb?"]))
+    assert all(len(t.response_ids) == len(t.logprobs) > 0 for t in trajs)
+    assert prompts.FINAL_TURN in tok.decode(trajs[0].response_ids)
