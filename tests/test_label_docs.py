@@ -172,3 +172,41 @@ def test_deep_results_give_several_pairs_when_asked(tmp_path):
     assert one["labels_after"] == {"useful": 1, "noisy": 1}  # the default: one pair per search
     with pytest.raises(BadInput, match="--pairs-per-search"):
         build(tmp_path, src, "bad", label="docs", pairs_per_search=0)
+
+
+def test_supporting_entities_are_searched_on_the_real_engine(tmp_path, monkeypatch):
+    from zsctl.stages import build_sft
+
+    question = "What government position was held by the actress who starred in Kiss and Tell?"
+    bench = tmp_path / "data" / "bench"
+    bench.mkdir(parents=True)
+    (bench / "hotpotqa.jsonl").write_text(json.dumps({
+        "id": "dev_1", "question": question, "golden_answers": ["Chief of Protocol"],
+        "supporting_docs": [{"title": "Shirley Temple", "text": "x", "is_supporting": True},
+                            {"title": "Kiss and Tell (1945 film)", "text": "x", "is_supporting": True},
+                            {"title": "Janet Waldo", "text": "x", "is_supporting": False}]}) + "\n")
+    monkeypatch.setenv("ZSCTL_DATA_DIR", str(tmp_path / "data"))
+    build_sft._supporting_index.cache_clear()
+    corpus = tmp_path / "corpus.jsonl"
+    passages = [("Shirley Temple", "Shirley Temple was an actress who later served as Chief of Protocol."),
+                ("Kiss and Tell (1945 film)", "Kiss and Tell is a 1945 comedy film starring Shirley Temple."),
+                ("Janet Waldo", "Janet Waldo was a voice actress."), ("Protocol", "Protocol governs diplomacy."),
+                ("Temple", "A temple is a building for worship."), ("Film", "A film is a motion picture.")]
+    corpus.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(passages)))
+    logged = [doc(t, x) for t, x in passages[1:4]]  # the question's own search missed the answer
+    src = write_trajs(tmp_path / "t", [traj("h#0", question, ["Chief of Protocol"], [(question, logged)])])
+    try:
+        summary, train, val = build(tmp_path, src, label="docs", docs=2, degenerate_share=0.0, val_fraction=0.0,
+                                    search=f"bm25:{corpus}")
+        again, _, _ = build(tmp_path, f"{src},{src}", "twice", label="docs", docs=2, degenerate_share=0.0,
+                            search=f"bm25:{corpus}")
+    finally:
+        build_sft._supporting_index.cache_clear()
+    # the entities named in the question's supporting documents were searched; only the answer hop pairs
+    assert summary["entity_searches"] == 2 and summary["no_answer_docs"] == 2
+    rows = rows_by_id(train, val)
+    assert set(rows) == {"h#0@0#0:u", "h#0@0#0:n"} and rows["h#0@0#0:u"]["query"] == "Shirley Temple"
+    assert rows["h#0@0#0:u"]["completion"].startswith("Doc 1: (Shirley Temple) Shirley Temple was an actress")
+    assert again["entity_searches"] == 2  # once per question, however many trajectories ask it
+    with pytest.raises(BadInput, match="--search is only used"):
+        build(tmp_path, src, "bad", label="answer", search=f"bm25:{corpus}")

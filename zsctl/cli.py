@@ -204,7 +204,7 @@ def build_sft_cmd(
     min_f1: Optional[float] = typer.Option(None, "--min-f1", help="Policy: keep trajectories with F1 >= X (default: exact match)."),
     templated: bool = typer.Option(False, "--templated", help="Policy: answer-grounded demonstrations from logged calls whose documents hold a gold answer."),
     policy: str = typer.Option("smollm2-135m", "--policy", help="Policy whose chat template renders the prompts (--for policy)."),
-    search: Optional[str] = typer.Option(None, "--search", help="With --templated: a real engine (bm25:PATH, http://…) on which each question no logged call answered is searched once, the question as query."),
+    search: Optional[str] = typer.Option(None, "--search", help="A real engine (bm25:PATH, http://…). With --templated: multi-hop questions' supporting entities, then each question no logged call answered, are searched. With --label docs: each bundled multi-hop question's supporting entities are searched (as deep as its logged searches) and make pairs too."),
     seed: int = SEED,
     as_json: bool = JSON,
     quiet: bool = QUIET,

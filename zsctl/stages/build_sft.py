@@ -21,7 +21,10 @@ documents as `Doc i: (title) text`. Labels:
   (prompts.DEGENERATE_QUERIES) and that call's answer-free documents in both modes. With
   --pairs-per-search N > 1, a deep result list gives up to N pairs: pair i (i ≥ 1) is the i-th
   answer-holding document in front of the i-th window of k−1 answer-free ones (useful) against that
-  window of k (noisy).
+  window of k (noisy). With --search SPEC (a real engine), each bundled multi-hop question is also
+  searched once with its supporting documents' entity names (supporting_entities), as deep as its
+  logged searches went, and those results make pairs the same way (more queries per question; the
+  question alone finds an answer-holding document for about a third of the training questions).
 - answer: one row per call, useful when its documents hold a gold answer. Caveat: useful and noisy
   rows then come from DIFFERENT queries, so the model can learn query → documents rather than
   mode → documents; prefer docs.
