@@ -130,8 +130,8 @@ def test_completion_never_exceeds_the_response_budget(tmp_path, train_file, corp
     search_len = mask.index(0)  # the policy's search, then the inserted documents
     answer_start = len(mask) - 1 - mask[:-1][::-1].index(0)  # first token of the answer round
     for budget in (search_len + 3, answer_start + 3):  # inside the documents; inside the answer
-        trainer, _, recorder, _ = rl.build_trainer(replace(cfg, max_response_tokens=budget, out=str(tmp_path / f"b{budget}")),
-                                                   policy=(model, tok))
+        small = replace(cfg, max_response_tokens=budget, max_new_tokens=min(24, budget), out=str(tmp_path / f"b{budget}"))
+        trainer, _, recorder, _ = rl.build_trainer(small, policy=(model, tok))
         script.rounds = {k: -1 for k in script.rounds}  # the script starts over
         out = trainer.rollout_func(["question number 0?"], trainer)
         assert len(out["completion_ids"][0]) == len(out["env_mask"][0]) == budget
@@ -298,7 +298,7 @@ def test_use_vllm_trains_with_vllm_logprobs(tmp_path, train_file, tiny_model_dir
     vllm_standin.install(monkeypatch)
     cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir), use_vllm=True, vllm_mode=mode, lora=False, steps=2,
                max_turns=1, max_new_tokens=8, max_response_tokens=48)
-    trainer, *_ = rl.build_trainer(cfg)
+    trainer, _, recorder, _ = rl.build_trainer(cfg)
     assert trainer.use_vllm and trainer.vllm_importance_sampling_correction
     outputs = []
     rollout = trainer.rollout_func
@@ -319,6 +319,8 @@ def test_use_vllm_trains_with_vllm_logprobs(tmp_path, train_file, tiny_model_dir
         assert h["sampling/sampling_logp_difference/max"] < 1e-3 and math.isfinite(h["loss"])
         assert h["sampling/importance_sampling_ratio/min"] == pytest.approx(1.0, abs=1e-3)
     assert trainer.vllm_generation.generation_kwargs["max_tokens"] == cfg.max_new_tokens  # per round
+    mets = [pq.read_table(f).to_pylist()[0] for f in sorted(recorder.metrics_dir.glob("*.parquet"))]
+    assert [m["step"] for m in mets] == [1, 2] and all(m["vllm_is_ratio_min"] == pytest.approx(1.0, abs=1e-3) for m in mets)
 
 
 def test_vllm_server_mode_ranks_ending_in_different_rounds_do_not_deadlock(tmp_path, corpus_file, tiny_model_dir):
@@ -353,6 +355,8 @@ def test_vllm_server_mode_ranks_ending_in_different_rounds_do_not_deadlock(tmp_p
         (dict(group_size=1), "--group-size 1"),
         (dict(batch_size=5, group_size=2), "not divisible"),
         (dict(algo="ppo"), "--algo 'ppo'"),
+        (dict(max_new_tokens=64, max_response_tokens=32), "--max-response-tokens 32 must hold at least one round"),
+        (dict(vllm_mode="remote"), "--vllm-mode 'remote'"),
         (dict(resume=True), "holds no zsctl rl run"),
     ],
 )

@@ -335,6 +335,7 @@ def rl_cmd(
     noise_base: float = typer.Option(4.0, "--noise-base", help="Curriculum base b."),
     max_turns: int = typer.Option(2, "--max-turns"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens per generation round."),
+    max_response_tokens: int = typer.Option(384, "--max-response-tokens", help="Whole response (policy + inserted tokens), a hard bound: TRL's max_completion_length."),
     topk: int = typer.Option(3, "--topk"),
     temperature: float = typer.Option(1.0, "--temperature"),
     reward: str = typer.Option("f1", "--reward", help="f1 | em | f1+format"),
@@ -359,8 +360,9 @@ def rl_cmd(
     cfg = rl.RLConfig(
         policy=policy, search=search, train=train, out=out, algo=algo, steps=steps, batch_size=batch_size,
         grad_accum=grad_accum, group_size=group_size, lr=lr, beta=beta, lora=lora, noise_start=noise_start, noise_end=noise_end,
-        noise_base=noise_base, max_turns=max_turns, max_new_tokens=max_new_tokens, topk=topk,
-        temperature=temperature, reward=reward, save_every=save_every, resume=resume, report_to=report_to,
+        noise_base=noise_base, max_turns=max_turns, max_new_tokens=max_new_tokens,
+        max_response_tokens=max_response_tokens, topk=topk, temperature=temperature, reward=reward,
+        save_every=save_every, resume=resume, report_to=report_to,
         use_vllm=use_vllm, vllm_mode=vllm_mode, vllm_server_host=vllm_server_host, val=val, val_search=val_search, val_every=val_every,
         limit=limit, seed=seed,
     )

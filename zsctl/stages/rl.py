@@ -57,6 +57,9 @@ ALGOS = {
 RUN_FILE = "rl_run.json"  # identifies the run a --resume must match
 DONE_MARK = "zsctl_complete.json"  # written into checkpoint-N after TRL finished saving it
 FINISHED = ("answer", "turns")  # trajectory stops that end it for good (closed with EOS for TRL)
+VLLM_LOGS = {"sampling/sampling_logp_difference/mean": "vllm_logp_diff_mean",
+             "sampling/importance_sampling_ratio/min": "vllm_is_ratio_min",
+             "sampling/importance_sampling_ratio/mean": "vllm_is_ratio_mean"}
 
 
 @dataclass
@@ -137,6 +140,11 @@ def _validate(cfg: RLConfig) -> None:
         raise BadInput(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}")
     if cfg.steps < 1:
         raise BadInput(f"--steps {cfg.steps} must be at least 1")
+    if cfg.max_new_tokens < 1 or cfg.max_response_tokens < cfg.max_new_tokens:
+        raise BadInput(f"--max-response-tokens {cfg.max_response_tokens} must hold at least one round "
+                       f"(--max-new-tokens {cfg.max_new_tokens}, at least 1)")
+    if cfg.vllm_mode not in ("colocate", "server"):
+        raise BadInput(f"--vllm-mode '{cfg.vllm_mode}' is unknown; choose colocate or server")
     if not (0 <= cfg.noise_start <= 1 and 0 <= cfg.noise_end <= 1) or cfg.noise_base <= 0:
         raise BadInput("--noise-start/--noise-end must be in [0, 1] and --noise-base > 0")
     if cfg.val and not cfg.val_search:
@@ -384,6 +392,10 @@ def _make_callback(cfg: RLConfig, recorder: Recorder, progress: Progress, valida
                 step_seconds=step_s,
                 tokens_per_s=row["generated_tokens"] / step_s if step_s > 0 else float("nan"),
             )
+            # with vLLM: how far its sampling logprobs are from the trained model's (TRL's correction)
+            for key, name in VLLM_LOGS.items():
+                if key in logs:
+                    row[name] = float(logs[key])
             if validate is not None and cfg.val_every and state.global_step % cfg.val_every == 0:
                 row.update(validate(kw["model"]))
             recorder.metrics(state.global_step, row)
