@@ -119,6 +119,12 @@ def test_train_sim_lora_merges_and_reloads(tiny_model_dir, tmp_path):
     from zsctl.search.simulator import SimulatorEngine
 
     assert SimulatorEngine(str(out)).tokens_per_doc == manifest["tokens_per_doc"]
+    # check-sim finds the questions this simulator was fitted on (train.parquet, not val) through the manifest
+    from zsctl.stages import check_sim
+
+    trained, source = check_sim.trained_questions(f"sim:{out}?verify=1")
+    assert source == str(data / "train.parquet")
+    assert trained == {r["question"].lower() for r in sim_rows(12)} and not trained & {r["question"].lower() for r in sim_rows(4, start=200)}
     assert len(json.loads((out / "train_log.json").read_text())) == 3
     assert not (out / "adapter_config.json").exists()  # merged: a plain HF model
     assert not list(tmp_path.glob(".sim*"))  # no temp or trainer dirs left behind
