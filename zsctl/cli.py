@@ -335,7 +335,7 @@ def rl_cmd(
     noise_base: float = typer.Option(4.0, "--noise-base", help="Curriculum base b."),
     max_turns: int = typer.Option(2, "--max-turns"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens per generation round."),
-    max_response_tokens: int = typer.Option(512, "--max-response-tokens", help="Whole response (policy + inserted tokens), a hard bound: TRL's max_completion_length."),
+    max_response_tokens: int = typer.Option(640, "--max-response-tokens", help="Whole response (policy + inserted tokens), a hard bound: TRL's max_completion_length."),
     topk: int = typer.Option(3, "--topk"),
     temperature: float = typer.Option(1.0, "--temperature"),
     reward: str = typer.Option("f1", "--reward", help="f1 | em | f1+format"),

@@ -82,7 +82,7 @@ class RLConfig:
     noise_base: float = 4.0
     max_turns: int = 2
     max_new_tokens: int = 64
-    max_response_tokens: int = 512  # hard bound on a response, documents included (TRL's max_completion_length)
+    max_response_tokens: int = 640  # hard bound on a response, documents included (TRL's max_completion_length)
     topk: int = 3
     max_doc_words: int = 40
     temperature: float = 1.0
