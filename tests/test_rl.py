@@ -403,6 +403,30 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path, train_file, corpus_file,
 
 
 @pytest.mark.slow
+def test_two_process_vllm_server_mode_rl_run(tmp_path, train_file, corpus_file, tiny_model_dir):
+    """`zsctl rl --use-vllm --vllm-mode server` under `accelerate launch` with 2 CPU processes and the
+    stand-in engine: process 0's rollouts answer in round 1, process 1's search until their turns run
+    out, every step; training runs with vLLM's logprobs and ends with one manifest."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(ROOT / "tests" / "vllm_standin.py"), "rl", "--policy", str(tiny_model_dir), "--search",
+           f"bm25:{corpus_file}", "--train", str(train_file), "--out", str(out), "--steps", "2", "--batch-size", "4",
+           "--group-size", "2", "--max-turns", "2", "--max-new-tokens", "16", "--lr", "1e-3", "--use-vllm",
+           "--vllm-mode", "server", "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_manifest(out)["kind"] == "policy"
+    for rank, searches in ((0, 0), (1, 2)):
+        rows = [row for f in (out / "rollouts.steps").glob(f"*-r{rank}.parquet") for row in pq.read_table(f).to_pylist()]
+        assert len(rows) == 2 * 4 and all(row["num_searches"] == searches for row in rows)
+    mets = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert [m["step"] for m in mets] == [1, 2]
+    assert all(m["vllm_is_ratio_min"] == pytest.approx(1.0, abs=1e-3) and math.isfinite(m["loss"]) for m in mets)
+
+
+@pytest.mark.slow
 def test_smollm2_few_rl_steps_with_simulated_search(tmp_path):
     """SmolLM2-135M policy, its searches answered by the untuned SmolLM2 simulator (prompt mode) with
     the noise curriculum, on bundled training questions."""

@@ -9,8 +9,9 @@ engine is TRL's code: the prompt gathering and broadcast of server mode, the sli
 vLLM does with `logprobs_mode="processed_logprobs"`, so TRL's importance-sampling ratio is 1 up to
 float error when everything is aligned.
 
-Run as a script under `accelerate launch` (2 CPU processes, gloo) it rolls out the agent loop in
-server mode with rows of process 0 answering at once and rows of process 1 searching every round.
+Run as a script under `accelerate launch` (2 CPU processes, gloo), with rows of process 0 answering
+at once and rows of process 1 searching every round: `vllm_standin.py MODEL CORPUS MAX_TURNS` rolls
+out the agent loop in server mode; `vllm_standin.py rl ARGS…` is `zsctl rl ARGS…` with the stand-in.
 """
 
 from __future__ import annotations
@@ -166,6 +167,11 @@ def install(monkeypatch=None):
             setattr(mod, name, value)
 
 
+def _first_process_answers(i: int, n: int) -> str:
+    """Server mode hands the engine process 0's rows first, then process 1's (equal shares)."""
+    return "<answer> yes </answer>" if i < n // 2 else "<search> alpha </search>"
+
+
 def _two_process_rollout(model_dir: str, corpus: str, max_turns: int) -> None:
     """Server mode under 2 processes: process 0's rows answer in round 1, process 1's search in every
     round; both must come back with their own rows' results and no collective left unmatched."""
@@ -181,8 +187,7 @@ def _two_process_rollout(model_dir: str, corpus: str, max_turns: int) -> None:
 
     acc = Accelerator(cpu=True)
     model, tok = load_model(model_dir)
-    StandInVLLMGeneration.writes = staticmethod(
-        lambda i, n: "<answer> yes </answer>" if i < n // 2 else "<search> alpha </search>")
+    StandInVLLMGeneration.writes = staticmethod(_first_process_answers)
     vg = StandInVLLMGeneration(model=model, accelerator=acc, processing_class=tok, mode="server",
                                max_completion_length=16, generation_kwargs={"stop": ["</search>", "</answer>"]})
     loop = AgentLoop(model, tok, make_engine(f"bm25:{corpus}"), AgentConfig(max_turns=max_turns, max_new_tokens=16,
@@ -202,4 +207,12 @@ def _two_process_rollout(model_dir: str, corpus: str, max_turns: int) -> None:
 
 
 if __name__ == "__main__":
-    _two_process_rollout(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if sys.argv[1] == "rl":
+        from zsctl.cli import main
+
+        install()
+        StandInVLLMGeneration.writes = staticmethod(_first_process_answers)
+        sys.argv = ["zsctl", *sys.argv[1:]]
+        main()
+    else:
+        _two_process_rollout(sys.argv[1], sys.argv[2], int(sys.argv[3]))
