@@ -134,6 +134,12 @@ def test_cli_json_and_bad_input(tiny_model_dir, questions_file, tmp_path):
     summary = json.loads(r.output.strip().splitlines()[-1])
     assert summary["n_queries"] == 2 and summary["rows"] == 6
     assert artifacts.read_artifact(out, "check_sim").num_rows == 6
+    r = CliRunner().invoke(app, ["check-sim", "--search", f"sim:{tiny_model_dir}?verify=1", "--questions",
+                                 str(questions_file), "--out", str(tmp_path / "table"), "--limit", "2",
+                                 "--max-new-tokens", "4", "--quiet"])
+    assert r.exit_code == 0, r.output
+    for shown in ("n = 2 held-apart", "95% interval (Wilson)", "leak %", "format valid %", "(Newcombe)", "1 yes/no"):
+        assert shown in r.output, shown
     bad_out = tmp_path / "never"
     r = CliRunner().invoke(app, ["check-sim", "--search", "none", "--questions", str(questions_file),
                                  "--out", str(bad_out)])
