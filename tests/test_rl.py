@@ -349,6 +349,19 @@ def test_vllm_server_mode_ranks_ending_in_different_rounds_do_not_deadlock(tmp_p
     assert engine["engine_calls"] == [6, 6, 6]  # each process padded to the larger share, 3 rows
 
 
+def test_gpu_check_commands_parse(tmp_path):
+    """pipelines/gpu_check.sh needs a GPU; its dry run checks every zsctl command's options here."""
+    env = dict(os.environ, DRY_RUN="1", RUN=str(tmp_path / "gpu_check"), PY=sys.executable)
+    p = subprocess.run(["bash", str(ROOT / "pipelines" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    runs = [json.loads(line) for line in p.stdout.splitlines() if line.startswith('{"dry_run"')]
+    assert [r["stage"] for r in runs] == ["index", "collect", "build_sft", "train_sim", "check_sim", "rl"]
+    rl_cfg = runs[-1]["config"]
+    assert rl_cfg["use_vllm"] and rl_cfg["vllm_mode"] == "colocate" and rl_cfg["steps"] == 5
+    assert rl_cfg["search"] == runs[4]["config"]["search"]  # the served simulator answers the policy's searches
+
+
 @pytest.mark.parametrize(
     "kw, needle",
     [
