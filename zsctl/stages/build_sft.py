@@ -770,19 +770,24 @@ def _templated_rows(cfg, batch, seen, stats, *, policy_tok=None, unserved=None, 
         if titles:  # its logged calls are the fallback should no entity search hold the answer
             entry = unserved.setdefault(qkey, _pending(t, titles))
             entry["calls"] += calls
-            continue
-        made = _demos(cfg, t, calls, seen, stats, policy_tok)
-        rows += made
-        if made:
-            unserved[qkey] = None
-        elif qkey not in unserved or unserved[qkey] is not None:
-            unserved.setdefault(qkey, _pending(t, []))["calls"] += calls
+        else:
+            made = _demos(cfg, t, calls, seen, stats, policy_tok)
+            rows += made
+            if made:
+                unserved[qkey] = None
+                continue
+            if unserved.get(qkey, 0) is None:  # an earlier trajectory of the question served it
+                continue
+            entry = unserved.setdefault(qkey, _pending(t, []))
+        # searched before with the question itself as the query: the same search would find nothing new
+        question = metrics.normalize_answer(t["question"])
+        entry["asked"] = entry["asked"] or any(metrics.normalize_answer(s.get("query")) == question for s in searches)
     return rows
 
 
 def _pending(t: dict, titles: list[str]) -> dict:
     return {"traj_id": t["traj_id"], "question": t["question"], "golden_answers": t.get("golden_answers"),
-            "titles": titles, "calls": []}
+            "titles": titles, "calls": [], "asked": False}
 
 
 def _demos(cfg, t, calls, seen, stats, policy_tok) -> list:
@@ -923,15 +928,14 @@ def _search_questions(cfg, engine, unserved: dict, seen, stats, policy_tok, prog
     names = list(dict.fromkeys(q for t in titled for q in t["titles"]))
     results = dict(zip(names, _search_all(cfg, engine, names)))
     stats["entity_searches"] = len(names)
-    # a question already searched as its own query would get the same results again
-    rows, rest = [], [t for t in todo if not t["titles"] and not _asked(t)]
+    rows, rest = [], [t for t in todo if not t["titles"] and not t["asked"]]
     for t in titled:
         chain = _entity_chain(cfg, t, results)
         made = _demos(cfg, t, [(f"{t['traj_id']}#e", chain)], seen, stats, policy_tok) if chain else []
         stats["entity_demos"] = stats.get("entity_demos", 0) + len(made)
         made = made or _demos(cfg, t, t["calls"], seen, stats, policy_tok)
         rows += made
-        if not made and not _asked(t):
+        if not made and not t["asked"]:
             rest.append(t)
     progress.log(f"build-sft: {len(names)} entity searches for {len(titled)} multi-hop question(s); "
                  f"searching {len(rest)} question(s) that still have no demonstration")
@@ -940,11 +944,6 @@ def _search_questions(cfg, engine, unserved: dict, seen, stats, policy_tok, prog
         stats["question_searches"] += 1
         rows += _demos(cfg, t, [(f"{t['traj_id']}#q", [(query, docs)])], seen, stats, policy_tok)
     return rows
-
-
-def _asked(t: dict) -> bool:
-    question = metrics.normalize_answer(t["question"])
-    return any(metrics.normalize_answer(q) == question for _, chain in t["calls"] for q, _ in chain)
 
 
 def _search_all(cfg, engine, queries: list[str]) -> list[list[dict]]:
