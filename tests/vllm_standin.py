@@ -85,7 +85,7 @@ class HFEngine:
         nxt = torch.tensor([prompt])
         with torch.no_grad():
             for j in range(max_tokens):
-                res = self.model(input_ids=nxt, past_key_values=past, use_cache=True)
+                res = self.model(input_ids=nxt, cache=past, use_cache=True)
                 past = res.past_key_values
                 logp = torch.log_softmax(res.logits[0, -1].float() / max(temperature, 1e-6), dim=-1)
                 if forced_ids is not None:
@@ -177,6 +177,7 @@ def _two_process_rollout(model_dir: str, corpus: str, max_turns: int) -> None:
     round; both must come back with their own rows' results and no collective left unmatched."""
     from types import SimpleNamespace
 
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
@@ -204,6 +205,8 @@ def _two_process_rollout(model_dir: str, corpus: str, max_turns: int) -> None:
     if acc.is_main_process:
         everyone.append({"engine_calls": vg.engine.calls})
         print("RESULT " + json.dumps(everyone), flush=True)
+    acc.wait_for_everyone()
+    torch.distributed.destroy_process_group()  # gloo's threads can abort the exit otherwise
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ PPO (a critic) and plain REINFORCE are not on this path; they belong to a veRL b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -227,7 +228,11 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             engine.noise_p = p
             engine.rng = random.Random(f"{cfg.seed}-{step}-{trainer.accelerator.process_index}")
         t0 = time.perf_counter()
-        with unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator) as model:
+        if trainer.use_vllm:  # vLLM samples: the trained weights need no gathering (DeepSpeed ZeRO-3)
+            policy = contextlib.nullcontext(trainer.accelerator.unwrap_model(trainer.model_wrapped))
+        else:
+            policy = unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator)
+        with policy as model:
             was_training = model.training
             model.eval()
             loop = AgentLoop(model, trainer.processing_class, engine, agent_cfg)
