@@ -300,8 +300,8 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
         return {
             "prompt_ids": [t.prompt_ids for t in trajs],
             "completion_ids": list(completion_ids),
-            # the sampler's logprobs (vLLM) let TRL correct for its mismatch with the trained model;
-            # None (HF generate on the trained model itself) means exactly on-policy
+            # the sampler's logprobs: with vLLM, TRL corrects for its mismatch with the trained model
+            # (HF rollouts sample from the trained model itself, exactly on-policy; TRL ignores them)
             "logprobs": list(logprobs) if all(lp is not None for lp in logprobs) else None,
             "env_mask": list(env_mask),
             "prediction": predictions,
