@@ -4,6 +4,8 @@ the response, the pluggable backend (cut at the first stop, logprobs, lockstep),
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -190,3 +192,33 @@ def test_rollout_with_the_model_in_a_peft_wrapper(tiny_model_dir):
     trajs = loop.run(loop.encode_prompts(["a?", "bb bb?"]))
     assert all(len(t.response_ids) == len(t.logprobs) > 0 for t in trajs)
     assert prompts.FINAL_TURN in tok.decode(trajs[0].response_ids)
+
+
+def test_threads_option_reaches_torch_and_bad_counts_exit_2(monkeypatch):
+    import subprocess
+    import sys
+
+    from zsctl.core.errors import BadInput
+    from zsctl.core.models import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("ZSCTL_THREADS", "3")
+    try:
+        set_threads()
+        assert torch.get_num_threads() == 3 and os.environ["OMP_NUM_THREADS"] == "3"  # torch imported: set directly
+        set_threads(1)
+        assert torch.get_num_threads() == 1  # the option beats the environment
+        with pytest.raises(BadInput, match="threads '0'"):
+            set_threads(0)
+    finally:
+        torch.set_num_threads(before)
+    # after the command name too; before torch is imported it travels as OMP_NUM_THREADS
+    probe = "import sys; from zsctl.cli import main; sys.argv = ['zsctl', 'inspect', '--threads', '0', 'x']; main()"
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert res.returncode == 2 and "threads '0' is not a positive whole number" in res.stderr
+    probe = ("import os, sys; from zsctl.cli import _root; _root(False, 2); import torch; "
+             "print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k not in ("ZSCTL_THREADS", "OMP_WAIT_POLICY")}
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert res.stdout.split() == ["PASSIVE", "2", "2"]

@@ -22,8 +22,19 @@ _state = {"debug": False}
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")):
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="CPU threads for torch, in any position (default $ZSCTL_THREADS, else "
+        "$OMP_NUM_THREADS, else one per core); idle threads sleep, so a shared machine stays fast."),
+):
     _state["debug"] = debug
+    from zsctl.core.models import set_threads
+
+    try:
+        set_threads(threads)
+    except BadInput as e:
+        _fail(e, 2)
 
 
 def stage(fn):
@@ -549,7 +560,17 @@ def main() -> None:
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    app(args=argv, prog_name="zsctl")
+    app(args=_threads_first(argv), prog_name="zsctl")
+
+
+def _threads_first(argv: list[str]) -> list[str]:
+    """`--threads N` may follow the command name; it is the root's option, so move it in front."""
+    for i, a in enumerate(argv):
+        if a.startswith("--threads="):
+            return [a] + argv[:i] + argv[i + 1:]
+        if a == "--threads" and i + 1 < len(argv):
+            return argv[i:i + 2] + argv[:i] + argv[i + 2:]
+    return argv
 
 
 if __name__ == "__main__":
