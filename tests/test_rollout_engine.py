@@ -95,8 +95,10 @@ def test_greedy_equals_static_generate_and_feeds_each_token_once(varied):
     assert any(len(x) == cfg.max_new_tokens for t in got for x in _own_turns(t))
     # no step on a finished row: every sampled token is kept (the reference ran rows to the longest)
     assert new.decode_steps == new.generated_tokens == ref.generated_tokens < ref.decode_steps
-    # each token goes through the model once: prompts and insertions in prefills, the rest in steps
-    fed = new.prefill_tokens + new.decode_steps - sum(calls)
+    # each token goes through the model once: prompts and insertions in prefills, the rest in steps;
+    # the prompts' shared head (chat template, instruction) only for the first row
+    assert new.shared_prefix_tokens >= (len(QUESTIONS) - 1) * len(tok(prompts.POLICY_SYSTEM)["input_ids"])
+    fed = new.prefill_tokens + new.shared_prefix_tokens + new.decode_steps - sum(calls)
     assert fed == sum(len(t.prompt_ids) + len(t.response_ids) - 1 for t in got)
 
 

@@ -77,6 +77,24 @@ class _RowCache:
         self.length = length
 
 
+# Fresh prompts that share at least this many leading tokens (the policy instruction does) get
+# them prefilled once and copied to every row; below it a separate forward pass is not worth it.
+SHARED_PREFIX_MIN = 16
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    """How many leading tokens all sequences share, leaving each at least one of its own (its
+    last token's logits give its first new token)."""
+    k = min(len(s) for s in seqs) - 1
+    first = seqs[0]
+    for s in seqs[1:]:
+        j = 0
+        while j < k and s[j] == first[j]:
+            j += 1
+        k = j
+    return max(k, 0)
+
+
 def _trim(docs: list[Document], max_words: int) -> list[Document]:
     out = []
     for d in docs:
@@ -113,6 +131,7 @@ class AgentLoop:
         self.generated_tokens = 0  # policy tokens kept in the trajectories
         self.decode_steps = 0  # tokens the backend produced (HF: rows x forward passes that sampled)
         self.prefill_tokens = 0  # HF: tokens fed through the model to build or extend caches
+        self.shared_prefix_tokens = 0  # HF: prompt tokens not fed again, their keys/values copied
         self._note_cache: dict[str, list[int]] = {}
 
     def _encode_note(self, text: str) -> list[int]:
@@ -250,6 +269,11 @@ class AgentLoop:
         device = next(model.parameters()).device
         n = len(seqs)
         old = [caches.get(i) for i in rows]
+        if n > 1 and not any(old):  # fresh prompts: their shared head (instruction, template) once
+            k = _common_prefix(seqs)
+            if k >= SHARED_PREFIX_MIN:
+                old = [self._prefill_one(seqs[0][:k])] * n
+                self.shared_prefix_tokens += (n - 1) * k
         cached = [c.length if c else 0 for c in old]
         pending = [s[c:] for s, c in zip(seqs, cached)]
         width, chunk = max(cached), max(len(p) for p in pending)
@@ -341,6 +365,18 @@ class AgentLoop:
                 positions = torch.tensor([[base[r] + len(gen[r]) - 1] for r in alive])
                 logits = forward(choice[:, None], positions)
         return [_Turn(gen[r], lps[r], eos_hit[r]) for r in range(n)]
+
+    def _prefill_one(self, ids: list[int]) -> _RowCache:
+        """The keys/values of one sequence, from one forward pass."""
+        import torch
+        from transformers import DynamicCache
+
+        device = next(self.model.parameters()).device
+        cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+        self.prefill_tokens += len(ids)
+        return _RowCache([(layer.keys[0], layer.values[0]) for layer in cache.layers], len(ids))
 
     def _pick(self, logits):
         """The next token of every row and its log-probability under the distribution it was drawn from.
