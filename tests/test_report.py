@@ -40,7 +40,12 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
     artifacts.write_table(pol, "metrics.parquet", pa.Table.from_pylist(steps))
     artifacts.write_manifest(pol, "policy", config={}, summary={})
 
+    coll = run / "collect"
+    coll.mkdir()
+    artifacts.write_manifest(coll, "trajectories", config={}, summary={"ledger": {"engine_calls": 7}})
+
     summary = report.run(report.ReportConfig(run_dir=str(run)))
+    assert summary["ledger"]["real_calls"] == 7  # collect's search ledger counts
     md = (run / "report" / "report.md").read_text()
     assert "| run | benchmark | n | EM | SubEM | F1 | searches | degenerate queries % | search-hit rate % |" in md
     assert "| eval_warmup | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | 1.50 | 25.0 | 40.0 |" in md

@@ -89,8 +89,9 @@ def _check_sim_section(d: Path, s: dict) -> list[str]:
 
 
 def _ledger(found, price: float) -> dict:
-    real = sum(m["summary"].get("search", {}).get("calls", 0) for kind in ("trajectories", "predictions")
-               for _, m in found.get(kind, []))
+    # eval records its engine's stats under "search"; collect its search ledger under "ledger"
+    real = sum(m["summary"].get("search", {}).get("calls", 0) for _, m in found.get("predictions", []))
+    real += sum(m["summary"].get("ledger", {}).get("engine_calls", 0) for _, m in found.get("trajectories", []))
     simulated = 0
     for d, m in found.get("policy", []):
         if (d / "metrics.parquet").is_file():
