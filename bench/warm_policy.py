@@ -3,7 +3,8 @@ multi-round path (a base model never searches, so its rollouts are single-turn).
 
 The recipe is the demo's (pipelines/demo.sh steps 2-3): each bundled training question searched
 once with no model, the answer-holding calls turned into templated demonstrations, then a few SFT
-steps of the policy on them. It runs the real `zsctl` commands into a temporary folder, renamed
+steps of the policy on them; with `build-sft --search` the multi-hop questions also get
+demonstrations that search twice, so the policy searches at least once per question on average. It runs the real `zsctl` commands into a temporary folder, renamed
 into place only when all of them succeeded.
 """
 
@@ -24,7 +25,7 @@ def warm_policy(model: str = "smollm2-135m", steps: int = 12, questions: int = 6
     """The warm-started policy's directory (cached under the zsctl cache; built on first use)."""
     from zsctl.core.models import cache_root
 
-    dest = cache_root() / "bench" / f"warm-{model.replace('/', '_')}-q{questions}-s{steps}"
+    dest = cache_root() / "bench" / f"warm-{model.replace('/', '_')}-q{questions}-s{steps}-multihop"
     if (dest / "policy" / "config.json").is_file():
         return str(dest / "policy")
     tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
@@ -35,11 +36,11 @@ def warm_policy(model: str = "smollm2-135m", steps: int = 12, questions: int = 6
         ["collect", "--questions", "hotpotqa", "--model", "none", "--search", SEARCH, "--out", f"{tmp}/searches",
          "--limit", str(questions), "--topk", "2"],
         ["build-sft", "--for", "policy", "--templated", "--trajectories", f"{tmp}/searches", "--out", f"{tmp}/sft",
-         "--policy", model, "--docs", "2", "--doc-words", "40"],
+         "--policy", model, "--docs", "2", "--doc-words", "40", "--search", SEARCH],
         ["warmup", "--data", f"{tmp}/sft", "--policy", model, "--out", f"{tmp}/policy", "--max-steps", str(steps),
          "--batch-size", "2", "--grad-accum", "2", "--max-length", "384", "--lr", "5e-4", "--val-limit", "8"],
     ]
-    print(f"building a warm-started policy in {dest} (once; about 2 minutes on 2 cores)", file=sys.stderr)
+    print(f"building a warm-started policy in {dest} (once; a few minutes on 2 cores)", file=sys.stderr)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for cmd in commands:
         subprocess.run([sys.executable, "-m", "zsctl.cli", *cmd, *q], check=True, cwd=ROOT, env=env,
