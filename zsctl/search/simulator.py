@@ -19,9 +19,9 @@ generated again together, in one batch, up to N times, sampling at RETRY_TEMPERA
 retry would repeat the same text). A reply that never passes is replaced by its last try with every
 answer-holding sentence removed, so it holds no answer. A query that names nothing (no content word)
 can never pass in useful mode, so it is written from the noisy prompt (and verified as noisy): a
-policy gains nothing from a degenerate query. Without gold answers (or with yes/no golds, which containment
-cannot judge) only the useful reply's link to the query is checked. Tries per query are in
-`last_tries` (1 = first reply kept), pass/fail in `last_verified`.
+policy gains nothing from a degenerate query. Without gold answers (or with yes/no golds, which
+containment cannot judge) only the useful reply's link to the query is checked. Tries per query
+are in `last_tries` (1 = first reply kept), pass/fail in `last_verified`.
 """
 
 from __future__ import annotations
