@@ -171,5 +171,5 @@ def test_eval_records_degenerate_queries_and_search_hits(tmp_path, tiny_model_di
     assert (geo["searches"], geo["degenerate_share"], geo["search_hit_rate"], geo["hit_searches_n"]) == (2, 0.0, 1.0, 1)
     assert overall["em"] == pytest.approx(3 / 5) and summary["overall"] == overall
     table = metrics_table(summary)
-    assert [c.header for c in table.columns][-2:] == ["degenerate %", "search hit %"]
+    assert [c.header for c in table.columns][-2:] == ["degen. %", "hit %"]
     assert list(table.columns[-2].cells) == ["100.0", "0.0", "50.0"]  # arts, geo, overall

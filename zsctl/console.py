@@ -60,9 +60,11 @@ def _score_cells(m: dict) -> list[str]:
 
 
 def _score_table(title: str, keys: tuple[str, ...]) -> Table:
-    t = Table(title=title or None)
-    for col in (*keys, "n", "EM", "SubEM", "F1", "searches", "degenerate %", "search hit %"):
-        t.add_column(col, justify="left" if col in keys else "right")
+    t = Table(title=title or None, caption="degen. %: queries that name nothing; hit %: searches whose "
+                                           "documents hold a gold answer (yes/no golds left out)")
+    for col in (*keys, "n", "EM", "SubEM", "F1", "searches", "degen. %", "hit %"):
+        # run and benchmark names are never cut: in a narrow terminal the number headers wrap instead
+        t.add_column(col, justify="left" if col in keys else "right", no_wrap=col in keys)
     return t
 
 
