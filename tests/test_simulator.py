@@ -217,11 +217,11 @@ VERIFY_CASES = [
     ("tallest mountain", "Which is the tallest mountain on Earth?", ["Mount Everest"], "useful",
      ["Doc 1: (Nepal) Mount Everest is in Nepal.",  # the answer, but nothing about the query
       "Doc 1: (Alps) Mont Blanc is a tall peak. Mount Everest is higher."]),  # still no query word
-    ("lego founder", "Who founded Lego?", ["Ole Kirk Christiansen"], "noisy",  # holds the answer twice
+    ("lego founder", "Who founded Lego?", ["Ole Kirk Christiansen"], "noisy",  # holds the answer: mended, not retried
      ["Doc 1: (Lego) Lego was founded by Ole Kirk Christiansen. It makes toys.",
       "Doc 1: (Lego) Ole Kirk Christiansen started Lego in Billund. Lego bricks are plastic."]),
     ("I need a fact", "In which city is the Louvre?", ["Paris"], "useful",  # names nothing: never profits
-     ["Doc 1: (Louvre) The Louvre is in Paris.", "Doc 1: (Museums) Museums hold art."]),
+     ["Doc 1: (Louvre) The Louvre is in Paris. It opened in 1793.", "Doc 1: (Museums) Museums hold art."]),
 ]
 
 
@@ -244,20 +244,21 @@ def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
     engine._complete = lambda texts, budget, stop, t: temperatures.append(t) or orig(texts, budget, stop, t)
     results = _verify_search(engine)
     texts = [docs[0].title + " | " + docs[0].text for docs in results]
-    assert calls == [5, 4]  # every row once, then ONE batch of the four that failed
+    assert calls == [5, 2]  # every row once, then ONE batch of the two useful rows that failed
     assert temperatures == [0.0, 0.8]  # the retry samples: a greedy retry would repeat itself
-    assert engine.last_tries == [2, 1, 2, 2, 2]
-    assert engine.last_verified == [True, True, False, False, True]
+    assert engine.last_tries == [2, 1, 2, 1, 1]
+    assert engine.last_verified == [True, True, False, False, False]
     assert texts[0] == "Peru | The capital of Peru is Lima." and texts[1] == "Hamlet | Hamlet was written by Shakespeare."
     # never verified: the last try with every answer-holding sentence removed
     assert texts[2] == "Alps | Mont Blanc is a tall peak."
-    assert texts[3] == "Lego | Lego bricks are plastic."
-    # the degenerate query was written from the noisy prompt, though useful was asked for
+    # a noisy reply holding the answer is mended at once, not regenerated
+    assert texts[3] == "Lego | It makes toys."
+    # the degenerate query was written from the noisy prompt, though useful was asked for, and mended
     assert engine.last_modes[4] == "useful" and "Mode: noisy." in engine.last_prompts[4]
-    assert texts[4] == "Museums | Museums hold art."
+    assert texts[4] == "Louvre | It opened in 1793."
     for (_, _, golds, _, _), docs in zip(VERIFY_CASES[2:], results[2:]):
         assert not metrics.docs_hold_answer([d.as_dict() for d in docs], golds)
-    assert engine.regenerated == 4 and engine.fallbacks == 2 and engine.generation_s > 0
+    assert engine.regenerated == 2 and engine.fallbacks == 3 and engine.generation_s > 0
 
 
 def test_without_verify_the_first_reply_stands(tiny):
@@ -266,7 +267,7 @@ def test_without_verify_the_first_reply_stands(tiny):
     results = _verify_search(engine)
     assert calls == [5] and engine.last_tries == [1] * 5 and engine.last_verified == [None] * 5
     assert "Mode: useful." in engine.last_prompts[4]
-    assert results[4][0].text == "The Louvre is in Paris."  # the leak verification closes
+    assert results[4][0].text == "The Louvre is in Paris. It opened in 1793."  # the leak verification closes
 
 
 def test_verify_spec_option_and_bad_values(tiny_model_dir, tmp_path):
