@@ -37,14 +37,14 @@ def test_recipes_dry_run(script):
 
 def test_tiny_demo_end_to_end(tmp_path, tiny_model_dir):
     run = tmp_path / "demo"
-    env = _env(RUN=run, MODEL=tiny_model_dir, QUIET=1, N_WARM=16, WARM_STEPS=2, N_COLLECT=4, SIM_STEPS=2,
-               RL_STEPS=2, N_EVAL=3, EVAL="bamboogle", ZSCTL_CACHE_DIR=tmp_path / "cache")
+    env = _env(RUN=run, MODEL=tiny_model_dir, QUIET=1, WARM_STEPS=2, SIM_STEPS=2, VERIFY=1, RL_STEPS=2, N_CHECK=4,
+               N_EVAL=3, EVAL="bamboogle", ZSCTL_CACHE_DIR=tmp_path / "cache")
     p = subprocess.run(["bash", str(ROOT / "pipelines" / "demo.sh")], env=env, capture_output=True, text=True,
                        cwd=ROOT, timeout=900)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     kinds = {
         "index": "bm25_index", "question_searches": "trajectories", "policy_sft": "policy_sft", "warmup": "policy",
-        "trajectories": "trajectories", "sim_sft": "sim_sft", "simulator": "simulator", "check_sim": "check_sim",
+        "sim_sft": "sim_sft", "simulator": "simulator", "check_sim": "check_sim",
         "policy": "policy", "eval_base": "predictions", "eval_warmup": "predictions", "eval_policy": "predictions",
         "report": "report",
     }

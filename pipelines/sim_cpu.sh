@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The longer simulator recipe on a CPU: a contrastive corpus from real searches of every
+# training-split question of all bundled benchmarks, a LoRA fine-tune of SmolLM2-135M-Instruct on it,
+# then check-sim on held-apart queries (evaluation-split questions, never trained on) without and with
+# verified generation, side by side; `zsctl report` prints the check-sim tables.
+#   index → collect --model none (each training question searched once, top 20) → build-sft --label docs
+#   (a useful and a noisy row from ONE search; supporting entities of multi-hop questions searched too)
+#   → train-sim → check-sim (verify=0) → check-sim (verify=2) → report
+# Hardware: 2 CPU cores, ~6 GB RAM. Expected time: about 60 minutes on 2 quiet cores (see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+
+RUN=${RUN:-runs/sim_cpu}
+MODEL=${MODEL:-smollm2-135m}
+CORPUS=${CORPUS:-data/corpus/wiki_sample.jsonl}
+BENCH=${BENCH:-nq,triviaqa,popqa,hotpotqa,2wikimultihopqa,musique}   # training split of each
+CHECK=${CHECK:-nq,triviaqa,popqa,hotpotqa,2wikimultihopqa,musique,bamboogle}  # evaluation split of each
+DEPTH=${DEPTH:-20}                    # results logged per search (the pairs pick from them)
+K=${K:-2}                             # documents per simulated search (as the demo's policy uses)
+DOC_WORDS=${DOC_WORDS:-30}
+STEPS=${STEPS:-200}                   # train-sim steps of 8 rows (about 0.5 epoch of the corpus)
+N_CHECK=${N_CHECK:-120}               # held-apart queries for check-sim
+Q=${QUIET:+--quiet}
+
+mkdir -p "$RUN"
+t0=$(date +%s)
+step() { printf '\n== %s  [%d s so far] ==\n' "$*" "$(( $(date +%s) - t0 ))"; }
+
+step "index the corpus (BM25, the real engine)"
+zsctl index "$CORPUS" --out "$RUN/index" $Q
+SEARCH="bm25:$RUN/index"
+
+step "real searches: every training question, the question as query, top $DEPTH"
+zsctl collect --questions "$BENCH" --model none --search "$SEARCH" --out "$RUN/question_searches" \
+  --topk "$DEPTH" --batch-size 256 $Q
+
+step "build-sft --label docs: useful/noisy pairs that differ only in the mode word"
+zsctl build-sft --trajectories "$RUN/question_searches" --out "$RUN/sim_sft" --label docs --pairs-per-search 3 \
+  --search "$SEARCH" --docs "$K" --doc-words "$DOC_WORDS" $Q
+
+step "train-sim: $STEPS steps (LoRA, completion-only loss)"
+zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$STEPS" \
+  --batch-size 4 --grad-accum 2 --max-length 256 --lr 5e-4 --val-limit 32 $Q
+
+for v in 0 2; do
+  step "check-sim on $N_CHECK held-apart queries, verify=$v"
+  zsctl check-sim --search "sim:$RUN/simulator?verify=$v" --questions "$CHECK" --limit "$N_CHECK" --k "$K" \
+    --vs "$SEARCH" --out "$RUN/check_sim_verify$v" $Q
+done
+
+zsctl report "$RUN" $Q
+echo "sim_cpu finished in $(( $(date +%s) - t0 )) s; report: $RUN/report/report.md"
