@@ -258,7 +258,7 @@ def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
     assert texts[4] == "Louvre | It opened in 1793."
     for (_, _, golds, _, _), docs in zip(VERIFY_CASES[2:], results[2:]):
         assert not metrics.docs_hold_answer([d.as_dict() for d in docs], golds)
-    assert engine.regenerated == 2 and engine.fallbacks == 3 and engine.generation_s > 0
+    assert engine.regenerated == 2 and engine.fallbacks == 3 and engine.generation_s > 0 and engine.generation_cpu_s > 0
 
 
 def test_without_verify_the_first_reply_stands(tiny):

@@ -207,6 +207,7 @@ class _Simulated(SearchEngine):
         self.regenerated = 0  # rows generated again by verification
         self.fallbacks = 0  # replies that never passed and had their answer removed
         self.generation_s = 0.0  # wall time inside the model or its servers
+        self.generation_cpu_s = 0.0  # this process's CPU time meanwhile: comparable on a busy machine
 
     def _choose_mode(self, ctx: QueryContext | None) -> str:
         if ctx is not None and ctx.mode:
@@ -290,11 +291,12 @@ class _Simulated(SearchEngine):
         return bool(about) and (holds or not golds)
 
     def _timed_complete(self, texts: list[str], max_new_tokens: int, stop: list[str], temperature: float) -> list[str]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return self._complete(texts, max_new_tokens, stop, temperature)
         finally:
             self.generation_s += time.perf_counter() - t0
+            self.generation_cpu_s += time.process_time() - c0
 
     def _complete(self, texts: list[str], max_new_tokens: int, stop: list[str], temperature: float) -> list[str]:
         raise NotImplementedError

@@ -235,6 +235,7 @@ def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, v
             "leak": {"n": probe["n"], "has_answer": probe["has_answer"], "has_answer_ci95": probe["has_answer_ci95"],
                      "probes": list(prompts.LEAK_PROBES)},
             "generation_s": round(getattr(engine, "generation_s", 0.0), 2),
+            "generation_cpu_s": round(getattr(engine, "generation_cpu_s", 0.0), 2),
         },
     }
     if vs_engine is not None:
