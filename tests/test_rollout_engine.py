@@ -224,3 +224,16 @@ def test_threads_option_reaches_torch_and_bad_counts_exit_2(monkeypatch):
     env = {k: v for k, v in os.environ.items() if k not in ("ZSCTL_THREADS", "OMP_WAIT_POLICY")}
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     assert res.stdout.split() == ["PASSIVE", "2", "2"]
+
+
+def test_copied_prompt_keys_give_the_outputs_of_a_lone_row(varied):
+    model, tok = varied
+    cfg = AgentConfig(max_turns=1, max_new_tokens=10, max_response_tokens=100_000)
+    group = AgentLoop(model, tok, NoSearch(), cfg)
+    prompt = group.encode_prompts(QUESTIONS[1:2])[0]
+    trajs = group.run([prompt, prompt, prompt])  # a GRPO group: one prompt, several rollouts
+    assert group.shared_prefix_tokens == 2 * (len(prompt) - 1)  # all but each row's last prompt token
+    lone = AgentLoop(model, tok, NoSearch(), cfg)
+    (alone,) = lone.run([prompt])
+    assert lone.shared_prefix_tokens == 0
+    assert all(t.response_ids == alone.response_ids for t in trajs)
