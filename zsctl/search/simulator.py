@@ -19,8 +19,8 @@ are generated again together, in one batch, up to N times, sampling at RETRY_TEM
 retry would repeat the same text). A reply that never passes is replaced by its last try with every
 answer-holding sentence removed, so it holds no answer. A failing noisy reply is mended that way at
 once, not regenerated: cutting the answer out fixes it exactly, while a missing answer can only be
-regenerated — and regenerating noisy rows too measured 1.5–2.4× the unverified generation time
-where useful-only retries stay near the 1.5× budget (README, "The simulator"). A query that names nothing (no content word)
+regenerated — and regenerating noisy rows too measured 1.5–2.4× the unverified generation time,
+useful-only retries 1.6× in CPU time (README, "The simulator"). A query that names nothing (no content word)
 can never pass in useful mode, so it is written from the noisy prompt (and verified as noisy): a
 policy gains nothing from a degenerate query. Without gold answers (or with yes/no golds, which
 containment cannot judge) only the useful reply's link to the query is checked. Tries per query
