@@ -405,7 +405,7 @@ def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, p
     schema = SIM_SFT if cfg.target == "simulator" else POLICY_SFT
     writer = SplitWriter(work, schema)
     stats = {"trajectories": 0, "search_calls": 0, "duplicates": 0, "no_documents": 0, "no_gold": 0, "not_selected": 0}
-    if engine is not None:
+    if engine is not None and cfg.target == "policy":
         stats["question_searches"] = 0
     if cfg.target == "simulator":
         stats.update({"outcome": {"question_as_query": 0}, "answer": {"yes_no": 0},
