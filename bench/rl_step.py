@@ -11,6 +11,11 @@ TRL generate one turn itself with `min_new_tokens = max_new_tokens = L`:
   a single-turn step of the same length, so the ratio is what multi-turn costs beyond the longer
   sequences (target <= 1.0).
 
+The rollouts alone are timed too ("rollout_ratio", "rollout_ratio_same_length": zsctl's
+rollout_func ÷ TRL's `generate` calls in the same steps): the part the agent loop decides. The
+rest of a step is TRL's loss, which pads every completion of a batch to the longest one; the
+TRL variants' completions all have length L, zsctl's vary.
+
 With no --policy a warm-started policy is built and cached on first use (bench/warm_policy.py),
 so the multi-round path is what gets measured. The load average is recorded with each variant.
 
@@ -52,6 +57,21 @@ def step_timer():
             self.loads.append(round(os.getloadavg()[0], 2))
 
     return StepTimer()
+
+
+def _time_generate(model) -> list[float]:
+    """Seconds of each `generate` call TRL makes on `model` (its rollouts), appended as they happen."""
+    seconds: list[float] = []
+    inner = model.generate
+
+    def timed(*args, **kw):
+        t0 = time.perf_counter()
+        out = inner(*args, **kw)
+        seconds.append(time.perf_counter() - t0)
+        return out
+
+    model.generate = timed
+    return seconds
 
 
 def main() -> None:
@@ -100,8 +120,10 @@ def main() -> None:
         inner = trainer.rollout_func
 
         def counted(batch_prompts, tr):
+            t0 = time.perf_counter()
             out = inner(batch_prompts, tr)
             rollouts.append({
+                "seconds": time.perf_counter() - t0,
                 "policy": [sum(m) for m in out["env_mask"]],
                 "length": [len(c) for c in out["completion_ids"]],
                 "searches": out["num_searches"],
@@ -138,6 +160,7 @@ def main() -> None:
             )
             results[name] = step_timer()
             baseline.add_callback(results[name])
+            results[name].generate_s = _time_generate(baseline.model)
             baseline.train()
             del baseline, model
 
@@ -154,6 +177,14 @@ def main() -> None:
         "trl_same_length_step_s": [round(s, 2) for s in results["trl_same_length"].seconds[1:]],
         "trl_same_length_load_1min": results["trl_same_length"].loads[1:],
         "ratio": round(z / t, 3), "ratio_same_length": round(z / t_len, 3),
+        # the rollout alone (what the agent loop does) against TRL's own generate, same steps
+        "zsctl_rollout_s": [round(r["seconds"], 2) for r in measured],
+        "trl_generate_s": [round(x, 2) for x in results["trl"].generate_s[1:]],
+        "trl_same_length_generate_s": [round(x, 2) for x in results["trl_same_length"].generate_s[1:]],
+        "rollout_ratio": round(statistics.median(r["seconds"] for r in measured)
+                               / statistics.median(results["trl"].generate_s[1:] or [float("nan")]), 3),
+        "rollout_ratio_same_length": round(statistics.median(r["seconds"] for r in measured)
+                                           / statistics.median(results["trl_same_length"].generate_s[1:] or [float("nan")]), 3),
     }
     print(f"P5: zsctl multi-turn step {z:.2f} s / TRL single-turn step of {policy_len} tokens {t:.2f} s = {z / t:.2f}x; "
           f"P5-len: / TRL step of {full_len} tokens {t_len:.2f} s = {z / t_len:.2f}x (target <= 1.0)", file=sys.stderr)
