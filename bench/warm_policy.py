@@ -1,10 +1,10 @@
 """A warm-started policy for the benchmarks, built once and cached, so a fresh clone measures the
 multi-round path (a base model never searches, so its rollouts are single-turn).
 
-The recipe is the demo's (pipelines/demo.sh steps 2-3): each bundled training question searched
-once with no model, the answer-holding calls turned into templated demonstrations, then a few SFT
-steps of the policy on them; with `build-sft --search` the multi-hop questions also get
-demonstrations that search twice, so the policy searches at least once per question on average. It runs the real `zsctl` commands into a temporary folder, renamed
+The recipe follows the demo's warm start (pipelines/demo.sh), smaller: 64 training questions
+searched once with no model, answer-grounded templated demonstrations from those searches (with
+`build-sft --search` multi-hop questions also get ones that search twice, so the policy searches
+at least once per question on average), then a few SFT steps of the policy on them. It runs the real `zsctl` commands into a temporary folder, renamed
 into place only when all of them succeeded.
 """
 
