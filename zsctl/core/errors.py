@@ -1,4 +1,4 @@
-"""The two failure kinds the CLI maps to exit codes (DESIGN.md §3)."""
+"""The two failure kinds the CLI maps to exit codes."""
 
 
 class BadInput(Exception):

@@ -1,4 +1,4 @@
-"""The one definition of answer scoring, shared by training rewards and evaluation (DESIGN.md §5).
+"""The one definition of answer scoring, shared by training rewards and evaluation.
 
 Normalisation follows the SQuAD evaluation script (lowercase, strip punctuation, drop the articles
 a/an/the, collapse whitespace), with one widening: punctuation means every Unicode punctuation

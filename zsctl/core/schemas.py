@@ -1,4 +1,4 @@
-"""Every artifact table's schema, in one place (DESIGN.md §4).
+"""Every artifact table's schema, in one place.
 
 Readers check the *required* columns and their types by name, so files written by other tools with
 extra columns still load. Field descriptions travel in the Parquet metadata.

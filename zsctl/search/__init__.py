@@ -1,6 +1,6 @@
 """Search engines behind one small interface; `make_engine(spec)` turns a search spec into one.
 
-Specs (DESIGN.md §3): `none`, `bm25:PATH` (index dir or corpus file), `http(s)://HOST:PORT/retrieve`
+Specs: `none`, `bm25:PATH` (index dir or corpus file), `http(s)://HOST:PORT/retrieve`
 (Search-R1 retrieval API), `serpapi` (key from SERPAPI_API_KEY), and the simulated engines.
 Engine modules are imported inside the factories so `zsctl --help` stays instant.
 """
