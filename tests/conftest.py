@@ -151,3 +151,22 @@ def script_model(model, tokenizer, scripts: dict[str, list[str]]):
 
     model.generate = generate
     return proc
+
+
+def train_capturing_rollouts(trainer) -> list[dict]:
+    """Train, keeping what every call of the trainer's rollout_func returned."""
+    outputs = []
+    rollout = trainer.rollout_func
+    trainer.rollout_func = lambda prompts, tr: outputs.append(rollout(prompts, tr)) or outputs[-1]
+    trainer.train()
+    return outputs
+
+
+def assert_logprobs_aligned(outputs: list[dict], max_len: int, policy_below: float) -> None:
+    """Per completion: ids, logprobs and env mask of one length within the bound; inserted tokens
+    carry logprob 0.0, policy tokens a real one below `policy_below`."""
+    for out in outputs:
+        for ids, lps, mask in zip(out["completion_ids"], out["logprobs"], out["env_mask"]):
+            assert len(ids) == len(lps) == len(mask) <= max_len
+            assert all(lp == 0.0 for lp, m in zip(lps, mask) if not m)
+            assert all(lp < policy_below for lp, m in zip(lps, mask) if m)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model
+from conftest import assert_logprobs_aligned, build_tiny_model, train_capturing_rollouts
 
 pytestmark = pytest.mark.gpu
 
@@ -56,16 +56,9 @@ def test_colocated_vllm_rl_steps_correct_with_vllm_logprobs(tmp_path, vllm_model
                       batch_size=8, group_size=4, max_turns=1, max_new_tokens=16, max_response_tokens=160,
                       lora=False, lr=1e-4, use_vllm=True, vllm_mode="colocate")
     trainer, _, recorder, _ = rl.build_trainer(cfg)
-    outputs = []
-    rollout = trainer.rollout_func
-    trainer.rollout_func = lambda prompts, tr: outputs.append(rollout(prompts, tr)) or outputs[-1]
-    trainer.train()
+    outputs = train_capturing_rollouts(trainer)
     assert len(outputs) == 2
-    for out in outputs:
-        for ids, lps, mask in zip(out["completion_ids"], out["logprobs"], out["env_mask"]):
-            assert len(ids) == len(lps) == len(mask) <= cfg.max_response_tokens
-            assert all(lp == 0.0 for lp, m in zip(lps, mask) if not m)
-            assert all(lp < -1 for lp, m in zip(lps, mask) if m)  # nearly uniform over ~600 tokens
+    assert_logprobs_aligned(outputs, cfg.max_response_tokens, policy_below=-1)  # nearly uniform over ~600 tokens
     logs = [h for h in trainer.state.log_history if "sampling/sampling_logp_difference/mean" in h]
     assert len(logs) == 2
     for h in logs:

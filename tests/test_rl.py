@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import ROOT, script_model
+from conftest import ROOT, assert_logprobs_aligned, script_model, train_capturing_rollouts
 from zsctl.cli import app
 from zsctl.core import prompts
 from zsctl.core.artifacts import read_manifest, read_table_file
@@ -300,16 +300,9 @@ def test_use_vllm_trains_with_vllm_logprobs(tmp_path, train_file, tiny_model_dir
                max_turns=1, max_new_tokens=8, max_response_tokens=48)
     trainer, _, recorder, _ = rl.build_trainer(cfg)
     assert trainer.use_vllm and trainer.vllm_importance_sampling_correction
-    outputs = []
-    rollout = trainer.rollout_func
-    trainer.rollout_func = lambda prompts, tr: outputs.append(rollout(prompts, tr)) or outputs[-1]
-    trainer.train()
+    outputs = train_capturing_rollouts(trainer)
     assert len(outputs) == 2
-    for out in outputs:
-        for ids, lps, mask in zip(out["completion_ids"], out["logprobs"], out["env_mask"]):
-            assert len(ids) == len(lps) == len(mask) <= cfg.max_response_tokens
-            assert all(lp == 0.0 for lp, m in zip(lps, mask) if not m)
-            assert all(lp < 0 for lp, m in zip(lps, mask) if m)
+    assert_logprobs_aligned(outputs, cfg.max_response_tokens, policy_below=0)
     assert any(0 in m[:-1] for out in outputs for m in out["env_mask"])  # inserted notes inside completions
     engine = trainer.vllm_generation.engine
     assert engine.calls and trainer.vllm_generation.syncs == 2  # TRL synced weights once per step
