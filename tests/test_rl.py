@@ -450,3 +450,51 @@ def test_smollm2_few_rl_steps_with_simulated_search(tmp_path):
     model, tok = load_model(str(out))  # the merged policy reloads and generates
     ids = tok("Question: who wrote Hamlet?", return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=4, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dapo", "dr_grpo"])
+def test_trimming_padding_leaves_the_loss_and_its_gradient_unchanged(tmp_path, train_file, tiny_model_dir, algo):
+    import torch
+
+    cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir), algo=algo, lora=False)
+    trainer, *_ = rl.build_trainer(cfg)
+    model = trainer.model
+    g = torch.Generator().manual_seed(0)
+    # two rows: prompts of 5 and 3 tokens (left-padded to 9), completions of 4 and 2 tokens (right-padded to 12);
+    # the second row's inserted tokens (tool mask 0) sit inside its completion
+    prompt_mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1, 1]])
+    completion_mask = torch.zeros(2, 12, dtype=torch.long)
+    completion_mask[0, :4] = 1
+    completion_mask[1, :2] = 1
+    tool_mask = torch.ones(2, 12, dtype=torch.long)
+    tool_mask[1, 1] = 0
+    batch = {
+        "prompt_ids": torch.randint(5, 60, (2, 9), generator=g) * prompt_mask,
+        "prompt_mask": prompt_mask,
+        "completion_ids": torch.randint(5, 60, (2, 12), generator=g) * completion_mask,
+        "completion_mask": completion_mask,
+        "tool_mask": tool_mask,
+        "advantages": torch.tensor([0.7, -0.7]),
+        "num_items_in_batch": completion_mask.sum(),
+        # sampled and reference log-probs are completion-aligned too (KL term; importance ratio != 1)
+        "old_per_token_logps": -torch.rand(2, 12, generator=g) * completion_mask,
+        "ref_per_token_logps": -torch.rand(2, 12, generator=g) * completion_mask,
+    }
+    trimmed = rl.trim_padding(batch)
+    assert trimmed["prompt_ids"].shape == (2, 5) and trimmed["completion_ids"].shape == (2, 4)
+    assert trimmed["tool_mask"].shape == trimmed["ref_per_token_logps"].shape == (2, 4)
+    assert trimmed["advantages"].shape == (2,)
+
+    def loss_and_grads(b):
+        model.zero_grad()
+        loss = trainer._compute_loss(model, b)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by TRL's training loop
+    full_loss, full_grads = loss_and_grads(batch)
+    cut_loss, cut_grads = loss_and_grads(trimmed)
+    assert full_loss != 0 and torch.allclose(full_loss, cut_loss, atol=1e-6)
+    assert len(full_grads) == len(cut_grads) > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(full_grads, cut_grads))

@@ -47,7 +47,7 @@ from zsctl.core.progress import Progress
 from zsctl.core.rewards import REWARDS
 from zsctl.core.schemas import ROLLOUTS
 from zsctl.search import make_engine
-from zsctl.search.base import QueryContext
+from zsctl.search.base import Noise, QueryContext
 
 ALGOS = {
     "grpo": dict(loss_type="grpo", scale_rewards="group"),
@@ -224,9 +224,9 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
 
         step = trainer.state.global_step + 1  # this step, 1-based (TRL counts the updates done so far)
         p = noise_probability(step, cfg.steps, cfg.noise_start, cfg.noise_end, cfg.noise_base)
-        if hasattr(engine, "noise_p"):  # simulated engines draw useful/noisy per search with p_i
-            engine.noise_p = p
-            engine.rng = random.Random(f"{cfg.seed}-{step}-{trainer.accelerator.process_index}")
+        # a simulated engine draws useful/noisy per search with p_i (real engines ignore it); seeded per
+        # step and process, so a step redone after a crash draws the same modes
+        noise = Noise(p, random.Random(f"{cfg.seed}-{step}-{trainer.accelerator.process_index}"))
         t0 = time.perf_counter()
         if trainer.use_vllm:  # vLLM samples: the trained weights need no gathering (DeepSpeed ZeRO-3)
             policy = contextlib.nullcontext(trainer.accelerator.unwrap_model(trainer.model_wrapped))
@@ -242,6 +242,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
                 trajs = loop.run(
                     loop.encode_prompts(prompts),
                     [QueryContext(q, golds_by_question[q]["golden_answers"]) for q in prompts],
+                    noise,
                 )
             model.train(was_training)
         gen_s = time.perf_counter() - t0
@@ -443,6 +444,46 @@ def _make_validator(cfg: RLConfig, tokenizer):
     return validate
 
 
+def trim_padding(batch: dict) -> dict:
+    """Cut the columns that are padding in every row of one micro-batch: the prompt's left padding
+    and the completion's right padding.
+
+    TRL pads a whole generation batch to its longest prompt and longest completion and computes every
+    micro-batch at that width. Multi-turn completions vary a lot in length (one answer vs two
+    searches with documents), so most of that width is padding. Cutting it is exact: right padding
+    comes after every kept token (causal attention never sees it), and removing left padding only
+    shifts a row's positions by a constant, which rotary attention does not see. Every B×T tensor
+    aligned with the completion (masks, sampled and reference log-probs) is cut alike.
+    """
+    import torch
+
+    prompt_mask, completion_mask = batch["prompt_mask"], batch["completion_mask"]
+    width = completion_mask.size(1)
+    used = torch.nonzero(completion_mask.any(dim=0))
+    keep = int(used[-1]) + 1 if len(used) else 1
+    first = int(torch.nonzero(prompt_mask.any(dim=0))[0]) if prompt_mask.any() else 0
+    out = dict(batch)
+    for key, value in batch.items():
+        if key.startswith("prompt_") and torch.is_tensor(value) and value.dim() == 2:
+            out[key] = value[:, first:]
+        elif torch.is_tensor(value) and value.dim() == 2 and value.size(1) == width and keep < width:
+            out[key] = value[:, :keep]
+    return out
+
+
+def _trainer_class():
+    from trl import GRPOTrainer
+
+    class Trainer(GRPOTrainer):
+        """TRL's GRPOTrainer, each training micro-batch computed at its own width (trim_padding)."""
+
+        def _prepare_inputs(self, generation_batch):
+            inputs = super()._prepare_inputs(generation_batch)
+            return trim_padding(inputs) if self.model.training else inputs
+
+    return Trainer
+
+
 def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     """Setup: validate, resolve the resume point, load questions/engine/policy, build the GRPOTrainer.
 
@@ -450,7 +491,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     """
     import torch
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     from zsctl.core.models import load_model, lora_config
 
@@ -523,7 +564,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     dataset = Dataset.from_list([{"prompt": q["question"], "golden_answers": q["golden_answers"]} for q in questions])
     recorder = Recorder(out, rank=0)
     recorder.drop_after(start_step)
-    trainer = GRPOTrainer(
+    trainer = _trainer_class()(
         model=model,
         reward_funcs=REWARDS[cfg.reward],
         args=args,
