@@ -204,8 +204,10 @@ def test_bad_split_or_limit(kwargs, match):
 def test_zerosearch_parquet(tmp_path):
     f = write_zerosearch_parquet(tmp_path / "train.parquet")
     rows = data.load_questions(f).to_pylist()
+    prompt = json.loads(rows[1].pop("prompt"))  # the file's own chat prompt, kept for prompt_from_data
     assert rows[1] == {"id": "1", "question": "who wrote book 1?", "golden_answers": ["author 1", "A1"],
                        "data_source": "nq"}
+    assert prompt[-1]["role"] == "user" and prompt[-1]["content"].endswith("Question: who wrote book 1?\n")
     assert len(rows) == 4
     assert data.load_questions(f, limit=2).num_rows == 2
 
@@ -233,6 +235,7 @@ def test_parquet_fallbacks(tmp_path):
                     {"split": "test", "index": 8, "question": None}],
     )
     rows = data.load_questions(f).to_pylist()
+    assert json.loads(rows[0].pop("prompt"))[0] == {"role": "system", "content": "be brief"}  # kept whole
     assert rows[0] == {"id": "7", "question": "from extra?", "golden_answers": ["solo"], "data_source": "mix"}
     assert rows[1]["question"] == "raw prompt text"  # last resort: the user message as it is
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from zsctl.core.errors import BadInput
-from zsctl.core.schemas import QUESTIONS
+from zsctl.core.schemas import QUESTION_PROMPT, QUESTIONS
 
 BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
 SPLITS = ("train", "eval")
@@ -60,7 +60,8 @@ def load_questions(spec: str | os.PathLike, split: str | None = None, limit: int
         rows = [r for r in rows if split_of(r["data_source"], r["id"]) == split]
     if limit is not None:
         rows = rows[:limit]
-    return pa.Table.from_pylist(rows, schema=QUESTIONS)
+    with_prompts = any(r.get("prompt") for r in rows)
+    return pa.Table.from_pylist(rows, schema=QUESTIONS.append(QUESTION_PROMPT) if with_prompts else QUESTIONS)
 
 
 def questions_to_records(table: pa.Table) -> list[dict]:
@@ -202,8 +203,19 @@ def _read_parquet(path: Path) -> list[dict]:
             "question": question,
             "golden_answers": golds,
             "data_source": str(r.get("data_source") or path.stem),
+            "prompt": _chat_json(r.get("prompt")),
         })
     return rows
+
+
+def _chat_json(prompt: object) -> str | None:
+    """A row's own prompt as JSON chat messages (a plain string is one user message), kept so a
+    released policy can be evaluated on exactly the text it was trained with."""
+    if isinstance(prompt, str) and prompt.strip():
+        return json.dumps([{"role": "user", "content": prompt}])
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
+        return json.dumps([{"role": str(m.get("role") or "user"), "content": str(m["content"])} for m in prompt])
+    return None
 
 
 def _dedupe(rows: list[dict], path: Path) -> list[dict]:

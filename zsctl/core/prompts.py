@@ -9,7 +9,9 @@ The policy protocol (Search-R1 / ZeroSearch): the policy thinks in <think>, sear
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from zsctl.core.errors import BadInput
 
@@ -42,19 +44,17 @@ _SEARCH_RE = re.compile(r"<search>(.*?)</search>", re.DOTALL)
 _ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-def policy_messages(question: str, template: str = POLICY_INSTRUCTION) -> list[dict]:
-    return [
-        {"role": "system", "content": POLICY_SYSTEM},
-        {"role": "user", "content": template.format(question=question.strip())},
-    ]
+def policy_messages(question: str, template: str | None = None, style: str = "zsctl") -> list[dict]:
+    return style_of(style).messages(question, template)
 
 
-def render_policy_prompt(tokenizer, question: str, template: str = POLICY_INSTRUCTION) -> str:
+def render_policy_prompt(tokenizer, question: str, template: str | None = None, style: str = "zsctl") -> str:
     """The prompt text the policy sees; plain text for tokenizers without a chat template."""
-    messages = policy_messages(question, template)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return messages[0]["content"] + "\n\n" + messages[1]["content"] + "\n"
+    st = style_of(style)
+    messages = st.messages(question, template)
+    if st.system is not None and not getattr(tokenizer, "chat_template", None):
+        return messages[0]["content"] + "\n\n" + messages[1]["content"] + "\n"
+    return render_chat(tokenizer, messages)
 
 
 def parse_action(text: str) -> tuple[str, str]:
@@ -88,7 +88,119 @@ def _doc_text(d) -> str:
 
 
 def information_block(docs) -> str:
-    return INFORMATION_BLOCK.format(documents=format_documents(docs) if docs else "No results.")
+    return STYLES["zsctl"].information_block(docs)
+
+
+# --- prompt styles ------------------------------------------------------------------------------
+# A released Search-R1 or ZeroSearch policy was trained on its project's conventions: the tag
+# protocol (the same as ours), one user message with no system message, a question ending in '?',
+# and its own way of writing documents inside <information>. A style bundles those conventions; the
+# instruction prose is ours in every style (for the exact upstream wording, evaluate on the project's
+# own parquet with `prompt_from_data`, which feeds each row's `prompt` column verbatim).
+
+PROMPT_STYLES = ("zsctl", "search-r1", "zerosearch")
+
+# For the upstream styles: the same protocol and the same answer example as their prompts, in our words.
+UPSTREAM_INSTRUCTION = (
+    "Answer the question below. Every time you receive new information, reason about it first inside "
+    "<think> and </think>. If you find that you are missing some knowledge, you can query a search engine "
+    "by writing <search> query </search>; its top results will be returned between <information> and "
+    "</information>. You may search as many times as you like. Once you need nothing more, give the "
+    "answer inside <answer> and </answer> with no further explanation, for example <answer> Beijing "
+    "</answer>. Question: {question}\n"
+)
+UPSTREAM_INVALID_ACTION = (
+    "\nMy last step was not a valid action. To search, I must write the query between <search> and "
+    "</search>; to finish, I must write the answer between <answer> and </answer>. I will try again.\n"
+)
+
+
+def _doc_fields(d) -> tuple[str, str]:
+    title = d.title if hasattr(d, "title") else d.get("title", "")
+    text = d.text if hasattr(d, "text") else d.get("text", "")
+    return str(title or ""), str(text or "")
+
+
+def _zsctl_doc(i: int, d) -> str:
+    return f"Doc {i}: {_doc_text(d)}"
+
+
+def _search_r1_doc(i: int, d) -> str:
+    # Search-R1 writes the first line of FlashRAG `contents` (the title in double quotes) after
+    # "Title: " and the passage after it, untouched
+    title, text = _doc_fields(d)
+    return f'Doc {i}(Title: "{title}") {text}'
+
+
+def _zerosearch_doc(i: int, d) -> str:
+    # ZeroSearch shows a retrieved passage's text alone (its wiki client reads only `text`), and a
+    # simulator's documents as written: "Doc i: ..." lines without titles
+    return f"Doc {i}: {_doc_fields(d)[1]}"
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """The conventions a policy is prompted and answered with (see PROMPT_STYLES)."""
+
+    name: str
+    instruction: str  # the user message; {question} is filled in
+    system: str | None  # None: the user message alone, as the upstream projects send it
+    doc_line: Callable[[int, object], str]  # (1-based rank, document) -> its line inside <information>
+    doc_words: int  # documents cut to this many words before insertion; 0 = whole documents
+    no_results: str  # what <information> holds when a search returned nothing
+    invalid_action: str  # note after a turn that neither searched nor answered
+    final_turn: str  # note before the last round (the upstream loops give none)
+    question_mark: bool  # end every question with '?' (the upstream data preparation does)
+    reported: str  # the score the project's own tables headline (all three are computed anyway)
+
+    def format_documents(self, docs) -> str:
+        return "\n".join(self.doc_line(i + 1, d) for i, d in enumerate(docs))
+
+    def information_block(self, docs) -> str:
+        body = self.format_documents(docs).strip() if docs else self.no_results
+        return INFORMATION_BLOCK.format(documents=body)
+
+    def question(self, question: str) -> str:
+        q = question.strip()
+        return q + "?" if self.question_mark and q and not q.endswith("?") else q
+
+    def messages(self, question: str, template: str | None = None) -> list[dict]:
+        user = {"role": "user", "content": (template or self.instruction).format(question=self.question(question))}
+        return ([{"role": "system", "content": self.system}] if self.system is not None else []) + [user]
+
+    def as_dict(self) -> dict:
+        """What a manifest records about the style."""
+        return {"name": self.name, "system": self.system, "doc_words": self.doc_words,
+                "example_documents": self.format_documents([{"title": "T", "text": "text"}]),
+                "reported": self.reported}
+
+
+STYLES: dict[str, PromptStyle] = {
+    "zsctl": PromptStyle("zsctl", POLICY_INSTRUCTION, POLICY_SYSTEM, _zsctl_doc, 80, "No results.",
+                         INVALID_ACTION, FINAL_TURN, False, "em"),
+    # Search-R1 reports exact match
+    "search-r1": PromptStyle("search-r1", UPSTREAM_INSTRUCTION, None, _search_r1_doc, 0, "",
+                             UPSTREAM_INVALID_ACTION, "", True, "em"),
+    # ZeroSearch's tables count an answer as right when a gold answer is contained in it (our SubEM)
+    "zerosearch": PromptStyle("zerosearch", UPSTREAM_INSTRUCTION, None, _zerosearch_doc, 0,
+                              "No information available", UPSTREAM_INVALID_ACTION, "", True, "subem"),
+}
+
+
+def style_of(name: str | PromptStyle) -> PromptStyle:
+    if isinstance(name, PromptStyle):
+        return name
+    if name not in STYLES:
+        raise BadInput(f"prompt style '{name}' is not one of {', '.join(PROMPT_STYLES)}")
+    return STYLES[name]
+
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """Chat messages as the model reads them: through its chat template (generation prompt added),
+    or, for a tokenizer without one, the messages' texts one after another (base models)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(str(m.get("content", "")) for m in messages)
 
 
 # --- simulator ---------------------------------------------------------------------------------

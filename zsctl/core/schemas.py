@@ -40,6 +40,9 @@ QUESTIONS = pa.schema(
         _f("data_source", pa.string(), "benchmark name, e.g. hotpotqa"),
     ]
 )
+# Added to a questions table only when its file carries prompts (ZeroSearch/Search-R1 parquet).
+QUESTION_PROMPT = _f("prompt", pa.string(), "the file's own chat prompt as JSON messages, fed verbatim "
+                     "with prompt_from_data", optional=True)
 
 TRAJECTORIES = pa.schema(
     [
@@ -113,6 +116,7 @@ PREDICTIONS = pa.schema(
         _f("response", pa.string(), "the whole response"),
         _f("searches", pa.list_(SEARCH), "every search call: query, documents and their search-quality facts",
            optional=True),
+        _f("prompt", pa.string(), "the prompt text the policy was given (chat template applied)", optional=True),
     ]
 )
 
