@@ -8,6 +8,7 @@ The policy protocol (Search-R1 / ZeroSearch): the policy thinks in <think>, sear
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,12 +196,37 @@ def style_of(name: str | PromptStyle) -> PromptStyle:
     return STYLES[name]
 
 
-def render_chat(tokenizer, messages: list[dict]) -> str:
+def chats_from_data(rows: list[dict], source: str) -> list[list[dict]]:
+    """Each question row's own chat prompt (`prompt_from_data`); BadInput when the file has none."""
+    missing = sum(1 for r in rows if not r.get("prompt"))
+    if missing:
+        raise BadInput(f"{source}: {missing} of {len(rows)} questions have no 'prompt' column value, which "
+                       "--prompt-from-data needs; pass a ZeroSearch/Search-R1 parquet or drop --prompt-from-data")
+    return [json.loads(r["prompt"]) for r in rows]
+
+
+def render_chat(tokenizer, messages: list[dict], who: str = "") -> str:
     """Chat messages as the model reads them: through its chat template (generation prompt added),
-    or, for a tokenizer without one, the messages' texts one after another (base models)."""
+    or, for a tokenizer without one, the messages' non-empty texts one after another (base models).
+    `who` names a model that was meant to get its chat template: its absence is then warned about."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(str(m.get("content", "")) for m in messages)
+    if who:
+        warn_once(f"{who} has no chat template, so its prompts go as plain text; results may be far off "
+                  "what it was trained on")
+    return "\n\n".join(str(m.get("content", "")) for m in messages if m.get("content"))
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """One line on stderr, once per process: a prompt the model was not trained on is easy to miss."""
+    import sys
+
+    if message not in _warned:
+        _warned.add(message)
+        print(f"warning: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 # --- simulator ---------------------------------------------------------------------------------
@@ -242,33 +268,95 @@ LEAK_PROBES = (
     "search for information", "what I need to know", "facts", "find the answer",
 )
 
-_TEMPLATE_FIELDS = {"query", "question", "answer", "mode", "k"}
+# {Mode} is the mode with a capital letter ("Useful Output:"), as released simulators were trained on.
+_TEMPLATE_FIELDS = {"query", "question", "answer", "mode", "Mode", "k"}
+_TEMPLATE_KEYS = {"template", "useful", "noisy", "system"}
 
 
-def load_template(path: str | None, default: str) -> str:
-    """A user template file (str.format fields: query, question, answer, mode, k) or the default."""
+@dataclass(frozen=True)
+class SimTemplate:
+    """A simulator prompt: one text per mode (often the same text with {mode} in it), and optionally
+    a system message: then the text is sent as a chat user turn after it, through the model's chat
+    template (how released simulators are served; the system message may be empty)."""
+
+    useful: str
+    noisy: str
+    system: str | None = None
+    source: str = "built-in"
+
+    def for_mode(self, mode: str) -> str:
+        return self.useful if mode == "useful" else self.noisy
+
+    def messages(self, prompt: str) -> list[dict]:
+        return [{"role": "system", "content": self.system or ""}, {"role": "user", "content": prompt}]
+
+
+# Template files shipped with zsctl, by name (`--sim-template NAME`).
+BUILTIN_TEMPLATES = {"zerosearch-sft": "zerosearch_sft.yaml"}
+
+
+def load_template(path: str | None, default: str | SimTemplate) -> SimTemplate:
+    """The simulator template of `path`, or `default`.
+
+    A .yaml/.yml/.json file is a mapping: `template` (both modes) or `useful` and `noisy`, and
+    optionally `system`; any other file is one template text for both modes. Texts use str.format
+    fields: query, question, answer, mode, Mode (capitalised), k. A name of BUILTIN_TEMPLATES loads
+    the file shipped with zsctl.
+    """
     if not path:
-        return default
+        return default if isinstance(default, SimTemplate) else SimTemplate(default, default)
+    if path in BUILTIN_TEMPLATES:
+        path = str(Path(__file__).parents[1] / "templates" / BUILTIN_TEMPLATES[path])
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
-        raise BadInput(f"template file '{path}' cannot be read ({e.strerror}); pass an existing file") from e
-    unknown = set(re.findall(r"{(\w+)}", text)) - _TEMPLATE_FIELDS
+        raise BadInput(f"template file '{path}' cannot be read ({e.strerror}); pass an existing file or one of "
+                       f"{', '.join(BUILTIN_TEMPLATES)}") from e
+    if p.suffix.lower() in (".yaml", ".yml", ".json"):
+        spec = _template_mapping(path, text)
+        both = spec.get("template")
+        useful, noisy = spec.get("useful", both), spec.get("noisy", both)
+        if useful is None or noisy is None:
+            raise BadInput(f"template file '{path}' needs 'template' (both modes) or both 'useful' and 'noisy'")
+        tpl = SimTemplate(useful, noisy, spec.get("system"), str(path))
+    else:
+        tpl = SimTemplate(text, text, None, str(path))
+    unknown = set(re.findall(r"{(\w+)}", tpl.useful + tpl.noisy)) - _TEMPLATE_FIELDS
     if unknown:
         raise BadInput(
             f"template file '{path}' uses unknown field(s) {sorted(unknown)}; "
             f"allowed: {sorted(_TEMPLATE_FIELDS)}"
         )
-    return text
+    return tpl
+
+
+def _template_mapping(path: str, text: str) -> dict:
+    import yaml
+
+    try:
+        spec = json.loads(text) if path.lower().endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise BadInput(f"template file '{path}' cannot be parsed ({' '.join(str(e).split())[:160]})") from None
+    if not isinstance(spec, dict):
+        raise BadInput(f"template file '{path}' must hold a mapping with 'template' or 'useful'/'noisy'")
+    unknown = set(spec) - _TEMPLATE_KEYS
+    if unknown:
+        raise BadInput(f"template file '{path}' has unknown key(s) {sorted(unknown)}; allowed: {sorted(_TEMPLATE_KEYS)}")
+    bad = [k for k, v in spec.items() if not isinstance(v, str)]
+    if bad:
+        raise BadInput(f"template file '{path}': {', '.join(sorted(bad))} must be text")
+    return spec
 
 
 def render_simulator_prompt(
-    query: str, question: str, answer: str, mode: str, k: int = 3, template: str = SIMULATOR_TEMPLATE
+    query: str, question: str, answer: str, mode: str, k: int = 3, template: str | SimTemplate = SIMULATOR_TEMPLATE
 ) -> str:
     if mode not in SIM_MODES:
         raise ValueError(f"simulator mode must be one of {SIM_MODES}, got {mode!r}")
-    return template.format(query=query.strip(), question=question.strip(), answer=answer, mode=mode, k=k)
+    text = template.for_mode(mode) if isinstance(template, SimTemplate) else template
+    return text.format(query=query.strip(), question=question.strip(), answer=answer, mode=mode,
+                       Mode=mode.capitalize(), k=k)
 
 
 _DOC_RE = re.compile(r"^\s*Doc\s*(\d+)\s*[:.)-]\s*(.*)$", re.IGNORECASE)
