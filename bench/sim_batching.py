@@ -61,13 +61,13 @@ def main() -> None:
 
     def batched() -> tuple[float, list]:
         t0 = time.perf_counter()
-        docs = engine.search(queries, args.k, ctxs)
-        return time.perf_counter() - t0, docs
+        results = engine.search(queries, args.k, ctxs)
+        return time.perf_counter() - t0, results
 
     def per_query() -> tuple[float, list]:
         t0 = time.perf_counter()
-        docs = [engine.search([q], args.k, [c])[0] for q, c in zip(queries, ctxs)]
-        return time.perf_counter() - t0, docs
+        results = [engine.search([q], args.k, [c])[0] for q, c in zip(queries, ctxs)]
+        return time.perf_counter() - t0, results
 
     def tokens(run) -> tuple[float, list, int]:
         before = engine.generated_tokens
@@ -80,14 +80,14 @@ def main() -> None:
         calls0 = engine.generate_calls
         s, docs_b, tok_b = tokens(batched)
         assert engine.generate_calls - calls0 == 1
-        well_formed = sum(engine.last_well_formed)
+        well_formed = sum(r.well_formed for r in docs_b)
         times_b.append(s)
         s, docs_q, tok_q = tokens(per_query)
         times_q.append(s)
 
     n_docs = len(queries) * args.k
-    written = lambda docs: sum(1 for ds in docs for d in ds if d.text.strip())  # noqa: E731
-    same = sum(a.text == b.text for da, dq in zip(docs_b, docs_q) for a, b in zip(da, dq))
+    written = lambda results: sum(1 for r in results for d in r.docs if d.text.strip())  # noqa: E731
+    same = sum(a.text == b.text for ra, rq in zip(docs_b, docs_q) for a, b in zip(ra.docs, rq.docs))
     b, q = statistics.median(times_b), statistics.median(times_q)
     result = {
         "model": args.model, "sim_mode": args.sim_mode, "fixed_length": args.fixed_length,

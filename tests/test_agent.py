@@ -20,7 +20,7 @@ class RecordingEngine(SearchEngine):
         super().__init__()
         self.batches_seen: list[list[str]] = []
 
-    def _search(self, queries, k, contexts):
+    def _search(self, queries, k, contexts, noise):
         self.batches_seen.append(list(queries))
         self.stats.calls += len(queries)
         return [[Document(f"T{j}", f"about {q} number {j}", 1.0 / (j + 1)) for j in range(k)] for q in queries]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
@@ -41,10 +42,9 @@ def test_rollouts_and_step_metrics_carry_search_quality(tmp_path, tiny_model_dir
     engine = make_engine(f"bm25:{corpus}")
     real_search = engine.search
 
-    def labelled(queries, k=3, contexts=None):
-        docs = real_search(queries, k, contexts)
-        engine.last_modes = ["useful", "noisy", "useful"][: len(queries)]
-        return docs
+    def labelled(queries, k=3, contexts=None, noise=None):
+        results = real_search(queries, k, contexts, noise)
+        return [replace(r, mode=m) for r, m in zip(results, ["useful", "noisy", "useful"])]
 
     engine.search = labelled
     golds = {q: {"id": i, "question": q, "golden_answers": g} for i, q, g, _ in QUESTIONS}

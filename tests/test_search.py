@@ -16,7 +16,7 @@ import pytest
 
 from zsctl.core.errors import BadInput, RunFailure
 from zsctl.search import make_engine
-from zsctl.search.base import Document, NoSearch, QueryContext, SearchEngine
+from zsctl.search.base import Document, NoSearch, QueryContext, SearchEngine, SearchResult
 from zsctl.search.bm25 import BM25Engine
 from zsctl.search.cache import CachedEngine
 from zsctl.search.http import HttpRetriever, split_contents
@@ -52,8 +52,12 @@ def corpus(tmp_path) -> Path:
     return write_jsonl(tmp_path / "corpus.jsonl", rows)
 
 
-def titles(results: list[list[Document]]) -> list[list[str]]:
-    return [[d.title for d in docs] for docs in results]
+def titles(results: list[SearchResult]) -> list[list[str]]:
+    return [[d.title for d in r.docs] for r in results]
+
+
+def docs_of(results: list[SearchResult]) -> list[list[Document]]:
+    return [r.docs for r in results]
 
 
 # --- BM25 ---------------------------------------------------------------------------------------
@@ -61,14 +65,14 @@ def titles(results: list[list[Document]]) -> list[list[str]]:
 
 def test_bm25_ranks_the_right_passage_first(corpus):
     engine = BM25Engine.from_corpus(corpus)
-    results = engine.search(list(QUERIES), k=3)
+    results = docs_of(engine.search(list(QUERIES), k=3))
     assert [docs[0].title for docs in results] == list(QUERIES.values())
     for docs in results:
         assert len(docs) == 3 and all(type(d.score) is float for d in docs)
         assert docs[0].score > 0 and [d.score for d in docs] == sorted((d.score for d in docs), reverse=True)
     assert results[0][0].text == PASSAGES[0][1]
     assert engine.stats.calls == 4 and engine.stats.batches == 1
-    assert len(engine.search(["Peru"], k=50)[0]) == len(PASSAGES)  # k beyond the corpus: all of it
+    assert len(engine.search(["Peru"], k=50)[0].docs) == len(PASSAGES)  # k beyond the corpus: all of it
     assert engine.meta["tokenizer"]["stopwords"] == "en" and "stemmer" in engine.meta["tokenizer"]
 
 
@@ -108,7 +112,7 @@ def test_bm25_reads_flashrag_contents_and_parquet(tmp_path):
 
     rows = [{"id": str(i), "contents": f'"{t}"\n{x}'} for i, (t, x) in enumerate(PASSAGES)]
     flash = BM25Engine.from_corpus(write_jsonl(tmp_path / "wiki18.jsonl", rows))
-    top = flash.search(["capital city of Peru"], k=1)[0][0]
+    top = flash.search(["capital city of Peru"], k=1)[0].docs[0]
     assert (top.title, top.text) == PASSAGES[0]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "wiki18.parquet")
     pq.write_table(pa.table({"id": ["a", "b"], "title": ["Lima", "Hamlet"], "text": [PASSAGES[0][1], PASSAGES[1][1]]}),
@@ -205,11 +209,11 @@ def test_http_retriever_parses_search_r1_results():
         engine = make_engine(f"{url}/retrieve")  # probes the server once
         results = engine.search(["peru capital", "hamlet"], k=2)
     assert titles(results) == [["Title peru capital 0", "Title peru capital 1"], ["Title hamlet 0", "Title hamlet 1"]]
-    assert results[1][1] == Document("Title hamlet 1", "text about hamlet, number 1", 9.0)
+    assert results[1].docs[1] == Document("Title hamlet 1", "text about hamlet, number 1", 9.0)
     assert log[-1]["body"] == {"queries": ["peru capital", "hamlet"], "topk": 2, "return_scores": True}
     assert engine.stats.calls == 2 and engine.stats.retries == 0
     with http_server(lambda r, n: retrieval_api(r, n, scores=False)) as (url, _):  # items are bare documents
-        docs = HttpRetriever(f"{url}/retrieve", probe=False).search(["x"], k=1)[0]
+        docs = HttpRetriever(f"{url}/retrieve", probe=False).search(["x"], k=1)[0].docs
     assert docs == [Document("Title x 0", "text about x, number 0", 0.0)]
 
 
@@ -219,7 +223,7 @@ def test_http_retriever_sends_chunks_of_batch_size():
         queries = [f"q{i}" for i in range(5)]
         results = engine.search(queries, k=1)
     assert [len(r["body"]["queries"]) for r in log] == [2, 2, 1]
-    assert [docs[0].title for docs in results] == [f"Title q{i} 0" for i in range(5)]
+    assert [r.docs[0].title for r in results] == [f"Title q{i} 0" for i in range(5)]
     assert engine.stats.calls == 5 and engine.stats.batches == 1
 
 
@@ -285,9 +289,9 @@ def test_serpapi_one_request_per_distinct_query(monkeypatch):
     assert titles(results) == [["Peru", "capital of peru result 1", "capital of peru result 2"],
                                ["hamlet result 1", "hamlet result 2", "hamlet result 3"],
                                ["Peru", "capital of peru result 1", "capital of peru result 2"], []]
-    assert results[0][0].text == "Lima" and [d.score for d in results[1]] == [1.0, 0.5, pytest.approx(1 / 3)]
+    assert results[0].docs[0].text == "Lima" and [d.score for d in results[1].docs] == [1.0, 0.5, pytest.approx(1 / 3)]
     assert engine.stats.calls == 3 and engine.spec == "serpapi"
-    assert KEY not in json.dumps([[d.as_dict() for d in docs] for docs in results]) + repr(engine) + engine.spec
+    assert KEY not in json.dumps([[d.as_dict() for d in r.docs] for r in results]) + repr(engine) + engine.spec
 
 
 def test_serpapi_key_never_in_errors(monkeypatch):
@@ -316,7 +320,7 @@ class CountingEngine(SearchEngine):
         super().__init__()
         self.batches_seen: list[list[str]] = []
 
-    def _search(self, queries, k, contexts):
+    def _search(self, queries, k, contexts, noise):
         self.batches_seen.append(list(queries))
         self.stats.calls += len(queries)
         return [[Document(f"{q} {j}", f"about {q}", 1.0 / (j + 1)) for j in range(k)] for q in queries]
@@ -342,6 +346,7 @@ def test_cache_serves_repeats_from_disk(tmp_path):
 def test_cache_refuses_simulated_engines(tmp_path):
     class Sim(CountingEngine):
         name = "sim"
+        simulated = True
 
     with pytest.raises(ValueError, match="must not be cached"):
         CachedEngine(Sim(), tmp_path / "c.sqlite")
@@ -371,4 +376,4 @@ def test_make_engine_rejects_bad_specs(spec):
 
 def test_make_engine_none():
     engine = make_engine("none")
-    assert isinstance(engine, NoSearch) and engine.search(["a", "b"], k=3) == [[], []]
+    assert isinstance(engine, NoSearch) and docs_of(engine.search(["a", "b"], k=3)) == [[], []]

@@ -94,6 +94,9 @@ def test_retrieve_over_bm25(corpus):
 def test_retrieve_over_simulator_with_contexts_and_noise(tiny_model_dir):
     model, tok = _tiny(tiny_model_dir)
     engine = SimulatorEngine("tiny", model=model, tokenizer=tok)
+    answered = []  # the server's search results, prompts included
+    search = engine.search
+    engine.search = lambda *a, **kw: answered.extend(search(*a, **kw)) or answered[-len(a[0]):]
     app = make_app(engine)
     questions = list(QUESTIONS)[::-1]
     with serving(app) as url:
@@ -104,7 +107,7 @@ def test_retrieve_over_simulator_with_contexts_and_noise(tiny_model_dir):
         assert r.status_code == 200, r.text
         data = r.json()
     assert data["modes"] == ["noisy"] * 4
-    for q, items, prompt in zip(questions, data["result"], engine.last_prompts):
+    for q, items, prompt in zip(questions, data["result"], [r.prompt for r in answered]):
         query, gold = QUESTIONS[q]
         assert items[0]["document"]["contents"] == f'"{query}"\nIt is {gold}.'
         assert f"Question: {q}\nAnswer: {gold}\n" in prompt and "Mode: noisy." in prompt
@@ -140,10 +143,11 @@ def test_sim_http_load_balances_over_two_servers(tiny_model_dir):
         questions = list(QUESTIONS)
         ctxs = [QueryContext(q, [QUESTIONS[q][1]], m) for q, m in zip(questions, ["useful", "noisy"] * 2)]
         results = engine.search([QUESTIONS[q][0] for q in questions], k=2, contexts=ctxs)
-        for q, docs in zip(questions, results):  # order kept across the two servers
+        for q, r in zip(questions, results):  # order kept across the two servers
+            docs = r.docs
             query, gold = QUESTIONS[q]
             assert (docs[0].title, docs[0].text, docs[1].text) == (query, f"It is {gold}.", f"Not {gold} here.")
-        assert engine.last_modes == ["useful", "noisy"] * 2 and engine.last_well_formed == [True] * 4
+        assert [r.mode for r in results] == ["useful", "noisy"] * 2 and [r.well_formed for r in results] == [True] * 4
         # the four prompts were split over both endpoints: one request of two prompts each
         assert [a.state.requests["completions"] for a in apps] == [1, 1]
         assert engine.requests_per_url == {f"{url_a}/v1": 1, f"{url_b}/v1": 1}

@@ -11,7 +11,7 @@ from conftest import script_model
 from zsctl.core import metrics, prompts
 from zsctl.core.errors import BadInput
 from zsctl.core.models import load_model
-from zsctl.search.base import QueryContext
+from zsctl.search.base import Noise, QueryContext
 from zsctl.search.simulator import SimulatorEngine, make_sim, split_options
 
 SAMPLES = [  # (query, question, golds): every question, answer and query distinct
@@ -53,7 +53,7 @@ def test_one_batched_generate_per_search(tiny):
     calls = _count_generate(engine.model)
     results = engine.search([q for q, _, _ in SAMPLES], k=3, contexts=_contexts())
     assert calls == [len(SAMPLES)]  # one generate with every query as a row
-    assert [len(r) for r in results] == [3] * len(SAMPLES)
+    assert [len(r.docs) for r in results] == [3] * len(SAMPLES)
     engine.search(["one more"], k=2)
     assert calls == [len(SAMPLES), 1]
     assert engine.stats.calls == len(SAMPLES) + 1 and engine.generate_calls == 2
@@ -73,22 +73,24 @@ def test_each_query_gets_its_own_question_and_first_answer(tiny):
     queries = [SAMPLES[i][0] for i in order]
     ctxs = [_contexts()[i] for i in order]
     results = engine.search(queries, k=2, contexts=ctxs)
-    for i, docs, prompt in zip(order, results, engine.last_prompts):
+    for i, r in zip(order, results):
+        docs, prompt = r.docs, r.prompt
         query, question, golds = SAMPLES[i]
         assert f"Question: {question}" in prompt and f"Answer: {golds[0]}\n" in prompt
         assert f"Query: {query}" in prompt
         assert docs[0].title == query and docs[0].text == f"The answer is {golds[0]}."
         assert docs[1].text == f"More on {golds[0]}."
-    assert engine.last_well_formed == [True] * 4 and engine.well_formed == 4
+    assert [r.well_formed for r in results] == [True] * 4 and engine.well_formed == 4
 
 
 def test_tuned_prompt_is_the_training_prompt_byte_for_byte(tiny):
     model, tok = tiny
     engine = _engine(tiny, max_new_tokens=4)
-    engine.search(["hamlet author"], k=3, contexts=[QueryContext("Who wrote Hamlet?", ["Shakespeare", "Bard"], "noisy")])
+    results = engine.search(["hamlet author"], k=3,
+                            contexts=[QueryContext("Who wrote Hamlet?", ["Shakespeare", "Bard"], "noisy")])
     # what build-sft writes as the `prompt` column, and how TRL's SFTTrainer tokenises it
     train_prompt = prompts.render_simulator_prompt("hamlet author", "Who wrote Hamlet?", "Shakespeare", "noisy", 3)
-    assert engine.last_prompts == [train_prompt] and engine.model_input(train_prompt) == train_prompt
+    assert [r.prompt for r in results] == [train_prompt] and engine.model_input(train_prompt) == train_prompt
     # the token ids too: train-sim's prompt ids (zsctl.sft) are what the engine feeds the model
     from zsctl import sft
 
@@ -99,8 +101,8 @@ def test_tuned_prompt_is_the_training_prompt_byte_for_byte(tiny):
 def test_prompt_mode_uses_the_fewshot_template_in_the_chat_template(tiny):
     _, tok = tiny
     engine = _engine(tiny, sim_mode="prompt", max_new_tokens=4)
-    engine.search(["capital of peru"], k=2, contexts=[QueryContext("What is the capital of Peru?", ["Lima"])])
-    prompt = engine.last_prompts[0]
+    [result] = engine.search(["capital of peru"], k=2, contexts=[QueryContext("What is the capital of Peru?", ["Lima"])])
+    prompt = result.prompt
     assert prompt.startswith(prompts.SIMULATOR_FEWSHOT_TEMPLATE.split("{k}")[0])
     assert "Now (mode useful)" in prompt and "Answer: Lima" in prompt
     text = tok.decode(engine.encode(engine.model_input(prompt)))
@@ -113,28 +115,27 @@ def test_prompt_mode_puts_the_primer_back(tiny):
     # the model is given "...assistant\nDoc 1:" and continues from there
     script_model(model, tok, {"Peru": [" (Lima) Lima is the capital.\nDoc 2: (Peru) A country."]})
     engine = _engine(tiny, sim_mode="prompt")
-    [docs] = engine.search(["peru"], k=2, contexts=[QueryContext("What is the capital of Peru?", ["Lima"])])
-    assert engine.last_texts == ["Doc 1: (Lima) Lima is the capital.\nDoc 2: (Peru) A country."]
-    assert [d.title for d in docs] == ["Lima", "Peru"] and engine.last_well_formed == [True]
+    [result] = engine.search(["peru"], k=2, contexts=[QueryContext("What is the capital of Peru?", ["Lima"])])
+    docs = result.docs
+    assert [result.text] == ["Doc 1: (Lima) Lima is the capital.\nDoc 2: (Peru) A country."]
+    assert [d.title for d in docs] == ["Lima", "Peru"] and [result.well_formed] == [True]
 
 
 def test_modes_explicit_drawn_and_recorded(tiny):
     engine = _engine(tiny, max_new_tokens=2, seed=7)
     queries = [f"q{i}" for i in range(40)]
-    engine.search(queries, k=1, contexts=[QueryContext("x", ["y"], "noisy")] * 40)
-    assert engine.last_modes == ["noisy"] * 40
-    assert all("Mode: noisy." in p for p in engine.last_prompts)
-    engine.search(queries, k=1)  # default noise_p = 0: useful
-    assert engine.last_modes == ["useful"] * 40
-    engine.noise_p = 0.5  # what the RL curriculum does between steps
-    engine.rng = random.Random(3)
-    engine.search(queries, k=1, contexts=[QueryContext("x", ["y"])] * 40)
-    drawn = list(engine.last_modes)
+    results = engine.search(queries, k=1, contexts=[QueryContext("x", ["y"], "noisy")] * 40)
+    assert [r.mode for r in results] == ["noisy"] * 40
+    assert all("Mode: noisy." in r.prompt for r in results)
+    results = engine.search(queries, k=1)  # default noise_p = 0: useful
+    assert [r.mode for r in results] == ["useful"] * 40
+    # what the RL curriculum does each step: its p_i, from a generator seeded for the step
+    results = engine.search(queries, k=1, contexts=[QueryContext("x", ["y"])] * 40, noise=Noise(0.5, random.Random(3)))
+    drawn = [r.mode for r in results]
     assert 5 < drawn.count("noisy") < 35
-    engine.rng = random.Random(3)
-    engine.search(queries, k=1, contexts=[QueryContext("x", ["y"])] * 40)
-    assert engine.last_modes == drawn  # seeded: reproducible
-    for mode, prompt in zip(drawn, engine.last_prompts):
+    results = engine.search(queries, k=1, contexts=[QueryContext("x", ["y"])] * 40, noise=Noise(0.5, random.Random(3)))
+    assert [r.mode for r in results] == drawn  # seeded: reproducible
+    for mode, prompt in zip(drawn, [r.prompt for r in results]):
         assert f"Mode: {mode}." in prompt
     with pytest.raises(BadInput):
         engine.search(["q"], k=1, contexts=[QueryContext("x", ["y"], "sarcastic")])
@@ -155,17 +156,18 @@ def test_odd_outputs_become_exactly_k_documents(tiny, script, titles, texts, ok)
     model, tok = tiny
     script_model(model, tok, {"odd question": [script]})
     engine = _engine(tiny)
-    [docs] = engine.search(["odd"], k=3, contexts=[QueryContext("odd question", ["z"])])
+    [result] = engine.search(["odd"], k=3, contexts=[QueryContext("odd question", ["z"])])
+    docs = result.docs
     assert [d.title for d in docs] == titles and [d.text for d in docs] == texts
-    assert engine.last_well_formed == [ok] and engine.well_formed == int(ok) and engine.outputs == 1
+    assert [result.well_formed] == [ok] and engine.well_formed == int(ok) and engine.outputs == 1
 
 
 def test_template_file_override(tiny, tmp_path):
     custom = tmp_path / "t.txt"
     custom.write_text("SEARCH {query} | {question} | {answer} | {mode} | {k}\n")
     engine = _engine(tiny, template=str(custom), max_new_tokens=2)
-    engine.search(["q"], k=2, contexts=[QueryContext("qq", ["aa"], "useful")])
-    assert engine.last_prompts == ["SEARCH q | qq | aa | useful | 2\n"]
+    results = engine.search(["q"], k=2, contexts=[QueryContext("qq", ["aa"], "useful")])
+    assert [r.prompt for r in results] == ["SEARCH q | qq | aa | useful | 2\n"]
     bad = tmp_path / "bad.txt"
     bad.write_text("{query} {colour}")
     with pytest.raises(BadInput, match="colour"):
@@ -243,21 +245,21 @@ def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
     orig = engine._complete
     engine._complete = lambda texts, budget, stop, t: temperatures.append(t) or orig(texts, budget, stop, t)
     results = _verify_search(engine)
-    texts = [docs[0].title + " | " + docs[0].text for docs in results]
+    texts = [r.docs[0].title + " | " + r.docs[0].text for r in results]
     assert calls == [5, 2]  # every row once, then ONE batch of the two useful rows that failed
     assert temperatures == [0.0, 0.8]  # the retry samples: a greedy retry would repeat itself
-    assert engine.last_tries == [2, 1, 2, 1, 1]
-    assert engine.last_verified == [True, True, False, False, False]
+    assert [r.tries for r in results] == [2, 1, 2, 1, 1]
+    assert [r.verified for r in results] == [True, True, False, False, False]
     assert texts[0] == "Peru | The capital of Peru is Lima." and texts[1] == "Hamlet | Hamlet was written by Shakespeare."
     # never verified: the last try with every answer-holding sentence removed
     assert texts[2] == "Alps | Mont Blanc is a tall peak."
     # a noisy reply holding the answer is mended at once, not regenerated
     assert texts[3] == "Lego | It makes toys."
     # the degenerate query was written from the noisy prompt, though useful was asked for, and mended
-    assert engine.last_modes[4] == "useful" and "Mode: noisy." in engine.last_prompts[4]
+    assert results[4].mode == "useful" and "Mode: noisy." in results[4].prompt
     assert texts[4] == "Louvre | It opened in 1793."
-    for (_, _, golds, _, _), docs in zip(VERIFY_CASES[2:], results[2:]):
-        assert not metrics.docs_hold_answer([d.as_dict() for d in docs], golds)
+    for (_, _, golds, _, _), r in zip(VERIFY_CASES[2:], results[2:]):
+        assert not metrics.docs_hold_answer([d.as_dict() for d in r.docs], golds)
     assert engine.regenerated == 2 and engine.fallbacks == 3 and engine.generation_s > 0 and engine.generation_cpu_s > 0
 
 
@@ -265,9 +267,9 @@ def test_without_verify_the_first_reply_stands(tiny):
     engine = _verify_engine(tiny, verify=0)
     calls = _count_generate(engine.model)
     results = _verify_search(engine)
-    assert calls == [5] and engine.last_tries == [1] * 5 and engine.last_verified == [None] * 5
-    assert "Mode: useful." in engine.last_prompts[4]
-    assert results[4][0].text == "The Louvre is in Paris. It opened in 1793."  # the leak verification closes
+    assert calls == [5] and [r.tries for r in results] == [1] * 5 and [r.verified for r in results] == [None] * 5
+    assert "Mode: useful." in results[4].prompt
+    assert results[4].docs[0].text == "The Louvre is in Paris. It opened in 1793."  # the leak verification closes
 
 
 def test_verify_spec_option_and_bad_values(tiny_model_dir, tmp_path):
@@ -312,5 +314,5 @@ def test_verify_over_http_retries_only_the_failing_prompt_with_sampling():
     posts = [r["body"] for r in log if r["method"] == "POST"]
     assert [len(b["prompt"]) for b in posts] == [2, 1] and "Peru" in posts[1]["prompt"][0]
     assert posts[0]["temperature"] == 0.0 and posts[1]["temperature"] == 0.8
-    assert engine.last_tries == [2, 1] and engine.last_verified == [True, True]
-    assert results[0][0].text == "Lima is the capital of Peru."
+    assert [r.tries for r in results] == [2, 1] and [r.verified for r in results] == [True, True]
+    assert results[0].docs[0].text == "Lima is the capital of Peru."

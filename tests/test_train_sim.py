@@ -210,5 +210,5 @@ def test_train_sim_smollm2_30_steps(tmp_path):
     from zsctl.search.base import QueryContext
 
     eng = SimulatorEngine(str(out))
-    docs = eng.search(["Paris"], 3, [QueryContext("What is the capital of France?", ["Paris"], "useful")])
+    docs = [r.docs for r in eng.search(["Paris"], 3, [QueryContext("What is the capital of France?", ["Paris"], "useful")])]
     assert len(docs[0]) == 3

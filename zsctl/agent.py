@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zsctl.core import prompts
-from zsctl.search.base import Document, QueryContext, SearchEngine
+from zsctl.search.base import Document, Noise, QueryContext, SearchEngine
 
 
 @dataclass
@@ -143,8 +143,10 @@ class AgentLoop:
         texts = [prompts.render_policy_prompt(self.tok, q, template) for q in questions]
         return [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
-    def run(self, prompt_ids: list[list[int]], contexts: list[QueryContext] | None = None) -> list[Trajectory]:
-        """Roll out every prompt; `contexts[i]` goes with every search of sample i (simulators need it)."""
+    def run(self, prompt_ids: list[list[int]], contexts: list[QueryContext] | None = None,
+            noise: Noise | None = None) -> list[Trajectory]:
+        """Roll out every prompt; `contexts[i]` goes with every search of sample i (simulators need it),
+        `noise` with every search (a simulator's useful/noisy draw; None = the engine's own)."""
         cfg = self.cfg
         trajs = [Trajectory(prompt_ids=list(p)) for p in prompt_ids]
         caches: dict[int, _RowCache] = {}  # HF backend: each live trajectory's keys/values
@@ -176,7 +178,7 @@ class AgentLoop:
                     self._insert(t, self._encode_note(prompts.INVALID_ACTION))
                     still.append(i)
             if searches:
-                self._search(trajs, searches, contexts)
+                self._search(trajs, searches, contexts, noise)
             active = []
             for i in still:
                 if len(trajs[i].response_ids) >= cfg.max_response_tokens:
@@ -198,16 +200,16 @@ class AgentLoop:
         t.env_mask += [0] * len(ids)
         t.logprobs += [0.0] * len(ids)
 
-    def _search(self, trajs: list[Trajectory], searches: list[tuple[int, str]], contexts: list[QueryContext]) -> None:
+    def _search(self, trajs: list[Trajectory], searches: list[tuple[int, str]], contexts: list[QueryContext],
+                noise: Noise | None) -> None:
         idx = [i for i, _ in searches]
         results = self.engine.search(
-            [q for _, q in searches], self.cfg.topk, [contexts[i] for i in idx] if contexts else None
+            [q for _, q in searches], self.cfg.topk, [contexts[i] for i in idx] if contexts else None, noise
         )
-        modes = self.engine.last_modes or [None] * len(idx)
-        for (i, query), docs, mode in zip(searches, results, modes):
-            docs = _trim(docs, self.cfg.max_doc_words)
+        for (i, query), result in zip(searches, results):
+            docs = _trim(result.docs, self.cfg.max_doc_words)
             trajs[i].searches.append(
-                {"query": query, "documents": [d.as_dict() for d in docs], "mode": mode}
+                {"query": query, "documents": [d.as_dict() for d in docs], "mode": result.mode}
             )
             block = prompts.information_block(docs)
             self._insert(trajs[i], self.tok(block, add_special_tokens=False)["input_ids"])
@@ -434,12 +436,13 @@ class QuestionAsQuery:
     def encode_prompts(self, questions: list[str], template: str = prompts.POLICY_INSTRUCTION) -> list[list[int]]:
         return [[] for _ in questions]
 
-    def run(self, prompt_ids: list[list[int]], contexts: list[QueryContext] | None = None) -> list[Trajectory]:
+    def run(self, prompt_ids: list[list[int]], contexts: list[QueryContext] | None = None,
+            noise: Noise | None = None) -> list[Trajectory]:
         queries = [c.question for c in contexts or []]
-        results = self.engine.search(queries, self.cfg.topk, contexts)
+        results = self.engine.search(queries, self.cfg.topk, contexts, noise)
         trajs = []
-        for query, docs in zip(queries, results):
-            docs = _trim(docs, self.cfg.max_doc_words)
+        for query, result in zip(queries, results):
+            docs = _trim(result.docs, self.cfg.max_doc_words)
             t = Trajectory(prompt_ids=[], stop="turns")
             t.searches.append({"query": query, "documents": [d.as_dict() for d in docs], "mode": None})
             t.response = f"<search> {query} </search>" + prompts.information_block(docs)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Callable
 
 from zsctl.core.errors import BadInput
-from zsctl.search.base import Document, NoSearch, QueryContext, SearchEngine
+from zsctl.search.base import Document, NoSearch, Noise, QueryContext, SearchEngine, SearchResult
 
-__all__ = ["Document", "QueryContext", "SearchEngine", "ENGINES", "make_engine"]
+__all__ = ["Document", "Noise", "QueryContext", "SearchEngine", "SearchResult", "ENGINES", "make_engine",
+           "is_simulated"]
 
 
 def _none(spec: str, **kw) -> SearchEngine:
@@ -73,13 +74,18 @@ def _factory(spec: str) -> Callable[..., SearchEngine] | None:
     return None
 
 
+def is_simulated(spec: str) -> bool:
+    """Whether `spec` names a simulated engine (decided without building it)."""
+    return _factory((spec or "").strip()) in (_sim, _sim_http)
+
+
 def make_engine(spec: str, *, cache: str | None = None, **kw) -> SearchEngine:
     """Build the engine for `spec`; `cache` = path of an on-disk (engine, query, k) cache.
 
     Extra keywords go to the engine's constructor (e.g. timeout/tries for network engines).
     """
     spec = (spec or "").strip()
-    if cache and spec.startswith("sim"):
+    if cache and is_simulated(spec):
         raise BadInput(f"search spec '{spec}': simulated engines are never cached; drop the search cache option")
     factory = _factory(spec)
     if factory not in (None, _sim, _sim_http) and "verify=" in spec.partition("?")[2]:

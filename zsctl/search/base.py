@@ -1,11 +1,15 @@
 """The engine interface every search backend implements.
 
 One call answers a whole batch of queries (the agent loop calls it once per turn), so network
-engines can batch requests and the simulator can run one `generate` for all of them.
+engines can batch requests and the simulator can run one `generate` for all of them. It returns one
+`SearchResult` per query: the documents, and from a simulated engine also how they were written.
+Nothing about a call is kept on the engine, so one engine may answer calls from several threads.
 """
 
 from __future__ import annotations
 
+import random
+import threading
 from dataclasses import dataclass, field
 
 
@@ -32,6 +36,32 @@ class QueryContext:
 
 
 @dataclass
+class Noise:
+    """How a simulated engine picks a mode for a query whose context names none: noisy with
+    probability `p`, drawn from `rng` in query order (RL passes a per-step generator, so a redone
+    step draws the same modes)."""
+
+    p: float = 0.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def draw(self) -> str:
+        return "noisy" if self.rng.random() < self.p else "useful"
+
+
+@dataclass
+class SearchResult:
+    """One query's answer. Real engines fill only `docs`."""
+
+    docs: list[Document]
+    mode: str | None = None  # simulated: "useful" | "noisy", the mode the query was asked in
+    text: str | None = None  # simulated: the reply the documents were parsed from (as kept)
+    well_formed: bool | None = None  # simulated: the reply held exactly k numbered documents
+    tries: int = 0  # simulated: generations spent on the reply (1 + verification retries)
+    verified: bool | None = None  # simulated with verify: the kept reply passed (None: verify off)
+    prompt: str | None = None  # simulated: the prompt the reply was written from
+
+
+@dataclass
 class SearchStats:
     """Counters every engine keeps; collect/report turn them into the search-cost ledger."""
 
@@ -46,30 +76,34 @@ class SearchStats:
 
 
 class SearchEngine:
-    """Base class. Subclasses set `name` and implement `_search`."""
+    """Base class. Subclasses set `name` and implement `_search`; simulated ones set `simulated`."""
 
     name = "engine"
     spec = ""
+    simulated = False  # writes its documents (honours contexts and noise; never cached)
 
     def __init__(self) -> None:
         self.stats = SearchStats()
-        self.last_modes: list[str | None] = []  # simulated engines record the mode used per query
+        self.stats_lock = threading.Lock()  # counters are updated from every thread that searches
 
     def search(
-        self, queries: list[str], k: int = 3, contexts: list[QueryContext] | None = None
-    ) -> list[list[Document]]:
-        """Return up to k documents for each query, in rank order (one list per query)."""
+        self, queries: list[str], k: int = 3, contexts: list[QueryContext] | None = None, noise: Noise | None = None
+    ) -> list[SearchResult]:
+        """One result per query: up to k documents in rank order. `noise` (simulated engines only):
+        how modes are drawn for queries whose context names none; None = the engine's own setting."""
         if not queries:
             return []
         if contexts is not None and len(contexts) != len(queries):
             raise ValueError("contexts must align one-to-one with queries")
-        self.stats.batches += 1
-        self.last_modes = [None] * len(queries)
-        return self._search(list(queries), k, contexts)
+        with self.stats_lock:
+            self.stats.batches += 1
+        out = self._search(list(queries), k, contexts, noise)
+        return [r if isinstance(r, SearchResult) else SearchResult(r) for r in out]
 
     def _search(
-        self, queries: list[str], k: int, contexts: list[QueryContext] | None
-    ) -> list[list[Document]]:
+        self, queries: list[str], k: int, contexts: list[QueryContext] | None, noise: Noise | None
+    ) -> list[SearchResult | list[Document]]:
+        """One entry per query: a SearchResult, or (real engines) just its list of documents."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -82,5 +116,5 @@ class NoSearch(SearchEngine):
     name = "none"
     spec = "none"
 
-    def _search(self, queries, k, contexts):
+    def _search(self, queries, k, contexts, noise):
         return [[] for _ in queries]

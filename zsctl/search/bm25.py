@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from zsctl.core.errors import BadInput
@@ -109,6 +110,7 @@ class BM25Engine(SearchEngine):
         self.spec = spec
         self.cache_id = f"bm25:{meta.get('fingerprint') or spec}"  # CachedEngine keys on the index, not its path
         self._stemmer = _stemmer(meta["tokenizer"]["stemmer"])
+        self._stem_lock = threading.Lock()  # a PyStemmer stemmer must not be used by two threads at once
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -163,17 +165,19 @@ class BM25Engine(SearchEngine):
         artifacts.write_json(out, META, self.meta)
         return out
 
-    def _search(self, queries, k, contexts):
+    def _search(self, queries, k, contexts, noise):
         import bm25s
 
         # one tokenize + one retrieve for the whole batch
-        tokens = bm25s.tokenize(queries, stopwords=STOPWORDS, stemmer=self._stemmer, return_ids=False,
-                                show_progress=False)
+        with self._stem_lock:
+            tokens = bm25s.tokenize(queries, stopwords=STOPWORDS, stemmer=self._stemmer, return_ids=False,
+                                    show_progress=False)
         k = min(k, len(self))  # always k passages, as Search-R1's retrievers do (zero scores included)
         if k < 1:
             return [[] for _ in queries]
         indices, scores = self.retriever.retrieve(tokens, k=k, show_progress=False)
-        self.stats.calls += len(queries)
+        with self.stats_lock:
+            self.stats.calls += len(queries)
         return [[Document(self.titles[i], self.texts[i], float(s)) for i, s in zip(row_i.tolist(), row_s.tolist())]
                 for row_i, row_s in zip(indices, scores)]
 

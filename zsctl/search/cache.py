@@ -24,7 +24,7 @@ class CachedEngine(SearchEngine):
     `retries` and `errors` mirror the wrapped engine's (what the backend really did)."""
 
     def __init__(self, engine: SearchEngine, path: str | Path) -> None:
-        if engine.name.startswith("sim"):
+        if engine.simulated:
             raise ValueError(f"simulated engine '{engine.spec or engine.name}' must not be cached")
         super().__init__()
         self.engine = engine
@@ -47,9 +47,10 @@ class CachedEngine(SearchEngine):
 
     def _sync(self) -> None:
         inner = self.engine.stats
-        self.stats.calls, self.stats.retries, self.stats.errors = inner.calls, inner.retries, inner.errors
+        with self.stats_lock:
+            self.stats.calls, self.stats.retries, self.stats.errors = inner.calls, inner.retries, inner.errors
 
-    def _search(self, queries, k, contexts):
+    def _search(self, queries, k, contexts, noise):
         found: dict[str, list[Document]] = {}
         with self._lock:
             for q in dict.fromkeys(queries):
@@ -57,7 +58,8 @@ class CachedEngine(SearchEngine):
                                        (self.key, q, k)).fetchone()
                 if row is not None:
                     found[q] = [Document(**d) for d in json.loads(row[0])]
-        self.stats.cache_hits += sum(q in found for q in queries)
+        with self.stats_lock:
+            self.stats.cache_hits += sum(q in found for q in queries)
         first: dict[str, int] = {}  # each distinct miss once, with its first position's context
         for i, q in enumerate(queries):
             if q not in found:
@@ -66,7 +68,7 @@ class CachedEngine(SearchEngine):
         if miss_queries:
             ctx = [contexts[i] for i in first.values()] if contexts is not None else None
             try:
-                answers = self.engine.search(miss_queries, k, ctx)
+                answers = [r.docs for r in self.engine.search(miss_queries, k, ctx)]
             finally:
                 self._sync()
             rows = [(self.key, q, k, json.dumps([d.as_dict() for d in docs])) for q, docs in zip(miss_queries, answers)]

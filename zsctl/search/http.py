@@ -8,8 +8,6 @@ FlashRAG's `"Title"\\ntext`.
 
 from __future__ import annotations
 
-import threading
-
 from zsctl.core.errors import BadInput, RunFailure
 from zsctl.search._net import RetryPolicy, request_json
 from zsctl.search.base import Document, SearchEngine
@@ -53,7 +51,6 @@ class HttpRetriever(SearchEngine):
         self.url = self.spec = url
         self.batch_size = int(batch_size)
         self.policy = RetryPolicy(tries=tries, backoff=backoff, timeout=timeout)
-        self._lock = threading.Lock()
         self.client = httpx.Client()
         if probe:
             try:
@@ -72,14 +69,15 @@ class HttpRetriever(SearchEngine):
 
         body = {"queries": queries, "topk": k, "return_scores": True}
         return request_json(self.client, "POST", self.url, parse, json=body, policy=self.policy,
-                            stats=self.stats if count else None, lock=self._lock, what=f"retriever {self.url}")
+                            stats=self.stats if count else None, lock=self.stats_lock, what=f"retriever {self.url}")
 
-    def _search(self, queries, k, contexts):
+    def _search(self, queries, k, contexts, noise):
         out: list[list[Document]] = []
         for i in range(0, len(queries), self.batch_size):
             chunk = queries[i:i + self.batch_size]
             out.extend(self._post(chunk, k))
-            self.stats.calls += len(chunk)
+            with self.stats_lock:
+                self.stats.calls += len(chunk)
         return out
 
     def close(self) -> None:

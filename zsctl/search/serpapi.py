@@ -12,7 +12,6 @@ every error message; `spec` and `repr` never show it.
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from zsctl.core.errors import BadInput
@@ -62,7 +61,6 @@ class SerpApiEngine(SearchEngine):
         self.params = {"engine": "google", **(params or {})}  # e.g. {"gl": "us", "hl": "en"}
         self.policy = RetryPolicy(tries=tries, backoff=backoff, timeout=timeout)
         self.client = httpx.Client()
-        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(8, workers)))
 
     def __repr__(self) -> str:
@@ -71,13 +69,13 @@ class SerpApiEngine(SearchEngine):
     def _one(self, query: str, k: int) -> list[Document]:
         params = {**self.params, "q": query, "num": k, "api_key": self._key}
         docs = request_json(self.client, "GET", self.base_url, lambda data: parse_serp(data, k), params=params,
-                            policy=self.policy, stats=self.stats, lock=self._lock, secrets=(self._key,),
+                            policy=self.policy, stats=self.stats, lock=self.stats_lock, secrets=(self._key,),
                             what=f"serpapi {self.base_url}")
-        with self._lock:
+        with self.stats_lock:
             self.stats.calls += 1
         return docs
 
-    def _search(self, queries, k, contexts):
+    def _search(self, queries, k, contexts, noise):
         unique = list(dict.fromkeys(queries))  # a repeated query is billed once
         answers = dict(zip(unique, self._pool.map(lambda q: self._one(q, k), unique)))
         return [list(answers[q]) for q in queries]

@@ -4,9 +4,10 @@
 prompts to OpenAI-compatible completion servers (vLLM, SGLang, `zsctl serve --model`).
 
 Every query gets its own sample's question and first gold answer, and a mode: useful or noisy,
-taken from `QueryContext.mode` when set, else drawn with probability `noise_p` (the RL curriculum
-sets it between steps). The modes used are recorded in `last_modes`. All queries of one `search()`
-call go through one batched generate (in-process) or one round of batched requests (HTTP).
+taken from `QueryContext.mode` when set, else drawn from the search's `Noise` (RL passes the
+curriculum's p_i each step; by default the engine's own `noise_p` and seeded generator). Each
+query's `SearchResult` carries the mode, the reply, its format and verification. All queries of one
+`search()` call go through one batched generate (in-process) or one round of batched requests (HTTP).
 
 Two prompt styles (`sim_mode`): `tuned` feeds the raw `SIMULATOR_TEMPLATE` text, byte for byte what
 train-sim trains on; `prompt` wraps the few-shot template in the tokenizer's chat template, for an
@@ -24,7 +25,7 @@ useful-only retries 1.6× in CPU time (README, "The simulator"). A query that na
 can never pass in useful mode, so it is written from the noisy prompt (and verified as noisy): a
 policy gains nothing from a degenerate query. Without gold answers (or with yes/no golds, which
 containment cannot judge) only the useful reply's link to the query is checked. Tries per query
-are in `last_tries` (1 = first reply kept), pass/fail in `last_verified`.
+are in `SearchResult.tries` (1 = first reply kept), pass/fail in `SearchResult.verified`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from zsctl.core import metrics, prompts
 from zsctl.core.errors import BadInput
-from zsctl.search.base import Document, QueryContext, SearchEngine
+from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, SearchResult
 
 SIM_STYLES = ("tuned", "prompt")
 # Generation budget per requested document when the simulator does not say (train-sim records the
@@ -176,6 +177,8 @@ def generate_batch(
 class _Simulated(SearchEngine):
     """What both simulated engines share: mode choice, prompt rendering, output normalisation."""
 
+    simulated = True
+
     def __init__(self, *, sim_mode: str = "tuned", template: str | None = None, noise_p: float = 0.0,
                  seed: int = 0, max_new_tokens: int | None = None, temperature: float = 0.0,
                  top_p: float = 1.0, verify: int = 0):
@@ -189,8 +192,8 @@ class _Simulated(SearchEngine):
         default = prompts.SIMULATOR_TEMPLATE if sim_mode == "tuned" else prompts.SIMULATOR_FEWSHOT_TEMPLATE
         self.sim_mode = sim_mode
         self.template = prompts.load_template(template, default)
-        self.noise_p = float(noise_p)  # the RL curriculum overwrites it every step
-        self.rng = random.Random(seed)  # ... and may replace it with a per-step generator
+        self.noise_p = float(noise_p)  # for searches that pass no Noise of their own
+        self.rng = random.Random(seed)
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None
         self.tokens_per_doc = TOKENS_PER_DOC
         self.temperature = float(temperature)
@@ -199,22 +202,17 @@ class _Simulated(SearchEngine):
         self.well_formed = 0  # of which held exactly k numbered documents
         self.tok = None  # set by subclasses; prompt mode needs it for the chat template
         self.verify = int(verify)
-        self.last_prompts: list[str] = []
-        self.last_texts: list[str] = []
-        self.last_well_formed: list[bool] = []
-        self.last_tries: list[int] = []  # generations per query (1 + retries)
-        self.last_verified: list[bool | None] = []  # None when verify is off
         self.regenerated = 0  # rows generated again by verification
         self.fallbacks = 0  # replies that never passed and had their answer removed
         self.generation_s = 0.0  # wall time inside the model or its servers
         self.generation_cpu_s = 0.0  # this process's CPU time meanwhile: comparable on a busy machine
 
-    def _choose_mode(self, ctx: QueryContext | None) -> str:
+    def _choose_mode(self, ctx: QueryContext | None, noise: Noise) -> str:
         if ctx is not None and ctx.mode:
             if ctx.mode not in prompts.SIM_MODES:
                 raise BadInput(f"simulated search mode '{ctx.mode}' is not one of {', '.join(prompts.SIM_MODES)}")
             return ctx.mode
-        return "noisy" if self.rng.random() < self.noise_p else "useful"
+        return noise.draw()
 
     def render(self, query: str, ctx: QueryContext | None, mode: str, k: int) -> str:
         """The prompt text for one query (before any chat wrapping)."""
@@ -229,15 +227,16 @@ class _Simulated(SearchEngine):
             return prompt
         return (chat_wrap(self.tok, prompt) if self.tok is not None else prompt) + PRIMER
 
-    def _search(self, queries, k, contexts):
+    def _search(self, queries, k, contexts, noise):
         ctxs = contexts or [None] * len(queries)
-        self.last_modes = [self._choose_mode(c) for c in ctxs]
+        noise = noise or Noise(self.noise_p, self.rng)
+        asked = [self._choose_mode(c, noise) for c in ctxs]
         # verified: a query that names nothing can never pass in useful mode, so it is written in noisy
-        # mode from the start (last_modes keeps the mode asked for)
+        # mode from the start (its result keeps the mode asked for)
         modes = ["noisy" if self.verify and m == "useful" and metrics.is_degenerate_query(q) else m
-                 for q, m in zip(queries, self.last_modes)]
-        self.last_prompts = [self.render(q, c, m, k) for q, c, m in zip(queries, ctxs, modes)]
-        inputs = [self.model_input(p) for p in self.last_prompts]
+                 for q, m in zip(queries, asked)]
+        rendered = [self.render(q, c, m, k) for q, c, m in zip(queries, ctxs, modes)]
+        inputs = [self.model_input(p) for p in rendered]
         budget = self.max_new_tokens or self.tokens_per_doc * k
         n = len(queries)
         texts, tries = [""] * n, [0] * n
@@ -250,7 +249,8 @@ class _Simulated(SearchEngine):
                 texts[i] = PRIMER + text if self.sim_mode == "prompt" else text
                 tries[i] += 1
             if attempt:
-                self.regenerated += len(todo)
+                with self.stats_lock:
+                    self.regenerated += len(todo)
             if not self.verify:
                 break
             passing = {i for i in todo if self._passes(texts[i], queries[i], ctxs[i], modes[i], k)}
@@ -259,8 +259,7 @@ class _Simulated(SearchEngine):
             # by cutting out the sentences that hold it (below), at no generation cost
             todo = [i for i in todo if i not in passing and modes[i] == "useful"]
             temperature = max(self.temperature, RETRY_TEMPERATURE)
-        self.stats.calls += n
-        results, flags, verified = [], [], []
+        results = []
         for i, text in enumerate(texts):
             docs, ok = prompts.parse_documents(text, k)
             passed = None
@@ -268,15 +267,14 @@ class _Simulated(SearchEngine):
                 passed = i not in failed
                 if not passed:
                     docs = _without_answer(docs, _golds(ctxs[i]))
-                    texts[i] = prompts.format_documents(docs)
-                    self.fallbacks += 1
-            results.append([Document(d["title"], d["text"], d["score"]) for d in docs])
-            flags.append(ok)
-            verified.append(passed)
-        self.last_texts, self.last_well_formed = list(texts), flags
-        self.last_tries, self.last_verified = tries, verified
-        self.outputs += len(flags)
-        self.well_formed += sum(flags)
+                    text = prompts.format_documents(docs)
+            results.append(SearchResult([Document(d["title"], d["text"], d["score"]) for d in docs], mode=asked[i],
+                                        text=text, well_formed=ok, tries=tries[i], verified=passed, prompt=rendered[i]))
+        with self.stats_lock:
+            self.stats.calls += n
+            self.fallbacks += sum(r.verified is False for r in results)
+            self.outputs += n
+            self.well_formed += sum(r.well_formed for r in results)
         return results
 
     def _passes(self, text: str, query: str, ctx: QueryContext | None, mode: str, k: int) -> bool:
@@ -295,8 +293,10 @@ class _Simulated(SearchEngine):
         try:
             return self._complete(texts, max_new_tokens, stop, temperature)
         finally:
-            self.generation_s += time.perf_counter() - t0
-            self.generation_cpu_s += time.process_time() - c0
+            # summed over concurrent searches (serve); process CPU time then covers them all
+            with self.stats_lock:
+                self.generation_s += time.perf_counter() - t0
+                self.generation_cpu_s += time.process_time() - c0
 
     def _complete(self, texts: list[str], max_new_tokens: int, stop: list[str], temperature: float) -> list[str]:
         raise NotImplementedError
@@ -358,7 +358,7 @@ class SimulatorEngine(_Simulated):
     def _complete(self, texts, max_new_tokens, stop, temperature):
         ids = [self.encode(t) for t in texts]
         top_p = self.top_p if temperature == self.temperature else RETRY_TOP_P
-        with self.lock:
+        with self.lock:  # one model: concurrent searches take turns
             self.generate_calls += 1
             gens = generate_batch(self.model, self.tok, ids, max_new_tokens,
                                   temperature=temperature, top_p=top_p, stop=stop)
@@ -489,10 +489,12 @@ class SimulatorHTTPEngine(_Simulated):
         body = {"max_tokens": int(max_new_tokens), "temperature": temperature, "top_p": top_p, "stop": list(stop)}
         if self.model_name:
             body["model"] = self.model_name
+        # the first chunk goes from this thread, so concurrent searches (serve) never queue for the pool
         futures = [self._pool.submit(self._request, url, {**body, "prompt": chunk}, len(chunk))
-                   for url, chunk in zip(urls, chunks)]
+                   for url, chunk in zip(urls[1:], chunks[1:])]
+        first = self._request(urls[0], {**body, "prompt": chunks[0]}, len(chunks[0]))
         # cut here too: some servers cap the number of stop strings (OpenAI's API takes four)
-        return [cut_at_stop(text, stop) for f in futures for text in f.result()]
+        return [cut_at_stop(text, stop) for texts in [first, *(f.result() for f in futures)] for text in texts]
 
     def _request(self, url: str, body: dict, n: int) -> list[str]:
         from zsctl.search._net import Fatal, request_json
@@ -503,10 +505,10 @@ class SimulatorHTTPEngine(_Simulated):
                 raise Fatal(f"{len(choices)} choices came back for {n} prompts")
             return [str(c.get("text") or "") for c in choices]
 
-        with self._lock:
+        with self.stats_lock:
             self.requests_per_url[url] += 1
         return request_json(self.client, "POST", f"{url}/completions", parse, json=body, policy=self.policy,
-                            stats=self.stats, lock=self._lock, what=f"simulator endpoint {url}/completions")
+                            stats=self.stats, lock=self.stats_lock, what=f"simulator endpoint {url}/completions")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

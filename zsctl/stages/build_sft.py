@@ -689,10 +689,10 @@ def _entity_pairs(cfg, batch, engine, seen, stats) -> list[tuple[str, dict, int]
     for depth, items in todo.items():
         for start in range(0, len(items), 64):
             chunk = items[start:start + 64]
-            for (t, i, entity), docs in zip(chunk, engine.search([e for _, _, e in chunk], depth)):
+            for (t, i, entity), r in zip(chunk, engine.search([e for _, _, e in chunk], depth)):
                 stats["entity_searches"] += 1
                 searched = {**t, "traj_id": f"{t['traj_id']}@{i}",
-                            "searches": [{"query": entity, "documents": [d.as_dict() for d in docs]}]}
+                            "searches": [{"query": entity, "documents": [d.as_dict() for d in r.docs]}]}
                 rows += _doc_pairs(cfg, [searched], seen, stats)
     return rows
 
@@ -949,7 +949,7 @@ def _search_questions(cfg, engine, unserved: dict, seen, stats, policy_tok, prog
 def _search_all(cfg, engine, queries: list[str]) -> list[list[dict]]:
     out = []
     for i in range(0, len(queries), 64):
-        out += [[d.as_dict() for d in docs] for docs in engine.search(queries[i : i + 64], cfg.search_topk)]
+        out += [[d.as_dict() for d in r.docs] for r in engine.search(queries[i : i + 64], cfg.search_topk)]
     return out
 
 

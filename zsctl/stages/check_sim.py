@@ -36,7 +36,7 @@ from zsctl.core import artifacts, data, metrics, prompts
 from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
 from zsctl.core.schemas import CHECK_SIM
-from zsctl.search import make_engine
+from zsctl.search import is_simulated, make_engine
 from zsctl.search.base import QueryContext
 
 
@@ -186,7 +186,7 @@ def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, v
         raise BadInput("--k and --batch-size must be at least 1")
     queries, held = select_queries(cfg, load_queries(cfg))
     if engine is None:
-        if not cfg.search.startswith("sim"):
+        if not is_simulated(cfg.search):
             raise BadInput(f"--search '{cfg.search}' is not a simulated engine; pass sim:MODEL or sim+http://HOST:PORT/v1")
         engine = make_engine(cfg.search, sim_mode=cfg.sim_mode, template=cfg.sim_template, seed=cfg.seed,
                              max_new_tokens=cfg.max_new_tokens)
@@ -206,12 +206,11 @@ def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, v
         asks = [(q, mode, "simulator") for mode in prompts.SIM_MODES for q in batch] + [(q, "useful", "probe") for q in probes]
         ctxs = [QueryContext(q["question"], q["golden_answers"], mode) for q, mode, _ in asks]
         results = engine.search([q["query"] for q, _, _ in asks], cfg.k, ctxs)
-        tries = engine.last_tries or [1] * len(asks)
-        for (q, mode, role), docs, raw, ok, n in zip(asks, results, engine.last_texts, engine.last_well_formed, tries):
-            rows.append(_row(q, role, engine.spec, mode, docs, raw, ok, cfg.k, n))
+        for (q, mode, role), r in zip(asks, results):
+            rows.append(_row(q, role, engine.spec, mode, r.docs, r.text or "", r.well_formed, cfg.k, r.tries or 1))
         if vs_engine is not None:
-            for q, docs in zip(batch, vs_engine.search(texts, cfg.k)):
-                rows.append(_row(q, "real", vs_engine.spec or cfg.vs, "real", docs, "", None, cfg.k, 1))
+            for q, r in zip(batch, vs_engine.search(texts, cfg.k)):
+                rows.append(_row(q, "real", vs_engine.spec or cfg.vs, "real", r.docs, "", None, cfg.k, 1))
         progress.advance(len(batch))
     progress.stop()
     wall = time.perf_counter() - t0

@@ -36,7 +36,7 @@ from zsctl.core.errors import BadInput, RunFailure
 from zsctl.core.models import load_model
 from zsctl.core.progress import Progress
 from zsctl.core.schemas import TRAJECTORIES
-from zsctl.search import make_engine
+from zsctl.search import is_simulated, make_engine
 from zsctl.search.base import QueryContext
 from zsctl.stages.evaluate import load_benchmarks
 
@@ -84,7 +84,7 @@ def _check(cfg: CollectConfig) -> None:
     if cfg.price_per_1k < 0:
         raise BadInput(f"--price-per-1k {cfg.price_per_1k} must be 0 or more")
     spec = cfg.search.strip()
-    if spec == "none" or spec.startswith("sim"):
+    if spec == "none" or is_simulated(spec):
         raise BadInput(f"--search '{cfg.search}' is not a real engine; collect logs real results: "
                        "use bm25:PATH, http://HOST:PORT/retrieve or serpapi")
 

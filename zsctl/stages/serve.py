@@ -11,13 +11,13 @@ GET /health
 
 Binds 127.0.0.1 by default. Every request is capped (query count and length, prompt count and
 length, tokens, body size); bad requests get a 4xx with a message, engine failures a 502.
-Engine calls are serialised, and so are model calls (HF `generate` is not thread-safe).
+/retrieve requests run concurrently (engines keep no per-call state; a `sim+http://` backend gets
+them in parallel); model calls are serialised (HF `generate` is not thread-safe).
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
 import socket
 import threading
 import time
@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from zsctl.core.errors import BadInput, RunFailure
 from zsctl.core.progress import Progress
-from zsctl.search.base import QueryContext
+from zsctl.search.base import Noise, QueryContext
 
 
 @dataclass
@@ -96,11 +96,11 @@ def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name:
     from fastapi.responses import JSONResponse
 
     caps = caps or Caps()
-    engine_lock = threading.Lock()  # engines keep per-call state (last_modes)
     # generate is not thread-safe: an in-process simulator on the same model shares its lock
     shares_model = model is not None and getattr(engine, "model", None) is model
     model_lock = engine.lock if shares_model else threading.Lock()
-    simulated = hasattr(engine, "noise_p")
+    count_lock = threading.Lock()
+    simulated = engine.simulated
     served = model_name or "model"
     app = FastAPI(title="zsctl serve", docs_url=None, redoc_url=None)
     app.state.requests = {"retrieve": 0, "completions": 0}
@@ -142,21 +142,21 @@ def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name:
             raise HTTPException(400, "'noise' applies only to simulated engines (sim:…, sim+http://…)")
         if isinstance(req.noise, float) and not 0.0 <= req.noise <= 1.0:
             raise HTTPException(400, "'noise' must be a probability in [0, 1], 'useful' or 'noisy'")
-        with engine_lock:
-            contexts = _contexts(req, engine) if simulated else None
-            results = engine.search(req.queries, req.topk, contexts)
-            modes = list(engine.last_modes)
+        contexts, noise = _contexts(req, engine) if simulated else (None, None)
+        results = engine.search(req.queries, req.topk, contexts, noise)
+        with count_lock:
             app.state.requests["retrieve"] += 1
         out = []
-        for docs in results:
+        for r in results:
             items = []
-            for d in docs:
+            for d in r.docs:
                 doc = {"id": doc_id(d.title, d.text), "contents": contents(d.title, d.text)}
                 items.append({"document": doc, "score": float(d.score)} if req.return_scores else doc)
             out.append(items)
         body = {"result": out}
         if simulated:
-            body["modes"] = modes  # which mode wrote each query's documents (extra key, ignored by clients)
+            # which mode wrote each query's documents (an extra key, ignored by clients)
+            body["modes"] = [r.mode for r in results]
         return body
 
     if model is not None:
@@ -209,19 +209,15 @@ def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name:
     return app
 
 
-def _contexts(req, engine) -> list[QueryContext]:
-    """Per-query contexts; a `noise` field fixes each query's mode for this request only."""
+def _contexts(req, engine) -> tuple[list[QueryContext], Noise | None]:
+    """Per-query contexts, and the noise for this request only: a mode fixes every query's, a
+    probability is drawn from the engine's seeded generator (None: the engine's own setting)."""
     n = len(req.queries)
     questions = req.questions or [""] * n
     golds = [[g] if isinstance(g, str) else list(g) for g in (req.golden_answers or [[]] * n)]
-    if req.noise is None:
-        modes = [None] * n
-    elif isinstance(req.noise, str):
-        modes = [req.noise] * n
-    else:
-        rng: random.Random = engine.rng
-        modes = ["noisy" if rng.random() < req.noise else "useful" for _ in range(n)]
-    return [QueryContext(q, g, m) for q, g, m in zip(questions, golds, modes)]
+    mode = req.noise if isinstance(req.noise, str) else None
+    noise = Noise(req.noise, engine.rng) if isinstance(req.noise, float) else None
+    return [QueryContext(q, g, mode) for q, g in zip(questions, golds)], noise
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -260,13 +256,13 @@ def start_in_thread(app, host: str = "127.0.0.1", port: int = 0):
 
 def build_engine(cfg: ServeConfig, model=None, tok=None):
     """The engine for --search; a `sim:` engine on the --model spec shares the loaded model."""
-    from zsctl.search import make_engine
+    from zsctl.search import is_simulated, make_engine
     from zsctl.search.simulator import SimulatorEngine
 
     sim_kw = dict(sim_mode=cfg.sim_mode, template=cfg.sim_template, noise_p=cfg.noise_p, seed=cfg.seed)
     if cfg.search.startswith("sim:") and model is not None and cfg.search[4:] == cfg.model:
         return SimulatorEngine(cfg.model, model=model, tokenizer=tok, **sim_kw)
-    if cfg.search.startswith(("sim:", "sim+http")):
+    if is_simulated(cfg.search):
         return make_engine(cfg.search, **sim_kw)
     return make_engine(cfg.search)
 
