@@ -33,9 +33,10 @@ class AgentConfig:
     max_new_tokens: int = 128  # per generation round
     max_response_tokens: int = 1024  # whole response budget (model + inserted tokens)
     topk: int = 3
-    max_doc_words: int = 80  # documents are cut to this many words before insertion
+    max_doc_words: int | None = None  # documents are cut to this many words; None: the prompt style's
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    prompt_style: str = "zsctl"  # prompts.PROMPT_STYLES: instruction, document lines and notes
 
 
 @dataclass
@@ -95,7 +96,7 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return max(k, 0)
 
 
-def _trim(docs: list[Document], max_words: int) -> list[Document]:
+def _trim(docs: list[Document], max_words: int | None) -> list[Document]:
     out = []
     for d in docs:
         words = d.text.split()
@@ -112,6 +113,8 @@ class AgentLoop:
         self.tok = tokenizer
         self.engine = engine
         self.cfg = cfg or AgentConfig()
+        self.style = prompts.style_of(self.cfg.prompt_style)
+        self.doc_words = self.cfg.max_doc_words if self.cfg.max_doc_words is not None else self.style.doc_words
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
@@ -139,9 +142,20 @@ class AgentLoop:
             self._note_cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
         return self._note_cache[text]
 
-    def encode_prompts(self, questions: list[str], template: str = prompts.POLICY_INSTRUCTION) -> list[list[int]]:
-        texts = [prompts.render_policy_prompt(self.tok, q, template) for q in questions]
+    def render_prompts(self, questions: list[str], template: str | None = None,
+                       chats: list[list[dict] | None] | None = None) -> list[str]:
+        """Prompt texts in the loop's style; a row with its own chat messages (`chats[i]`, a question
+        file's prompt column) is given exactly those, through the chat template."""
+        chats = chats or [None] * len(questions)
+        return [prompts.render_chat(self.tok, c) if c else prompts.render_policy_prompt(self.tok, q, template, self.style)
+                for q, c in zip(questions, chats)]
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
         return [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    def encode_prompts(self, questions: list[str], template: str | None = None,
+                       chats: list[list[dict] | None] | None = None) -> list[list[int]]:
+        return self.encode_texts(self.render_prompts(questions, template, chats))
 
     def run(self, prompt_ids: list[list[int]], contexts: list[QueryContext] | None = None,
             noise: Noise | None = None) -> list[Trajectory]:
@@ -175,7 +189,7 @@ class AgentLoop:
                     searches.append((i, payload))
                     still.append(i)
                 else:  # neither a search nor an answer: a short corrective note, and go on
-                    self._insert(t, self._encode_note(prompts.INVALID_ACTION))
+                    self._insert(t, self._encode_note(self.style.invalid_action))
                     still.append(i)
             if searches:
                 self._search(trajs, searches, contexts, noise)
@@ -185,7 +199,7 @@ class AgentLoop:
                     trajs[i].stop = "length"
                     continue
                 if rnd + 1 == cfg.max_turns:  # the next round is the last: no more searches
-                    self._insert(trajs[i], self._encode_note(prompts.FINAL_TURN))
+                    self._insert(trajs[i], self._encode_note(self.style.final_turn))
                 active.append(i)
             for i in set(caches) - set(active):  # finished trajectories free their memory at once
                 del caches[i]
@@ -207,11 +221,11 @@ class AgentLoop:
             [q for _, q in searches], self.cfg.topk, [contexts[i] for i in idx] if contexts else None, noise
         )
         for (i, query), result in zip(searches, results):
-            docs = _trim(result.docs, self.cfg.max_doc_words)
+            docs = _trim(result.docs, self.doc_words)
             trajs[i].searches.append(
                 {"query": query, "documents": [d.as_dict() for d in docs], "mode": result.mode}
             )
-            block = prompts.information_block(docs)
+            block = self.style.information_block(docs)
             self._insert(trajs[i], self.tok(block, add_special_tokens=False)["input_ids"])
 
     def _generate(self, rows: list[int], trajs: list[Trajectory], caches: dict, keep_cache: bool) -> list[_Turn]:
@@ -431,9 +445,17 @@ class QuestionAsQuery:
     def __init__(self, engine: SearchEngine, cfg: AgentConfig | None = None):
         self.engine = engine
         self.cfg = cfg or AgentConfig()
+        self.style = prompts.style_of(self.cfg.prompt_style)
+        self.doc_words = self.cfg.max_doc_words if self.cfg.max_doc_words is not None else self.style.doc_words
         self.generated_tokens = 0
 
-    def encode_prompts(self, questions: list[str], template: str = prompts.POLICY_INSTRUCTION) -> list[list[int]]:
+    def render_prompts(self, questions: list[str], template: str | None = None, chats=None) -> list[str]:
+        return ["" for _ in questions]
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        return [[] for _ in texts]
+
+    def encode_prompts(self, questions: list[str], template: str | None = None, chats=None) -> list[list[int]]:
         return [[] for _ in questions]
 
     def run(self, prompt_ids: list[list[int]], contexts: list[QueryContext] | None = None,
@@ -442,9 +464,9 @@ class QuestionAsQuery:
         results = self.engine.search(queries, self.cfg.topk, contexts, noise)
         trajs = []
         for query, result in zip(queries, results):
-            docs = _trim(result.docs, self.cfg.max_doc_words)
+            docs = _trim(result.docs, self.doc_words)
             t = Trajectory(prompt_ids=[], stop="turns")
             t.searches.append({"query": query, "documents": [d.as_dict() for d in docs], "mode": None})
-            t.response = f"<search> {query} </search>" + prompts.information_block(docs)
+            t.response = f"<search> {query} </search>" + self.style.information_block(docs)
             trajs.append(t)
         return trajs
