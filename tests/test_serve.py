@@ -10,7 +10,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -156,6 +158,39 @@ def test_sim_http_load_balances_over_two_servers(tiny_model_dir):
         assert [a.state.requests["completions"] for a in apps] == [2, 2]  # single prompts alternate
         assert engine.stats.calls == 6 and engine.stats.retries == 0
         engine.close()
+
+
+def test_concurrent_retrieve_calls_reach_a_sim_http_backend_together():
+    """serve holds no lock around /retrieve: four requests over a sim+http backend are at the backend
+    at the same time (it answers only once all four arrived), and each gets its own modes back."""
+    from test_search import http_server
+
+    n = 4
+    arrived = threading.Barrier(n, timeout=30)
+
+    def completions(request, _):
+        if request["path"].endswith("/models"):
+            return 200, {"data": [{"id": "sim"}]}
+        try:
+            arrived.wait()
+        except threading.BrokenBarrierError:
+            return 400, {"detail": "the requests came one at a time"}
+        return 200, {"choices": [{"index": i, "text": f"Doc 1: (T) {p.split('Query: ')[-1][:2]}"}
+                                 for i, p in enumerate(request["body"]["prompt"])]}
+
+    def retrieve(i: int) -> httpx.Response:
+        body = {"queries": [f"q{i}"] * 2, "topk": 1, "noise": ["useful", "noisy"][i % 2]}
+        return httpx.post(f"{url}/retrieve", json=body, timeout=60)
+
+    with http_server(completions) as (backend, _):
+        engine = make_sim_http(f"sim+{backend}/v1?tries=1")
+        with serving(make_app(engine)) as url, ThreadPoolExecutor(n) as pool:
+            replies = list(pool.map(retrieve, range(n)))
+        engine.close()
+    assert [r.status_code for r in replies] == [200] * n, replies[0].text
+    for i, r in enumerate(replies):
+        assert r.json()["modes"] == [["useful", "noisy"][i % 2]] * 2
+        assert [items[0]["contents"] for items in r.json()["result"]] == [f'"T"\nq{i}'] * 2
 
 
 def test_request_caps_and_validation(corpus, tiny_model_dir):
