@@ -114,3 +114,27 @@ def render_inspect(info: dict) -> None:
             for r in t["head"]:
                 tab.add_row(*[str(r[c]) for c in cols])
             out.print(tab)
+
+
+def check_sim_table(summary: dict) -> Table:
+    """check-sim's summary: has-answer share per mode (and of the real engine), format, length, diversity."""
+    sim, real, held = summary["simulator"], summary.get("real"), summary["held_apart"]
+    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+    t = Table(title=f"check-sim: {sim['spec']} (n = {summary['n_queries']} held-apart queries, k={summary['k']})",
+              min_width=76, caption_justify="left")
+    columns = [("useful", sim["useful"]), ("noisy", sim["noisy"])] + ([("real", real)] if real else [])
+    t.add_column("metric")
+    for name, _ in columns:
+        t.add_column(name, justify="right")
+    t.add_row("has answer %", *[pct(m["has_answer"]) for _, m in columns])
+    t.add_row("  95% interval (Wilson)", *["[{}, {}]".format(*map(pct, m["has_answer_ci95"])) for _, m in columns])
+    t.add_row("leak %: query names nothing", pct(sim["leak"]["has_answer"]), "", *([""] if real else []))
+    for key, label in [("format_valid", "format valid %"), ("mean_tries", "tries / reply"), ("mean_doc_words", "words/doc"),
+                       ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2")]:
+        t.add_row(label, *[pct(m[key]) if key == "format_valid" else f"{m[key]:.2f}" for _, m in columns])
+    lo, hi = sim["gap_ci95"]
+    t.caption = (f"gap (useful - noisy has-answer): {pct(sim['controllability_gap'])} points, 95% interval "
+                 f"[{pct(lo)}, {pct(hi)}] (Newcombe); format valid {pct(sim['format_valid'])}%; leak probes: "
+                 f"{sim['leak']['n']}\ndropped: {held['excluded_trained']} trained on, {held['excluded_yes_no']} yes/no golds; "
+                 f"trained questions: {held['trained_on']}")
+    return t

@@ -12,6 +12,7 @@ into a plain HF model directory at the end; the directory appears by one rename,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -22,14 +23,14 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from zsctl.core import artifacts, prompts
+from zsctl.core.config import Options, option
 from zsctl.core.errors import BadInput, RunFailure
 from zsctl.core.progress import Progress
 from zsctl.core.schemas import POLICY_SFT, SIM_SFT
 
 DATA_SCHEMAS = {"sim_sft": SIM_SFT, "policy_sft": POLICY_SFT}
 SPLITS = ("train.parquet", "val.parquet")
-REPORT_TO = ("none", "tensorboard", "wandb")
-_REPORT_PACKAGE = {"tensorboard": "tensorboard", "wandb": "wandb"}
+REPORT_TO = ("none", "tensorboard", "wandb")  # each but none is also the package it needs
 
 # What the environment inserts into a policy response (agent.py): information blocks and the two
 # fixed notes, each with the whitespace around it. An unclosed block (a cut response) runs to the end.
@@ -42,20 +43,26 @@ ENV_SPAN_RE = re.compile(
 
 
 @dataclass(kw_only=True)
-class SFTOptions:
+class SFTOptions(Options):
     """The training options train-sim and warmup share (their configs extend this)."""
 
-    lora: bool = True
-    lora_r: int = 16
-    lr: float | None = None  # None = 2e-4 with LoRA, 2e-5 full
-    epochs: float = 1.0
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 1024
-    val_limit: int = 32  # val rows scored before and after training
-    report_to: str = "none"
-    seed: int = 0
+    lora: bool = option(True, "LoRA adapters (merged at the end) or full fine-tuning.", off="full")
+    lora_r: int = option(16, "LoRA rank (alpha = 2 x rank).", ge=1)
+    lr: float | None = option(None, "Learning rate (default 2e-4 with LoRA, 2e-5 full).", gt=0)
+    epochs: float = option(1.0, "Passes over the training rows.", gt=0)
+    max_steps: int | None = option(None, "Optimizer steps (overrides --epochs).", ge=1)
+    batch_size: int = option(8, "Rows per device per step.", ge=1)
+    grad_accum: int = option(1, "Gradient accumulation steps.", ge=1)
+    max_length: int = option(1024, "Tokens per row (prompt + completion); longer rows are cut.", ge=1)
+    val_limit: int = option(32, "Validation rows scored before and after training.", ge=0)
+    report_to: str = option("none", "none | tensorboard | wandb", choices=REPORT_TO)
+    seed: int = option(0, "Random seed.", ge=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
+            raise BadInput(f"--report-to {self.report_to} needs the '{self.report_to}' package; "
+                           f"run `pip install {self.report_to}` or use --report-to none")
 
     @property
     def learning_rate(self) -> float:
@@ -189,25 +196,6 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 # --- training ----------------------------------------------------------------------------------
 
 
-def _validate(cfg: SFTRunConfig) -> None:
-    import importlib.util
-
-    if cfg.report_to not in REPORT_TO:
-        raise BadInput(f"--report-to '{cfg.report_to}' is not one of {', '.join(REPORT_TO)}")
-    pkg = _REPORT_PACKAGE.get(cfg.report_to)
-    if pkg and importlib.util.find_spec(pkg) is None:
-        raise BadInput(f"--report-to {cfg.report_to} needs the '{pkg}' package; run `pip install {pkg}` or use --report-to none")
-    for name in ("batch_size", "grad_accum", "max_length", "lora_r"):
-        if getattr(cfg, name) < 1:
-            raise BadInput(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise BadInput(f"--max-steps must be at least 1 (got {cfg.max_steps})")
-    if cfg.max_steps is None and not cfg.epochs > 0:
-        raise BadInput(f"--epochs must be positive (got {cfg.epochs})")
-    if not cfg.learning_rate > 0:
-        raise BadInput(f"--lr must be positive (got {cfg.learning_rate})")
-
-
 def _callback(cfg: SFTRunConfig, progress: Progress, losses: list):
     from transformers import TrainerCallback
 
@@ -252,7 +240,6 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
     from zsctl.core.models import load_model, lora_config
 
     progress = progress or Progress()
-    _validate(cfg)
     # Our Progress is the one display: no library bars, no log dicts printed to stdout (--json).
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()

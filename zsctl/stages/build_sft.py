@@ -80,6 +80,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from zsctl.core import artifacts, metrics, prompts
+from zsctl.core.config import DEFAULT_MODEL, Options, option
 from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
 from zsctl.core.schemas import POLICY_SFT, SIM_SFT, STR_LIST, missing_or_mistyped
@@ -103,27 +104,41 @@ _COLUMNS = {
 _HINT = "the trajectories schema is in the README (Artifacts) and zsctl/stages/build_sft.py"
 
 
-@dataclass
-class BuildSFTConfig:
-    trajectories: str  # DIR[,DIR|FILE...]: trajectories artifacts, .parquet or .jsonl files
-    out: str
-    target: str = "simulator"  # simulator | policy (CLI: --for)
-    label: str = "outcome"  # simulator labels: outcome | answer | judge | docs
-    degenerate_share: float = 0.15  # docs: extra placeholder-query pairs, as a share of the pairs
-    pairs_per_search: int = 1  # docs: at most this many pairs from one search's results
-    judge_model: str = "smollm2-135m"
-    judge_batch_size: int = 16
-    balance: bool = True
-    val_fraction: float = 0.1
-    docs: int = 3  # top-K documents per simulator completion
-    doc_words: int = 80  # each document cut to this many words (the agent loop's default)
-    min_f1: float | None = None  # policy rejection sampling: None = require em == 1
-    templated: bool = False  # policy: answer-grounded demonstrations from logged calls
-    policy: str = "smollm2-135m"  # policy tokenizer whose chat template renders the prompt
-    search: str | None = None  # templated: real engine to search questions no logged call answered
-    search_topk: int = 3
-    seed: int = 0
-    read_batch: int = 2048  # trajectories per record batch
+@dataclass(kw_only=True)
+class BuildSFTConfig(Options):
+    trajectories: str = option(help="DIR[,DIR...]: collect outputs, or .parquet / .jsonl trajectory files.")
+    out: str = option(help="Output artifact directory.")
+    target: str = option("simulator", "simulator (sim_sft) | policy (policy_sft).", flag="for", choices=TARGETS)
+    label: str = option("outcome", "Simulator labels: docs (useful/noisy pair from one search's top-N; collect "
+                        "with --topk 10) | outcome | answer | judge.", choices=LABELS)
+    degenerate_share: float = option(0.15, "--label docs: extra pairs with a placeholder query and answer-free "
+                                     "documents in both modes, as a share of the pairs.", ge=0, le=1)
+    pairs_per_search: int = option(1, "--label docs: up to N pairs from one search's results (the i-th "
+                                   "answer-holding document each; needs deep results, e.g. collect --topk 20).", ge=1)
+    judge_model: str = option(DEFAULT_MODEL, "Model for --label judge.")
+    judge_batch_size: int = option(16, "Prompts the judge scores together.", ge=1)
+    balance: bool = option(True, "Downsample the larger label class (seeded).")
+    val_fraction: float = option(0.1, "Share of questions in val.parquet.", ge=0, lt=1)
+    docs: int = option(3, "Top-K documents per simulator completion.", flag="topk", aliases=("docs",), ge=1)
+    doc_words: int = option(80, "Each document cut to this many words (the agent loop's default).",
+                            flag="max-doc-words", aliases=("doc-words",), ge=1)
+    min_f1: float | None = option(None, "Policy: keep trajectories with F1 >= X (default: exact match).", ge=0, le=1)
+    templated: bool = option(False, "Policy: answer-grounded demonstrations from logged calls whose documents "
+                             "hold a gold answer.")
+    policy: str = option(DEFAULT_MODEL, "Policy whose chat template renders the prompts (--for policy).")
+    search: str | None = option(None, "A real engine (bm25:PATH, http://...). With --templated: multi-hop "
+                                "questions' supporting entities, then each question no logged call answered, are "
+                                "searched. With --label docs: each bundled multi-hop question's supporting entities "
+                                "are searched (as deep as its logged searches) and make pairs too.")
+    search_topk: int = option(3, "--templated: documents per search of --search.", ge=1)
+    seed: int = option(0, "Random seed.", ge=0)
+    read_batch: int = option(2048, "Trajectories read per record batch.", ge=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.search and not ((self.target == "policy" and self.templated)
+                                or (self.target == "simulator" and self.label == "docs")):
+            raise BadInput("--search is only used with --for policy --templated or --label docs; drop it")
 
 
 # --- input -----------------------------------------------------------------------------------------
@@ -347,7 +362,6 @@ class SplitWriter:
 
 def run(cfg: BuildSFTConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
-    _check_config(cfg)
     files = input_files(cfg.trajectories)
     cols = needed_columns(cfg)
     for f in files:
@@ -363,9 +377,6 @@ def run(cfg: BuildSFTConfig, progress: Progress | None = None) -> dict:
         judge = Judge(cfg.judge_model, cfg.judge_batch_size)
     engine = None
     if cfg.search:
-        if not (cfg.target == "policy" and cfg.templated):
-            if not (cfg.target == "simulator" and cfg.label == "docs"):
-                raise BadInput("--search is only used with --for policy --templated or --label docs; drop it")
         from zsctl.search import make_engine
 
         engine = make_engine(cfg.search)
@@ -381,23 +392,6 @@ def run(cfg: BuildSFTConfig, progress: Progress | None = None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
         if engine is not None:
             engine.close()
-
-
-def _check_config(cfg: BuildSFTConfig) -> None:
-    if cfg.target not in TARGETS:
-        raise BadInput(f"--for '{cfg.target}' is not one of {', '.join(TARGETS)}")
-    if cfg.label not in LABELS:
-        raise BadInput(f"--label '{cfg.label}' is not one of {', '.join(LABELS)}")
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise BadInput(f"--val-fraction {cfg.val_fraction} must be in [0, 1)")
-    if cfg.docs < 1:
-        raise BadInput(f"--docs {cfg.docs} must be at least 1")
-    if cfg.min_f1 is not None and not 0.0 <= cfg.min_f1 <= 1.0:
-        raise BadInput(f"--min-f1 {cfg.min_f1} must be in [0, 1]")
-    if not 0.0 <= cfg.degenerate_share <= 1.0:
-        raise BadInput(f"--degenerate-share {cfg.degenerate_share} must be in [0, 1]")
-    if cfg.pairs_per_search < 1:
-        raise BadInput(f"--pairs-per-search {cfg.pairs_per_search} must be at least 1")
 
 
 def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, progress) -> dict:

@@ -15,15 +15,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from zsctl.core import artifacts
+from zsctl.core.config import Options, option
 from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
 
 
-@dataclass
-class ReportConfig:
-    run_dir: str
-    out: str | None = None  # default: RUN_DIR/report
-    price_per_1k: float = 15.0  # USD per 1,000 real search calls (SerpAPI-like pricing; an assumption)
+@dataclass(kw_only=True)
+class ReportConfig(Options):
+    run_dir: str = option(help="Folder holding the run's artifacts.", positional=True)
+    out: str | None = option(None, "Report folder (default RUN_DIR/report).")
+    price_per_1k: float = option(15.0, "USD per 1,000 real search calls, for the cost ledger (SerpAPI-like "
+                                 "pricing; an assumption).", ge=0)
 
 
 def find_artifacts(run_dir: Path) -> dict[str, list[tuple[Path, dict]]]:

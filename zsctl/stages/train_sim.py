@@ -12,14 +12,15 @@ from dataclasses import asdict, dataclass
 
 from zsctl import sft
 from zsctl.core import artifacts
+from zsctl.core.config import DEFAULT_MODEL, option
 from zsctl.core.progress import Progress
 
 
 @dataclass(kw_only=True)
 class TrainSimConfig(sft.SFTOptions):
-    data: str  # build-sft simulator artifact (kind sim_sft)
-    base: str
-    out: str
+    data: str = option(help="build-sft simulator output directory (train.parquet, val.parquet).")
+    base: str = option(DEFAULT_MODEL, "Base model: HF dir, hub id, or smollm2-135m.")
+    out: str = option(help="Output model directory.")
 
 
 def tokens_per_doc(rows: list[dict], data_manifest: dict, base: str) -> int:

@@ -12,14 +12,15 @@ from dataclasses import asdict, dataclass
 
 from zsctl import sft
 from zsctl.core import artifacts
+from zsctl.core.config import DEFAULT_MODEL, option
 from zsctl.core.progress import Progress
 
 
 @dataclass(kw_only=True)
 class WarmupConfig(sft.SFTOptions):
-    data: str  # build-sft policy artifact (kind policy_sft)
-    policy: str
-    out: str
+    data: str = option(help="build-sft --for policy output directory (train.parquet, val.parquet).")
+    policy: str = option(DEFAULT_MODEL, "Policy model: HF dir, hub id, or smollm2-135m.")
+    out: str = option(help="Output model directory.")
 
 
 def run(cfg: WarmupConfig, progress: Progress | None = None) -> dict:
