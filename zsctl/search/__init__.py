@@ -79,12 +79,17 @@ def is_simulated(spec: str) -> bool:
     return _factory((spec or "").strip()) in (_sim, _sim_http)
 
 
-def make_engine(spec: str, *, cache: str | None = None, **kw) -> SearchEngine:
-    """Build the engine for `spec`; `cache` = path of an on-disk (engine, query, k) cache.
+def make_engine(spec: str, *, cache: str | None = None, sim_template: str | None = None, **kw) -> SearchEngine:
+    """Build the engine for `spec`; `cache` = path of an on-disk (engine, query, k) cache;
+    `sim_template` = a simulator template (file or built-in name; simulated engines only).
 
     Extra keywords go to the engine's constructor (e.g. timeout/tries for network engines).
     """
     spec = (spec or "").strip()
+    if sim_template:
+        if not is_simulated(spec):
+            raise BadInput(f"--sim-template applies only to simulated engines (sim:…, sim+http://…), not '{spec}'; drop it")
+        kw["template"] = sim_template
     if cache and is_simulated(spec):
         raise BadInput(f"search spec '{spec}': simulated engines are never cached; drop the search cache option")
     factory = _factory(spec)
