@@ -196,9 +196,9 @@ def test_spec_options_and_errors(tiny_model_dir):
 def test_no_ngram_repeats_within_a_completion_but_the_prompt_may_be_repeated():
     import torch
 
-    from zsctl.search.simulator import _NoRepeatInCompletion
+    from zsctl.core.generation import NoRepeatInCompletion
 
-    ban = _NoRepeatInCompletion(3, start=4)
+    ban = NoRepeatInCompletion(3, start=4)
     # prompt 7 8 9 7 | generated 1 2 5 1 2 -> after "1 2" the token 5 would repeat "1 2 5"
     ids = torch.tensor([[7, 8, 9, 7, 1, 2, 5, 1, 2], [7, 8, 9, 7, 8, 3, 3, 3, 3]])
     scores = ban(ids, torch.zeros(2, 12))
@@ -243,7 +243,7 @@ def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
     calls = _count_generate(engine.model)
     temperatures = []
     orig = engine._complete
-    engine._complete = lambda texts, budget, stop, t: temperatures.append(t) or orig(texts, budget, stop, t)
+    engine._complete = lambda texts, budget, stop, s: temperatures.append(s.temperature) or orig(texts, budget, stop, s)
     results = _verify_search(engine)
     texts = [r.docs[0].title + " | " + r.docs[0].text for r in results]
     assert calls == [5, 2]  # every row once, then ONE batch of the two useful rows that failed

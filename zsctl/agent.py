@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from zsctl.core import prompts
+from zsctl.core.generation import Sampling, StopText, left_pad
 from zsctl.search.base import Document, Noise, QueryContext, SearchEngine
 
 
@@ -118,7 +119,7 @@ class AgentLoop:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        self.stop_strings = list(prompts.STOP_STRINGS)
+        self.stop = StopText(tokenizer, list(prompts.STOP_STRINGS))  # a turn ends at the first one
         # Another backend (e.g. TRL's vLLM engine): `generate_fn(seqs)` takes the token ids of each
         # row and returns (new token ids per row, their logprobs per row or None). It should stop
         # at `stop_strings`; the loop cuts each row at the first one anyway.
@@ -251,10 +252,13 @@ class AgentLoop:
 
     # --- stops --------------------------------------------------------------------------------
 
-    def _stop_window(self) -> int:
-        # Every token holds at least one character, so the last len(stop) tokens hold any stop
-        # string the newest token completed, however finely the tokenizer spells it.
-        return max(len(s) for s in self.stop_strings) + 1
+    @property
+    def stop_strings(self) -> list[str]:
+        return self.stop.stops
+
+    @stop_strings.setter
+    def stop_strings(self, stops: list[str]) -> None:
+        self.stop = StopText(self.tok, list(stops))
 
     def _first_stop(self, row: list[int]) -> tuple[int, bool]:
         """(length of the turn up to its first stop, whether that stop is EOS) for a backend's row.
@@ -262,14 +266,14 @@ class AgentLoop:
         EOS is kept (the policy ended the turn); a pad token is dropped (a backend's padding); a stop
         string ends the turn with the token that completes it, and whatever followed is discarded.
         """
-        has_stop = any(s in self.tok.decode(row) for s in self.stop_strings)
-        w = self._stop_window()
+        has_stop = self.stop.found(self.tok.decode(row))
+        w = self.stop.window
         for j, tok in enumerate(row):
             if tok in self.eos_ids:
                 return j + 1, True
             if tok == self.pad_id:
                 return j, False
-            if has_stop and any(s in self.tok.decode(row[max(0, j + 1 - w): j + 1]) for s in self.stop_strings):
+            if has_stop and self.stop.found(self.tok.decode(row[max(0, j + 1 - w): j + 1])):
                 return j + 1, False
         return len(row), False
 
@@ -336,10 +340,8 @@ class AgentLoop:
             view = None
             procs = self.logits_processor or getattr(model, "rollout_logits_processor", None)
             if procs is not None:
-                view = torch.full((n, max(len(s) for s in seqs)), self.pad_id, dtype=torch.long)
-                for r, s in enumerate(seqs):
-                    view[r, view.shape[1] - len(s):] = torch.tensor(s)
-            window = self._stop_window()
+                view = left_pad(seqs, self.pad_id)[0]
+            window = self.stop.window
             while alive:
                 if view is not None:  # processors see every row of the round, as under `generate`
                     full = torch.zeros((n, logits.shape[1]))
@@ -348,7 +350,7 @@ class AgentLoop:
                 choice, chosen = self._pick(logits)
                 toks, chosen = choice.tolist(), chosen.tolist()
                 self.decode_steps += len(alive)
-                texts = self.tok.batch_decode([gen[r][-(window - 1):] + [t] for r, t in zip(alive, toks)])
+                stopped = self.stop.ended([gen[r][-(window - 1):] + [t] for r, t in zip(alive, toks)])
                 stay = []
                 for j, (r, tok) in enumerate(zip(alive, toks)):
                     gen[r].append(tok)
@@ -358,7 +360,7 @@ class AgentLoop:
                     elif tok == self.pad_id:  # not a token of the turn (a model with a separate pad)
                         gen[r].pop()
                         lps[r].pop()
-                    elif not any(s in texts[j] for s in self.stop_strings) and len(gen[r]) < budget:
+                    elif not stopped[j] and len(gen[r]) < budget:
                         stay.append(j)
                         continue
                     if keep_cache and not eos_hit[r]:
@@ -395,28 +397,8 @@ class AgentLoop:
         return _RowCache([(layer.keys[0], layer.values[0]) for layer in cache.layers], len(ids))
 
     def _pick(self, logits):
-        """The next token of every row and its log-probability under the distribution it was drawn from.
-
-        Sampling uses the full softmax at the configured temperature (no top-k: RL losses assume
-        it), cut to `top_p` and renormalised; greedy takes the argmax (log-prob at temperature 1).
-        """
-        import torch
-
-        cfg = self.cfg
-        if cfg.temperature <= 0:
-            logp = torch.log_softmax(logits, dim=-1)
-            choice = logits.argmax(dim=-1)
-        else:
-            logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
-            if cfg.top_p < 1.0:
-                sorted_lp, order = logp.sort(dim=-1, descending=True)
-                probs = sorted_lp.exp()
-                outside = probs.cumsum(-1) - probs >= cfg.top_p  # the top token always stays
-                sorted_lp = sorted_lp.masked_fill(outside, float("-inf"))
-                logp = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_lp)
-                logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
-            choice = torch.multinomial(logp.exp(), 1)[:, 0]
-        return choice, logp.gather(1, choice[:, None])[:, 0]
+        """The next token of every row and its log-probability (generation.Sampling, from the config)."""
+        return Sampling(self.cfg.temperature, self.cfg.top_p).pick(logits)
 
     @staticmethod
     def _row_cache(cache, mask, j: int) -> _RowCache:

@@ -39,11 +39,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 from zsctl.core import metrics, prompts
 from zsctl.core.errors import BadInput
+from zsctl.core.generation import Sampling, cut_at_stop, generate_batch
 from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, SearchResult
 
 SIM_STYLES = ("tuned", "prompt")
@@ -70,108 +70,11 @@ def stop_strings(k: int) -> list[str]:
     return [f"Doc {k + 1}:", *_STOP_HEAD]
 
 
-def cut_at_stop(text: str, stop: list[str] | None) -> str:
-    """Drop everything from the first stop string on (as OpenAI-style servers do)."""
-    cut = len(text)
-    for s in stop or []:
-        j = text.find(s)
-        if j >= 0:
-            cut = min(cut, j)
-    return text[:cut]
-
-
 def chat_wrap(tok, text: str) -> str:
     messages = [{"role": "system", "content": SIM_SYSTEM}, {"role": "user", "content": text}]
     if getattr(tok, "chat_template", None):
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return f"{SIM_SYSTEM}\n\n{text}"
-
-
-def _text_stop(tok, stop: list[str], start: int):
-    """A stopping criterion that decodes each row's last few new tokens and looks for `stop`.
-
-    HF's own `stop_strings` precomputes tables over the whole vocabulary on every call: ~5 s for
-    SmolLM2 with our five stop strings, more than the generation itself.
-    """
-    import torch
-    from transformers import StoppingCriteria
-
-    tail = 8 + max(len(s) for s in stop)  # enough tokens to hold any stop string
-
-    class TextStop(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kw):
-            lo = max(start, input_ids.shape[1] - tail)
-            texts = tok.batch_decode(input_ids[:, lo:], skip_special_tokens=True)
-            return torch.tensor([any(s in t for s in stop) for t in texts], device=input_ids.device)
-
-    return TextStop()
-
-
-class Generation(NamedTuple):
-    text: str  # new text, cut before the first stop string
-    tokens: int  # new tokens generated (up to the EOS or the stop string's end)
-    finish: str  # "stop" (EOS or a stop string) | "length"
-
-
-# Small simulators decoding greedily fall into loops ("Kiss and Tell: Kiss and Tell: …") that eat the
-# whole budget; no n-gram may repeat within a completion. (HF's no_repeat_ngram_size would also
-# forbid repeating the prompt, i.e. writing the gold answer the prompt names.)
-NO_REPEAT_NGRAM = 4
-
-
-class _NoRepeatInCompletion:
-    """Logits processor: ban the tokens that would repeat an n-gram of the generated part."""
-
-    def __init__(self, n: int, start: int):
-        self.n, self.start = n, start
-
-    def __call__(self, input_ids, scores):
-        n = self.n
-        for r, row in enumerate(input_ids[:, self.start:].tolist()):
-            if len(row) < n:
-                continue
-            prefix = tuple(row[-(n - 1):])
-            banned = {row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix}
-            if banned:
-                scores[r, list(banned)] = float("-inf")
-        return scores
-
-
-def generate_batch(
-    model, tok, prompt_ids: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
-    top_p: float = 1.0, stop: list[str] | None = None,
-) -> list[Generation]:
-    """ONE left-padded `generate` over all prompts; each row's new text, cut at `stop`."""
-    import torch
-
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for r, p in enumerate(prompt_ids):
-        input_ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        attention[r, width - len(p):] = 1
-    kw = dict(max_new_tokens=max(1, int(max_new_tokens)), do_sample=temperature > 0, pad_token_id=pad,
-              logits_processor=[_NoRepeatInCompletion(NO_REPEAT_NGRAM, width)])
-    if stop:
-        kw.update(stopping_criteria=[_text_stop(tok, list(stop), width)])
-    if temperature > 0:
-        kw.update(temperature=temperature, top_p=top_p)
-    else:  # silence "flag not valid without sampling" warnings from model defaults
-        kw.update(temperature=None, top_p=None, top_k=None)
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kw)
-    results = []
-    for row in out[:, width:].tolist():
-        end = next((j for j, t in enumerate(row) if t in eos_ids or t == pad), None)
-        full = tok.decode(row[:end], skip_special_tokens=True)
-        text = cut_at_stop(full, stop)
-        ended = end is not None or len(text) < len(full)
-        results.append(Generation(text, end if end is not None else len(row), "stop" if ended else "length"))
-    return results
 
 
 class _Simulated(SearchEngine):
@@ -196,8 +99,10 @@ class _Simulated(SearchEngine):
         self.rng = random.Random(seed)
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None
         self.tokens_per_doc = TOKENS_PER_DOC
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
+        self.sampling = Sampling(float(temperature), float(top_p))
+        hot = self.sampling.temperature >= RETRY_TEMPERATURE  # already sampling hot: keep its top_p
+        self.retry_sampling = Sampling(max(self.sampling.temperature, RETRY_TEMPERATURE),
+                                       self.sampling.top_p if hot else RETRY_TOP_P)
         self.outputs = 0  # generations parsed so far
         self.well_formed = 0  # of which held exactly k numbered documents
         self.tok = None  # set by subclasses; prompt mode needs it for the chat template
@@ -240,12 +145,12 @@ class _Simulated(SearchEngine):
         budget = self.max_new_tokens or self.tokens_per_doc * k
         n = len(queries)
         texts, tries = [""] * n, [0] * n
-        todo, temperature = list(range(n)), self.temperature
+        todo, sampling = list(range(n)), self.sampling
         failed: set[int] = set()  # rows whose last try did not pass
         for attempt in range(1 + self.verify):
             if not todo:
                 break
-            for i, text in zip(todo, self._timed_complete([inputs[i] for i in todo], budget, stop_strings(k), temperature)):
+            for i, text in zip(todo, self._timed_complete([inputs[i] for i in todo], budget, stop_strings(k), sampling)):
                 texts[i] = PRIMER + text if self.sim_mode == "prompt" else text
                 tries[i] += 1
             if attempt:
@@ -258,7 +163,7 @@ class _Simulated(SearchEngine):
             # only a useful reply needs another try: a noisy one that holds the answer is mended exactly
             # by cutting out the sentences that hold it (below), at no generation cost
             todo = [i for i in todo if i not in passing and modes[i] == "useful"]
-            temperature = max(self.temperature, RETRY_TEMPERATURE)
+            sampling = self.retry_sampling
         results = []
         for i, text in enumerate(texts):
             docs, ok = prompts.parse_documents(text, k)
@@ -288,17 +193,17 @@ class _Simulated(SearchEngine):
         about = set(metrics.content_words(query)) & {w for d in docs for w in metrics.content_words(f"{d['title']} {d['text']}")}
         return bool(about) and (holds or not golds)
 
-    def _timed_complete(self, texts: list[str], max_new_tokens: int, stop: list[str], temperature: float) -> list[str]:
+    def _timed_complete(self, texts: list[str], max_new_tokens: int, stop: list[str], sampling: Sampling) -> list[str]:
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            return self._complete(texts, max_new_tokens, stop, temperature)
+            return self._complete(texts, max_new_tokens, stop, sampling)
         finally:
             # summed over concurrent searches (serve); process CPU time then covers them all
             with self.stats_lock:
                 self.generation_s += time.perf_counter() - t0
                 self.generation_cpu_s += time.process_time() - c0
 
-    def _complete(self, texts: list[str], max_new_tokens: int, stop: list[str], temperature: float) -> list[str]:
+    def _complete(self, texts: list[str], max_new_tokens: int, stop: list[str], sampling: Sampling) -> list[str]:
         raise NotImplementedError
 
 
@@ -355,13 +260,11 @@ class SimulatorEngine(_Simulated):
         # tuned: exactly as TRL's SFTTrainer tokenises a plain-text prompt column
         return self.tok(model_input)["input_ids"]
 
-    def _complete(self, texts, max_new_tokens, stop, temperature):
+    def _complete(self, texts, max_new_tokens, stop, sampling):
         ids = [self.encode(t) for t in texts]
-        top_p = self.top_p if temperature == self.temperature else RETRY_TOP_P
         with self.lock:  # one model: concurrent searches take turns
             self.generate_calls += 1
-            gens = generate_batch(self.model, self.tok, ids, max_new_tokens,
-                                  temperature=temperature, top_p=top_p, stop=stop)
+            gens = generate_batch(self.model, self.tok, ids, max_new_tokens, sampling=sampling, stop=stop)
             self.generated_tokens += sum(g.tokens for g in gens)
         return [g.text for g in gens]
 
@@ -479,14 +382,14 @@ class SimulatorHTTPEngine(_Simulated):
                            "pass ?model=NAME")
         return names.pop() if names else None
 
-    def _complete(self, texts, max_new_tokens, stop, temperature):
+    def _complete(self, texts, max_new_tokens, stop, sampling):
         # spread even a small batch over every endpoint so they all work on each turn
         size = min(self.batch_size, math.ceil(len(texts) / len(self.urls)))
         chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
         with self._lock:
             urls = [self.urls[next(self._rr) % len(self.urls)] for _ in chunks]
-        top_p = self.top_p if temperature == self.temperature else RETRY_TOP_P
-        body = {"max_tokens": int(max_new_tokens), "temperature": temperature, "top_p": top_p, "stop": list(stop)}
+        body = {"max_tokens": int(max_new_tokens), "temperature": sampling.temperature, "top_p": sampling.top_p,
+                "stop": list(stop)}
         if self.model_name:
             body["model"] = self.model_name
         # the first chunk goes from this thread, so concurrent searches (serve) never queue for the pool

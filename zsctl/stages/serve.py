@@ -167,7 +167,7 @@ def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name:
 
         @app.post("/v1/completions")
         def completions(req: CompletionRequest):
-            from zsctl.search.simulator import generate_batch
+            from zsctl.core.generation import Sampling, generate_batch
 
             if req.model not in (None, served):
                 raise HTTPException(404, f"model '{req.model}' is not served here; this server has '{served}'")
@@ -193,8 +193,8 @@ def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name:
                     import torch
 
                     torch.manual_seed(req.seed)
-                gens = generate_batch(model, tok, ids, req.max_tokens, temperature=req.temperature,
-                                      top_p=req.top_p, stop=stop)
+                gens = generate_batch(model, tok, ids, req.max_tokens, sampling=Sampling(req.temperature, req.top_p),
+                                      stop=stop)
                 app.state.requests["completions"] += 1
             choices = [{"index": i, "text": g.text, "finish_reason": g.finish, "logprobs": None}
                        for i, g in enumerate(gens)]

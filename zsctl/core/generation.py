@@ -1,0 +1,172 @@
+"""Generation with HF models, the parts the agent loop and the simulator share: the sampling
+settings, left padding, and the text stop criterion.
+
+The agent decodes in its own loop over a KV cache (zsctl.agent); the simulator and `serve`'s
+completions endpoint use `generate_batch` (one left-padded HF `generate`). Both pick tokens under the
+same `Sampling` and stop a row under the same `StopText`, so a temperature or a stop string means
+the same thing on either path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. Greedy at temperature 0; otherwise drawn from the full softmax
+    at `temperature`, cut to the smallest set of tokens holding `top_p` of the probability and
+    renormalised. No top-k: RL's losses assume the full distribution, and vLLM leaves it off too."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def generate_kwargs(self) -> dict:
+        """The same settings as HF `generate` arguments (they override the model's defaults)."""
+        if self.greedy:  # None silences "flag not valid without sampling" warnings from model defaults
+            return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return dict(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
+
+    def pick(self, logits):
+        """The next token of every row of `logits` [rows, vocab] and its log-probability under the
+        distribution it was drawn from (greedy: the log-softmax at temperature 1)."""
+        import torch
+
+        if self.greedy:
+            logp = torch.log_softmax(logits, dim=-1)
+            choice = logits.argmax(dim=-1)
+        else:
+            logp = torch.log_softmax(logits / self.temperature, dim=-1)
+            if self.top_p < 1.0:
+                sorted_lp, order = logp.sort(dim=-1, descending=True)
+                probs = sorted_lp.exp()
+                outside = probs.cumsum(-1) - probs >= self.top_p  # the top token always stays
+                sorted_lp = sorted_lp.masked_fill(outside, float("-inf"))
+                logp = torch.full_like(logp, float("-inf")).scatter(-1, order, sorted_lp)
+                logp = logp - torch.logsumexp(logp, dim=-1, keepdim=True)
+            choice = torch.multinomial(logp.exp(), 1)[:, 0]
+        return choice, logp.gather(1, choice[:, None])[:, 0]
+
+
+class StopText:
+    """Whether a row's newest token completed one of `stops` (text, not token ids: a tokenizer may
+    spell a stop string in many ways).
+
+    Every token spells at least one character, so the last `window` = longest stop + 1 tokens hold
+    any stop string the newest token completed; decoding just those keeps the check cheap. (HF's own
+    `stop_strings` precomputes tables over the whole vocabulary on every call: seconds for SmolLM2.)
+    """
+
+    def __init__(self, tok, stops: list[str]):
+        self.tok = tok
+        self.stops = [s for s in stops if s]
+        self.window = max((len(s) for s in self.stops), default=0) + 1
+
+    def found(self, text: str) -> bool:
+        return any(s in text for s in self.stops)
+
+    def ended(self, rows: list[list[int]]) -> list[bool]:
+        """For each row of new token ids: did its last token complete a stop string?"""
+        if not self.stops:
+            return [False] * len(rows)
+        return [self.found(t) for t in self.tok.batch_decode([r[-self.window:] for r in rows])]
+
+    def criterion(self, start: int):
+        """An HF stopping criterion over the tokens generated after column `start`."""
+        import torch
+        from transformers import StoppingCriteria
+
+        stop = self
+
+        class Criterion(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kw):
+                new = input_ids[:, max(start, input_ids.shape[1] - stop.window):].tolist()
+                return torch.tensor(stop.ended(new), device=input_ids.device)
+
+        return Criterion()
+
+
+def left_pad(rows: list[list[int]], pad: int):
+    """(ids, attention mask) tensors with every row right-aligned: the next token shares a column."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """Drop everything from the first stop string on (as OpenAI-style servers do)."""
+    cut = len(text)
+    for s in stop or []:
+        j = text.find(s)
+        if j >= 0:
+            cut = min(cut, j)
+    return text[:cut]
+
+
+class Generation(NamedTuple):
+    text: str  # new text, cut before the first stop string
+    tokens: int  # new tokens generated (up to the EOS or the stop string's end)
+    finish: str  # "stop" (EOS or a stop string) | "length"
+
+
+# Small simulators decoding greedily fall into loops ("Kiss and Tell: Kiss and Tell: …") that eat the
+# whole budget; no n-gram may repeat within a completion. (HF's no_repeat_ngram_size would also
+# forbid repeating the prompt, i.e. writing the gold answer the prompt names.)
+NO_REPEAT_NGRAM = 4
+
+
+class NoRepeatInCompletion:
+    """Logits processor: ban the tokens that would repeat an n-gram of the generated part."""
+
+    def __init__(self, n: int, start: int):
+        self.n, self.start = n, start
+
+    def __call__(self, input_ids, scores):
+        n = self.n
+        for r, row in enumerate(input_ids[:, self.start:].tolist()):
+            if len(row) < n:
+                continue
+            prefix = tuple(row[-(n - 1):])
+            banned = {row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix}
+            if banned:
+                scores[r, list(banned)] = float("-inf")
+        return scores
+
+
+def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, *,
+                   sampling: Sampling = Sampling(), stop: list[str] | None = None) -> list[Generation]:
+    """ONE left-padded `generate` over all prompts; each row's new text, cut at `stop`."""
+    import torch
+
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos if eos is not None else tok.eos_token_id])
+    input_ids, attention = left_pad(prompt_ids, pad)
+    width = input_ids.shape[1]
+    kw = dict(max_new_tokens=max(1, int(max_new_tokens)), pad_token_id=pad, **sampling.generate_kwargs(),
+              logits_processor=[NoRepeatInCompletion(NO_REPEAT_NGRAM, width)])
+    if stop:
+        kw.update(stopping_criteria=[StopText(tok, list(stop)).criterion(width)])
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kw)
+    results = []
+    for row in out[:, width:].tolist():
+        end = next((j for j, t in enumerate(row) if t in eos_ids or t == pad), None)
+        full = tok.decode(row[:end], skip_special_tokens=True)
+        text = cut_at_stop(full, stop)
+        ended = end is not None or len(text) < len(full)
+        results.append(Generation(text, end if end is not None else len(row), "stop" if ended else "length"))
+    return results
