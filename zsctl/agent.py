@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from zsctl.core import prompts
 from zsctl.core.generation import Sampling, StopText, left_pad
-from zsctl.search.base import Document, Noise, QueryContext, SearchEngine
+from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, cut_words
 
 
 @dataclass
@@ -98,12 +98,7 @@ def _common_prefix(seqs: list[list[int]]) -> int:
 
 
 def _trim(docs: list[Document], max_words: int | None) -> list[Document]:
-    out = []
-    for d in docs:
-        words = d.text.split()
-        text = " ".join(words[:max_words]) if max_words else d.text
-        out.append(Document(d.title, text, d.score))
-    return out
+    return [Document(d.title, cut_words(d.text, max_words), d.score) for d in docs]
 
 
 class AgentLoop:

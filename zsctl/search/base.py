@@ -23,6 +23,15 @@ class Document:
         return {"title": self.title, "text": self.text, "score": float(self.score)}
 
 
+def cut_words(text: str, max_words: int | None) -> str:
+    """The one document-truncation rule: the first `max_words` words (whitespace between them made
+    one space); 0 or None keeps the text as it is. The agent cuts the documents it inserts with it
+    and build-sft the documents it trains on, so training data matches what the policy will see."""
+    if not max_words:
+        return text
+    return " ".join(text.split(None, max_words)[:max_words])  # maxsplit: a long text is not split whole
+
+
 @dataclass
 class QueryContext:
     """What a simulated engine may know about the sample that issued a query.
