@@ -72,8 +72,10 @@ def test_bad_input_exits_2_with_one_line(tmp_path, tiny_model_dir, corpus, args,
 
 def test_jsonl_row_without_golden_answers(tmp_path, tiny_model_dir, corpus):
     bad = tmp_path / "q.jsonl"
-    bad.write_text(json.dumps({"id": "1", "question": "q?", "golden_answers": ["a"]}) + "\n" + json.dumps({"id": "2", "question": "x?"}) + "\n")
-    r = runner.invoke(app, ["eval", "--bench", str(bad), "--model", str(tiny_model_dir), "--search", "none", "--out", str(tmp_path / "o")])
+    bad.write_text(json.dumps({"id": "1", "question": "q?", "golden_answers": ["a"]}) + "\n"
+                   + json.dumps({"id": "2", "question": "x?"}) + "\n")
+    r = runner.invoke(app, ["eval", "--bench", str(bad), "--model", str(tiny_model_dir), "--search", "none",
+                            "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "golden_answers" in r.stderr and "2" in r.stderr
 
 
@@ -81,7 +83,8 @@ def test_config_file_and_overrides(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("bench: nq\nsearch: none\nlimit: 5\nlora: false\n")
     argv = expand_argv(["eval", "--config", str(cfg), "--limit", "7", "topk=2"])
-    assert argv == ["eval", "--bench", "nq", "--search", "none", "--limit", "5", "--no-lora", "--limit", "7", "--topk", "2"]
+    assert argv == ["eval", "--bench", "nq", "--search", "none", "--limit", "5", "--no-lora", "--limit", "7",
+                    "--topk", "2"]
 
 
 def test_dry_run_prints_config_and_runs_nothing(tmp_path):
@@ -123,10 +126,13 @@ SEARCH_CORPUS = [
 # (id, data_source, question, golds, what the scripted policy writes round by round). Keys are
 # substrings of the question that no document contains (the script is chosen by the row's text).
 SEARCH_QUESTIONS = [
-    ("g", "arts", "Who painted Guernica?", ["Pablo Picasso"], ["<search> query </search>", "<answer> Picasso </answer>"]),
-    ("t", "arts", "Who wrote Tamburlaine?", ["Christopher Marlowe"], ["<search> query </search>", "<answer> Marlowe </answer>"]),
+    ("g", "arts", "Who painted Guernica?", ["Pablo Picasso"],
+     ["<search> query </search>", "<answer> Picasso </answer>"]),
+    ("t", "arts", "Who wrote Tamburlaine?", ["Christopher Marlowe"],
+     ["<search> query </search>", "<answer> Marlowe </answer>"]),
     ("l", "geo", "Is Lima in Peru?", ["yes"], ["<search> Lima Peru </search>", "<answer> yes </answer>"]),
-    ("c", "geo", "What is the capital of Peru?", ["Lima"], ["<search> capital of Peru </search>", "<answer> Lima </answer>"]),
+    ("c", "geo", "What is the capital of Peru?", ["Lima"],
+     ["<search> capital of Peru </search>", "<answer> Lima </answer>"]),
     ("m", "geo", "What is the highest mountain?", ["Mount Everest"], ["<answer> Mount Everest </answer>"]),
 ]
 
@@ -139,7 +145,8 @@ def test_eval_records_degenerate_queries_and_search_hits(tmp_path, tiny_model_di
     from zsctl.stages import evaluate
 
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(SEARCH_CORPUS)))
+    corpus.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n"
+                              for i, (t, x) in enumerate(SEARCH_CORPUS)))
     bench = tmp_path / "q.jsonl"
     bench.write_text("".join(json.dumps({"id": i, "data_source": ds, "question": q, "golden_answers": g}) + "\n"
                              for i, ds, q, g, _ in SEARCH_QUESTIONS))
@@ -148,8 +155,8 @@ def test_eval_records_degenerate_queries_and_search_hits(tmp_path, tiny_model_di
     script_model(model, tok, {keys[i]: script for i, _, _, _, script in SEARCH_QUESTIONS})
     monkeypatch.setattr(evaluate, "load_model", lambda spec: (model, tok))
     out = tmp_path / "ev"
-    summary = evaluate.run(evaluate.EvalConfig(bench=str(bench), model="scripted", search=f"bm25:{corpus}", out=str(out),
-                                               max_turns=2, max_new_tokens=24, topk=2))
+    summary = evaluate.run(evaluate.EvalConfig(bench=str(bench), model="scripted", search=f"bm25:{corpus}",
+                                               out=str(out), max_turns=2, max_new_tokens=24, topk=2))
 
     preds = {p["id"]: p for p in pq.read_table(out / "predictions.parquet").to_pylist()}
     facts = {i: [(s["query"], s["degenerate"], s["has_answer"]) for s in p["searches"]] for i, p in preds.items()}

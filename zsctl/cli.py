@@ -24,7 +24,7 @@ import typer
 from typer.core import TyperGroup
 
 from zsctl.core.config import flag_of
-from zsctl.core.errors import BadInput, RunFailure
+from zsctl.core.errors import BadInput, RunFailure, redact
 
 _state = {"debug": False, "dry_run": False}
 ROOT_FLAGS = ("--debug", "--dry-run")  # root options accepted anywhere on the line (as is --threads N)
@@ -90,7 +90,7 @@ def _fail(e, code: int):
         import traceback
 
         traceback.print_exc()
-    msg = " ".join(str(e).split()) or type(e).__name__
+    msg = redact(" ".join(str(e).split()) or type(e).__name__)  # a spec's credentials are never printed
     print(f"error: {msg}", file=sys.stderr)
     raise typer.Exit(code)
 
@@ -108,7 +108,7 @@ def _emit(summary: dict, as_json: bool, table=None) -> None:
     if table is not None:
         out.print(table)
     if as_json:
-        print(json.dumps(summary, default=str), flush=True)
+        print(redact(json.dumps(summary, default=str)), flush=True)
 
 
 _CONFIGS: dict[str, type] = {}  # command name → its config class (expand_argv reads the flags from it)
@@ -190,13 +190,14 @@ _SFT_KEYS = ("out", "steps", "rows_train", "rows_val", "train_loss_first", "trai
 def _eval_table(summary, cfg):
     from zsctl.console import metrics_table
 
-    return metrics_table(summary, title=f"{cfg.model} + {cfg.search}")
+    return metrics_table(summary, title=redact(f"{cfg.model} + {cfg.search}"))
 
 
 def _report_table(summary, cfg):
     from zsctl.console import eval_table
 
-    return eval_table(summary["evaluation"], "Evaluation with the real engine (scores in %)") if summary["evaluation"] else None
+    rows = summary["evaluation"]
+    return eval_table(rows, "Evaluation with the real engine (scores in %)") if rows else None
 
 
 def _check_sim_table(summary, cfg):
@@ -269,12 +270,19 @@ def _flags(cls) -> tuple[dict[str, dataclasses.Field], dict[str, str], set[str]]
     return keys, renames, switches
 
 
+_TRUTH = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
 def _as_options(pairs, keys: dict) -> list[str]:
     """(key, value) pairs → options: a field's current flag, `--flag/--no-flag` for booleans."""
     opts = []
     for k, v in pairs:
         f = keys.get(str(k))
         name = flag_of(f) if f else "--" + str(k).replace("_", "-")
+        if f and f.type in ("bool", bool) and isinstance(v, str):  # `flag=false` on the command line
+            if v.lower() not in _TRUTH:
+                raise BadInput(f"{k}={v}: {name} is a switch; pass {k}=true or {k}=false")
+            v = _TRUTH[v.lower()]
         if isinstance(v, bool):
             opts.append(name if v else "--" + ((f and f.metadata.get("off")) or "no-" + name[2:]))
         elif v is not None:
@@ -347,7 +355,23 @@ def _read_yaml(path: str) -> dict:
 def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app(args=sys.argv[1:], prog_name="zsctl")
+    try:
+        rv = app(args=sys.argv[1:], prog_name="zsctl", standalone_mode=False)
+    except typer.Abort:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        # click's usage errors (typer may carry its own copy of click, so they are told by class name)
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "NoArgsIsHelpError" in kinds:
+            e.show()  # `zsctl` alone: the help text is the answer
+            sys.exit(e.exit_code)
+        if "UsageError" not in kinds:
+            raise
+        where = e.ctx.command_path if e.ctx else "zsctl"  # one line, like every other bad input
+        print(f"error: {' '.join(e.format_message().split()).rstrip('.')}; see '{where} --help'", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def kv_table(d: dict, title: str = "") -> Table:
 
 def render_inspect(info: dict) -> None:
     m = info["manifest"]
-    head = {k: m.get(k) for k in ("kind", "schema_version", "created_at", "zsctl_version", "git_commit", "seed", "config_hash")}
+    keys = ("kind", "schema_version", "created_at", "zsctl_version", "git_commit", "seed", "config_hash")
+    head = {k: m.get(k) for k in keys}
     out.print(kv_table(head, title=f"artifact {info['path']}"))
     if m.get("summary"):
         flat = {k: v for k, v in m["summary"].items() if not isinstance(v, (dict, list))}
@@ -129,12 +130,13 @@ def check_sim_table(summary: dict) -> Table:
     t.add_row("has answer %", *[pct(m["has_answer"]) for _, m in columns])
     t.add_row("  95% interval (Wilson)", *["[{}, {}]".format(*map(pct, m["has_answer_ci95"])) for _, m in columns])
     t.add_row("leak %: query names nothing", pct(sim["leak"]["has_answer"]), "", *([""] if real else []))
-    for key, label in [("format_valid", "format valid %"), ("mean_tries", "tries / reply"), ("mean_doc_words", "words/doc"),
-                       ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2")]:
+    for key, label in [("format_valid", "format valid %"), ("mean_tries", "tries / reply"),
+                       ("mean_doc_words", "words/doc"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2")]:
         t.add_row(label, *[pct(m[key]) if key == "format_valid" else f"{m[key]:.2f}" for _, m in columns])
     lo, hi = sim["gap_ci95"]
     t.caption = (f"gap (useful - noisy has-answer): {pct(sim['controllability_gap'])} points, 95% interval "
                  f"[{pct(lo)}, {pct(hi)}] (Newcombe); format valid {pct(sim['format_valid'])}%; leak probes: "
-                 f"{sim['leak']['n']}\ndropped: {held['excluded_trained']} trained on, {held['excluded_yes_no']} yes/no golds; "
+                 f"{sim['leak']['n']}\ndropped: {held['excluded_trained']} trained on, "
+                 f"{held['excluded_yes_no']} yes/no golds; "
                  f"trained questions: {held['trained_on']}")
     return t
