@@ -24,6 +24,7 @@ EVAL=${EVAL:-hotpotqa,2wikimultihopqa,musique}
 STEPS=${STEPS:-20}
 N_EVAL=${N_EVAL:-100}                 # per benchmark: 3 x 100 = 300 questions by default
 TOPK=${TOPK:-2}
+MAX_TURNS=${MAX_TURNS:-3}             # searches per trajectory (one more round answers)
 SEED=${SEED:-0}
 Q=${QUIET:+--quiet}
 
@@ -34,7 +35,7 @@ mkdir -p "$RUN"
 t0=$(date +%s)
 REAL="bm25:$FROM/index"
 RL_OPTS=(--policy "$FROM/warmup" --train "$TRAIN" --steps "$STEPS" --batch-size 8 --grad-accum 4 --group-size 4
-         --lr 2e-4 --max-turns 2 --max-new-tokens 48 --topk "$TOPK" --reward f1+format --seed "$SEED" $Q)
+         --lr 2e-4 --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --reward f1+format --seed "$SEED" $Q)
 
 echo "== rl_sim: simulated search, noise curriculum 0 -> 0.5  [$(( $(date +%s) - t0 )) s]"
 zsctl rl "${RL_OPTS[@]}" --search "sim:$SIM$SIM_OPTS" --noise-start 0 --noise-end 0.5 --out "$RUN/rl_sim"
@@ -45,7 +46,7 @@ for arm in no_rl rl_sim rl_real; do
   model="$RUN/$arm"; [ "$arm" = no_rl ] && model="$FROM/warmup"
   echo "== eval $arm with the real engine  [$(( $(date +%s) - t0 )) s]"
   zsctl eval --bench "$EVAL" --model "$model" --search "$REAL" --out "$RUN/eval_$arm" --limit "$N_EVAL" \
-    --max-turns 2 --max-new-tokens 48 --topk "$TOPK" --batch-size 12 --seed "$SEED" $Q
+    --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --batch-size 12 --seed "$SEED" $Q
 done
 zsctl report "$RUN" $Q
 echo "compare_cpu finished in $(( $(date +%s) - t0 )) s; report: $RUN/report/report.md"

@@ -29,6 +29,7 @@ RL_STEPS=${RL_STEPS:-8}
 N_CHECK=${N_CHECK:-24}                # held-apart queries for check-sim
 N_EVAL=${N_EVAL:-20}                  # evaluation questions per benchmark
 TOPK=${TOPK:-2}
+MAX_TURNS=${MAX_TURNS:-3}             # searches per trajectory, in RL and eval (one more round answers)
 Q=${QUIET:+--quiet}
 
 if [ -e "$RUN" ] && [ -z "${FRESH:-}" ]; then
@@ -69,14 +70,14 @@ zsctl check-sim --search "sim:$RUN/simulator?verify=$VERIFY" --questions "$EVAL"
 
 step "8/10 rl: GRPO with the simulated engine (verified replies) and the noise curriculum"
 zsctl rl --policy "$RUN/warmup" --search "sim:$RUN/simulator?verify=$VERIFY" --train "$RL_TRAIN" --out "$RUN/policy" \
-  --steps "$RL_STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 --max-turns 2 --max-new-tokens 48 \
+  --steps "$RL_STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 --max-turns "$MAX_TURNS" --max-new-tokens 48 \
   --topk "$TOPK" --noise-start 0 --noise-end 0.5 --reward f1+format $Q
 
 step "9/10 eval: base, warm start and RL policy with the REAL engine on held-apart questions"
 for name in base warmup policy; do
   model=$MODEL; [ "$name" != base ] && model="$RUN/$name"
   zsctl eval --bench "$EVAL" --model "$model" --search "$SEARCH" --out "$RUN/eval_$name" --limit "$N_EVAL" \
-    --max-turns 2 --max-new-tokens 48 --topk "$TOPK" --batch-size 12 $Q
+    --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --batch-size 12 $Q
 done
 
 step "10/10 report"

@@ -177,6 +177,10 @@ def test_eval_records_degenerate_queries_and_search_hits(tmp_path, tiny_model_di
     assert (arts["searches"], arts["degenerate_share"], arts["search_hit_rate"]) == (2, 1.0, 0.0)
     assert (geo["searches"], geo["degenerate_share"], geo["search_hit_rate"], geo["hit_searches_n"]) == (2, 0.0, 1.0, 1)
     assert overall["em"] == pytest.approx(3 / 5) and summary["overall"] == overall
+    # per question: only "c" found its answer; "m" never searched (a miss); "l" (yes/no) cannot tell
+    assert (overall["question_hit_rate"], overall["hit_questions_n"]) == (0.25, 4)
+    assert (geo["question_hit_rate"], geo["hit_questions_n"]) == (0.5, 2)
     table = metrics_table(summary)
-    assert [c.header for c in table.columns][-2:] == ["degen. %", "hit %"]
-    assert list(table.columns[-2].cells) == ["100.0", "0.0", "50.0"]  # arts, geo, overall
+    assert [c.header for c in table.columns][-3:] == ["degen. %", "hit %", "q. hit %"]
+    assert list(table.columns[-3].cells) == ["100.0", "0.0", "50.0"]  # arts, geo, overall
+    assert list(table.columns[-1].cells) == ["0.0", "50.0", "25.0"]

@@ -303,6 +303,21 @@ def search_quality(facts: Iterable[dict]) -> dict:
     }
 
 
+def question_hits(rows: Iterable[dict]) -> dict:
+    """Per question rather than per search: `question_hit_rate` = questions for which at least one
+    search returned a gold answer / `hit_questions_n`, the questions whose golds can tell (not all
+    yes/no); a question that never searched is a miss. A policy that drops useless extra searches
+    raises its per-search hit rate without finding more; this one moves only when it finds more.
+
+    >>> question_hits([{"golden_answers": ["Paris"], "searches": [{"has_answer": False}, {"has_answer": True}]},
+    ...                {"golden_answers": ["Rome"], "searches": []}, {"golden_answers": ["yes"], "searches": []}])
+    {'question_hit_rate': 0.5, 'hit_questions_n': 2}
+    """
+    judged = [r for r in rows if _golds(r.get("golden_answers")) and not yes_no(r.get("golden_answers"))]
+    hits = sum(any(s.get("has_answer") for s in r.get("searches") or []) for r in judged)
+    return {"question_hit_rate": hits / len(judged) if judged else None, "hit_questions_n": len(judged)}
+
+
 def top_queries(queries: Iterable[object], n: int = 5) -> list[list]:
     """The `n` most common queries with their counts, [[query, count], ...]; queries that differ only
     in case or spacing count as one (shown as first written).

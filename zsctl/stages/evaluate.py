@@ -68,7 +68,7 @@ def summarize(rows: list[dict]) -> dict:
                 # the protocol scores 0 for that reason, not for lack of knowledge)
                 "answer_rate": mean("answered"), "valid_rate": sum(r["answered"] or r["num_searches"] > 0 for r in rs) / n if n else 0.0,
                 # what it searched for: a policy that searches "query" is not searching, whatever its EM
-                **metrics.search_quality(searches), "top_queries": metrics.top_queries(s["query"] for s in searches)}
+                **metrics.search_quality(searches), **metrics.question_hits(rs), "top_queries": metrics.top_queries(s["query"] for s in searches)}
 
     by: dict[str, list[dict]] = {}
     for r in rows:

@@ -124,14 +124,17 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
     evals = _eval_rows(found)
     if evals:
         lines += ["## Evaluation (real engine)", "",
-                  "| run | benchmark | n | EM | SubEM | F1 | searches | degenerate queries % | search-hit rate % |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| run | benchmark | n | EM | SubEM | F1 | searches | degenerate queries % | search-hit rate % "
+                  "| question-hit rate % |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r} | {b} | {m['n']} | {_fmt(m['em'])} | {_fmt(m['subem'])} | {_fmt(m['f1'])} | "
-                  f"{_fmt(m['avg_searches'], pct=False)} | {_fmt(m.get('degenerate_share'))} | {_fmt(m.get('search_hit_rate'))} |"
+                  f"{_fmt(m['avg_searches'], pct=False)} | {_fmt(m.get('degenerate_share'))} | {_fmt(m.get('search_hit_rate'))} | "
+                  f"{_fmt(m.get('question_hit_rate'))} |"
                   for r, b, m in evals]
         lines += ["", "Degenerate: a query with no content word of its own (empty, a placeholder, instruction words). "
-                  "Search-hit rate: searches whose documents hold a gold answer, over questions whose golds are not "
-                  "all yes/no.", ""]
+                  "Search-hit rate: searches whose documents hold a gold answer; question-hit rate: questions one of "
+                  "whose searches found one (a question that never searched is a miss); both over questions whose "
+                  "golds are not all yes/no.", ""]
         lines += _top_queries_section(found)
     rl_runs = [(d, pq.read_table(d / "metrics.parquet").to_pylist()) for d, _ in found.get("policy", [])
                if (d / "metrics.parquet").is_file()]
@@ -175,7 +178,8 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
     summary = {"out": str(out), "report": str(out / "report.md"), "plots": [p.name for p in plots or []],
                "artifacts": {k: len(v) for k, v in found.items()}, "ledger": ledger,
                "evaluation": [{"run": r, "benchmark": b, **{k: m[k] for k in ("n", "em", "subem", "f1", "avg_searches")},
-                               **{k: m.get(k) for k in ("degenerate_share", "search_hit_rate", "hit_searches_n")}}
+                               **{k: m.get(k) for k in ("degenerate_share", "search_hit_rate", "hit_searches_n",
+                                                         "question_hit_rate", "hit_questions_n")}}
                               for r, b, m in evals]}
     artifacts.write_manifest(out, "report", config=asdict(cfg), inputs=[{"path": str(d)} for v in found.values() for d, _ in v],
                              summary=summary)
