@@ -146,8 +146,10 @@ class NoRepeatInCompletion:
 
 
 def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, *,
-                   sampling: Sampling = Sampling(), stop: list[str] | None = None) -> list[Generation]:
-    """ONE left-padded `generate` over all prompts; each row's new text, cut at `stop`."""
+                   sampling: Sampling = Sampling(), stop: list[str] | None = None,
+                   no_repeat: int = NO_REPEAT_NGRAM) -> list[Generation]:
+    """ONE left-padded `generate` over all prompts; each row's new text, cut at `stop`; no n-gram of
+    `no_repeat` tokens repeats within a completion (0: no ban)."""
     import torch
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -156,7 +158,7 @@ def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int,
     input_ids, attention = left_pad(prompt_ids, pad)
     width = input_ids.shape[1]
     kw = dict(max_new_tokens=max(1, int(max_new_tokens)), pad_token_id=pad, **sampling.generate_kwargs(),
-              logits_processor=[NoRepeatInCompletion(NO_REPEAT_NGRAM, width)])
+              logits_processor=[NoRepeatInCompletion(no_repeat, width)] if no_repeat > 0 else [])
     if stop:
         kw.update(stopping_criteria=[StopText(tok, list(stop)).criterion(width)])
     device = next(model.parameters()).device

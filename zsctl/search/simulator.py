@@ -1,7 +1,11 @@
 """Simulated search engines: an LLM writes the documents (ZeroSearch).
 
 `sim:MODEL` runs the simulator in-process; `sim+http://HOST:PORT/v1[,http://…]` sends the same
-prompts to OpenAI-compatible completion servers (vLLM, SGLang, `zsctl serve --model`).
+prompts to OpenAI-compatible servers (vLLM, SGLang, `zsctl serve --model`), as completions or, for a
+released simulator served through its chat template, as chat completions. The same sampling settings
+(temperature, top_p) go both ways; the in-process n-gram ban (`no_repeat`, default 4) reaches a server
+only when the spec sets it (zsctl serve applies its default anyway; vLLM has no such setting).
+A template with a system message (e.g. `zerosearch-sft`) is a chat: its prompt is the user turn.
 
 Every query gets its own sample's question and first gold answer, and a mode: useful or noisy,
 taken from `QueryContext.mode` when set, else drawn from the search's `Noise` (RL passes the
@@ -43,7 +47,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from zsctl.core import metrics, prompts
 from zsctl.core.errors import BadInput
-from zsctl.core.generation import Sampling, cut_at_stop, generate_batch
+from zsctl.core.generation import NO_REPEAT_NGRAM, Sampling, cut_at_stop, generate_batch
 from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, SearchResult
 
 SIM_STYLES = ("tuned", "prompt")
@@ -55,6 +59,13 @@ TOKENS_PER_DOC = 64
 _STOP_HEAD = ("\n\n", "\nQuestion:", "\nQuery:", "\nExample", "\nNow (")
 # System message for chat-wrapped prompts; without one SmolLM2's template inserts its own default.
 SIM_SYSTEM = "You are a search engine."
+# Servers that keep OpenAI's limit refuse more than four stop strings (HTTP 400): the first four go
+# in the request, the rest are applied here to what comes back.
+MAX_SENT_STOPS = 4
+# An endpoint that failed (after its retries) gets no requests for this many seconds; its work goes
+# to the endpoints that answer.
+COOLDOWN_S = 30.0
+HTTP_APIS = ("completions", "chat")
 # Prompt mode starts the reply for the model: an untuned model then keeps the 'Doc i:' format far
 # more often than when it is only told to (the primer is put back in front of what it writes).
 PRIMER = "Doc 1:"
@@ -70,13 +81,6 @@ def stop_strings(k: int) -> list[str]:
     return [f"Doc {k + 1}:", *_STOP_HEAD]
 
 
-def chat_wrap(tok, text: str) -> str:
-    messages = [{"role": "system", "content": SIM_SYSTEM}, {"role": "user", "content": text}]
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return f"{SIM_SYSTEM}\n\n{text}"
-
-
 class _Simulated(SearchEngine):
     """What both simulated engines share: mode choice, prompt rendering, output normalisation."""
 
@@ -84,7 +88,7 @@ class _Simulated(SearchEngine):
 
     def __init__(self, *, sim_mode: str = "tuned", template: str | None = None, noise_p: float = 0.0,
                  seed: int = 0, max_new_tokens: int | None = None, temperature: float = 0.0,
-                 top_p: float = 1.0, verify: int = 0):
+                 top_p: float = 1.0, verify: int = 0, no_repeat: int | None = None):
         super().__init__()
         if sim_mode not in SIM_STYLES:
             raise BadInput(f"simulator mode '{sim_mode}' is not one of {', '.join(SIM_STYLES)}")
@@ -92,9 +96,20 @@ class _Simulated(SearchEngine):
             raise BadInput(f"simulator noise_p={noise_p} is outside [0, 1]")
         if not 0 <= int(verify) <= MAX_VERIFY:
             raise BadInput(f"simulator option verify={verify} must be between 0 (off) and {MAX_VERIFY} retries")
+        if no_repeat is not None and int(no_repeat) < 0:
+            raise BadInput(f"simulator option no_repeat={no_repeat} must be 0 (off) or an n-gram length")
         default = prompts.SIMULATOR_TEMPLATE if sim_mode == "tuned" else prompts.SIMULATOR_FEWSHOT_TEMPLATE
         self.sim_mode = sim_mode
         self.template = prompts.load_template(template, default)
+        # A template with a system message is a chat (released simulators): its prompt goes as the user
+        # turn after that message and the reply is taken as written. Prompt mode chats too, with our
+        # system message, and starts the reply with the primer. Tuned mode sends the raw text.
+        if self.template.system is not None:
+            self.chat_system, self.primer = self.template.system, ""
+        else:
+            self.chat_system, self.primer = (None, "") if sim_mode == "tuned" else (SIM_SYSTEM, PRIMER)
+        # no n-gram of this many tokens repeats within a reply; None: the default where it is applied
+        self.no_repeat = None if no_repeat is None else int(no_repeat)
         self.noise_p = float(noise_p)  # for searches that pass no Noise of their own
         self.rng = random.Random(seed)
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None
@@ -125,12 +140,25 @@ class _Simulated(SearchEngine):
         answer = ctx.golden_answers[0] if ctx and ctx.golden_answers else ""
         return prompts.render_simulator_prompt(query, question, str(answer), mode, k, self.template)
 
+    def messages(self, prompt: str) -> list[dict]:
+        return [{"role": "system", "content": self.chat_system}, {"role": "user", "content": prompt}]
+
     def model_input(self, prompt: str) -> str:
-        """What the model is given: tuned → the prompt itself, exactly as train-sim trains on it;
-        prompt → the few-shot text as a chat user turn, the reply started with the primer."""
-        if self.sim_mode == "tuned":
+        """What the model is given as text: tuned → the prompt itself, exactly as train-sim trains on
+        it; a chat → the prompt as the user turn in the model's chat template, then the primer."""
+        if self.chat_system is None:
             return prompt
-        return (chat_wrap(self.tok, prompt) if self.tok is not None else prompt) + PRIMER
+        if self.tok is None:  # no tokenizer to apply the template with: said loudly, once
+            prompts.warn_once(f"the chat template of simulator {self.spec} cannot be applied (its tokenizer "
+                              "does not load here); prompts go as plain text (sim+http: ?api=chat lets the "
+                              "server apply it)")
+            return "\n\n".join(m["content"] for m in self.messages(prompt) if m["content"]) + self.primer
+        return prompts.render_chat(self.tok, self.messages(prompt), who=f"simulator {self.spec}") + self.primer
+
+    def stops(self, k: int) -> list[str]:
+        """Where a reply ends. A released simulator may leave blank lines between its documents, so a
+        chat template's reply is only cut at the first document too many (as ZeroSearch cuts it)."""
+        return [f"Doc {k + 1}"] if self.template.system is not None else stop_strings(k)
 
     def _search(self, queries, k, contexts, noise):
         ctxs = contexts or [None] * len(queries)
@@ -150,8 +178,8 @@ class _Simulated(SearchEngine):
         for attempt in range(1 + self.verify):
             if not todo:
                 break
-            for i, text in zip(todo, self._timed_complete([inputs[i] for i in todo], budget, stop_strings(k), sampling)):
-                texts[i] = PRIMER + text if self.sim_mode == "prompt" else text
+            for i, text in zip(todo, self._timed_complete([inputs[i] for i in todo], budget, self.stops(k), sampling)):
+                texts[i] = self.primer + text
                 tries[i] += 1
             if attempt:
                 with self.stats_lock:
@@ -255,7 +283,7 @@ class SimulatorEngine(_Simulated):
         self.generated_tokens = 0
 
     def encode(self, model_input: str) -> list[int]:
-        if self.sim_mode == "prompt" and getattr(self.tok, "chat_template", None):
+        if self.chat_system is not None and getattr(self.tok, "chat_template", None):
             return self.tok(model_input, add_special_tokens=False)["input_ids"]  # the template has them
         # tuned: exactly as TRL's SFTTrainer tokenises a plain-text prompt column
         return self.tok(model_input)["input_ids"]
@@ -264,7 +292,8 @@ class SimulatorEngine(_Simulated):
         ids = [self.encode(t) for t in texts]
         with self.lock:  # one model: concurrent searches take turns
             self.generate_calls += 1
-            gens = generate_batch(self.model, self.tok, ids, max_new_tokens, sampling=sampling, stop=stop)
+            gens = generate_batch(self.model, self.tok, ids, max_new_tokens, sampling=sampling, stop=stop,
+                                  no_repeat=NO_REPEAT_NGRAM if self.no_repeat is None else self.no_repeat)
             self.generated_tokens += sum(g.tokens for g in gens)
         return [g.text for g in gens]
 
@@ -276,9 +305,9 @@ class SimulatorEngine(_Simulated):
 _OPTIONS = {
     "sim_mode": str, "template": str, "noise_p": float, "seed": int, "max_new_tokens": int,
     "temperature": float, "top_p": float, "batch_size": int, "timeout": float, "tries": int, "backoff": float,
-    "model": str, "verify": int,
+    "model": str, "verify": int, "no_repeat": int, "api": str, "cooldown": float,
 }
-_HTTP_ONLY = {"batch_size", "timeout", "tries", "backoff", "model"}
+_HTTP_ONLY = {"batch_size", "timeout", "tries", "backoff", "model", "api", "cooldown"}
 
 
 def split_options(spec: str) -> tuple[str, dict]:
@@ -314,42 +343,57 @@ def make_sim(spec: str, **kw) -> SimulatorEngine:
 
 
 class SimulatorHTTPEngine(_Simulated):
-    """`sim+http://HOST:PORT/v1[,http://HOST2:PORT/v1]`: OpenAI-compatible completion servers.
+    """`sim+http://HOST:PORT/v1[,http://HOST2:PORT/v1]`: OpenAI-compatible servers (vLLM, SGLang,
+    `zsctl serve --model`).
 
-    A search's prompts are split into at most `batch_size` per request and spread round-robin over
-    the endpoints, requests running concurrently; each request is retried with backoff (the policy
-    the other network engines use, `_net.request_json`), then the search fails naming the URL.
+    `api=completions` (the default) sends prompt texts, at most `batch_size` per request; `api=chat`
+    (the default for a template with a system message, i.e. a released simulator) sends each prompt as
+    a chat to /chat/completions and the server applies the model's chat template. Requests are spread
+    round-robin over the endpoints and run concurrently; each is retried with backoff (the policy the
+    other network engines use, `_net.request_json`). An endpoint whose request still fails is left
+    alone for `cooldown` seconds and the request goes to another endpoint: the run goes on while one
+    answers. At most MAX_SENT_STOPS stop strings are sent; all of them are applied to the replies.
     """
 
     name = "sim+http"
 
     def __init__(self, urls: list[str], *, model: str | None = None, batch_size: int = 32,
-                 timeout: float = 120.0, tries: int = 3, backoff: float = 0.5, tokenizer=None, **kw):
+                 timeout: float = 120.0, tries: int = 3, backoff: float = 0.5, tokenizer=None,
+                 api: str | None = None, cooldown: float = COOLDOWN_S, **kw):
         import httpx
 
         from zsctl.search._net import RetryPolicy
 
         super().__init__(**kw)
-        if batch_size < 1 or tries < 1 or timeout <= 0 or backoff < 0:
-            raise BadInput("sim+http options need batch_size >= 1, tries >= 1, timeout > 0 and backoff >= 0")
+        if batch_size < 1 or tries < 1 or timeout <= 0 or backoff < 0 or cooldown < 0:
+            raise BadInput("sim+http options need batch_size >= 1, tries >= 1, timeout > 0, backoff >= 0 and cooldown >= 0")
+        self.api = api or ("chat" if self.template.system is not None else "completions")
+        if self.api not in HTTP_APIS:
+            raise BadInput(f"sim+http option api={self.api} is not one of {', '.join(HTTP_APIS)}")
+        if self.api == "chat":
+            if self.chat_system is None:  # tuned text sent as a chat: at least no system message of ours
+                self.chat_system = ""
+            self.primer = ""  # a chat reply cannot be started for the model
         self.urls = [u.rstrip("/") for u in urls]
         self.spec = "sim+" + ",".join(self.urls)
-        self.batch_size, self.timeout = int(batch_size), float(timeout)
+        self.batch_size, self.timeout, self.cooldown = int(batch_size), float(timeout), float(cooldown)
         self.policy = RetryPolicy(tries=int(tries), backoff=float(backoff), timeout=self.timeout)
         self.client = httpx.Client(timeout=self.timeout)
         self.requests_per_url = {u: 0 for u in self.urls}
+        self.down_until = {u: 0.0 for u in self.urls}  # time.monotonic() before which a failed endpoint rests
+        self.failovers = 0  # requests moved to another endpoint after theirs failed
         self._rr = itertools.count()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=min(16, 2 * len(self.urls)))
+        self._pool = ThreadPoolExecutor(max_workers=16)
         try:
             self.model_name = model or self._probe()
         except BadInput:
             self.close()
             raise
-        # prompt mode wraps the few-shot text in the served model's chat template when its tokenizer
-        # can be loaded here; otherwise the few-shot text goes as is (it works as a raw prompt too)
+        # a chat sent as text needs the served model's chat template, from its tokenizer when it loads
+        # here; when it does not, model_input says so once and sends plain text
         self.tok = tokenizer
-        if self.sim_mode == "prompt" and tokenizer is None and self.model_name:
+        if self.api == "completions" and self.chat_system is not None and tokenizer is None and self.model_name:
             try:
                 from zsctl.core.models import load_tokenizer
 
@@ -382,40 +426,84 @@ class SimulatorHTTPEngine(_Simulated):
                            "pass ?model=NAME")
         return names.pop() if names else None
 
+    def model_input(self, prompt: str) -> str:
+        return prompt if self.api == "chat" else super().model_input(prompt)
+
     def _complete(self, texts, max_new_tokens, stop, sampling):
-        # spread even a small batch over every endpoint so they all work on each turn
-        size = min(self.batch_size, math.ceil(len(texts) / len(self.urls)))
-        chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
-        with self._lock:
-            urls = [self.urls[next(self._rr) % len(self.urls)] for _ in chunks]
         body = {"max_tokens": int(max_new_tokens), "temperature": sampling.temperature, "top_p": sampling.top_p,
-                "stop": list(stop)}
+                "stop": list(stop[:MAX_SENT_STOPS])}
+        if self.no_repeat is not None:  # an extension zsctl serve honours (vLLM ignores it, older ones refuse it)
+            body["no_repeat_ngram_size"] = self.no_repeat
         if self.model_name:
             body["model"] = self.model_name
-        # the first chunk goes from this thread, so concurrent searches (serve) never queue for the pool
-        futures = [self._pool.submit(self._request, url, {**body, "prompt": chunk}, len(chunk))
-                   for url, chunk in zip(urls[1:], chunks[1:])]
-        first = self._request(urls[0], {**body, "prompt": chunks[0]}, len(chunks[0]))
-        # cut here too: some servers cap the number of stop strings (OpenAI's API takes four)
+        if self.api == "chat":  # one conversation per request
+            jobs = [[t] for t in texts]
+        else:  # spread even a small batch over every endpoint so they all work on each turn
+            size = min(self.batch_size, math.ceil(len(texts) / len(self.urls)))
+            jobs = [texts[i:i + size] for i in range(0, len(texts), size)]
+        # the first job goes from this thread, so concurrent searches (serve) never queue for the pool
+        futures = [self._pool.submit(self._send, job, body) for job in jobs[1:]]
+        first = self._send(jobs[0], body)
         return [cut_at_stop(text, stop) for texts in [first, *(f.result() for f in futures)] for text in texts]
+
+    def _send(self, job: list[str], body: dict) -> list[str]:
+        """One request, moved to another endpoint while the one it went to fails."""
+        from zsctl.core.errors import RunFailure
+
+        payload = {**body, "messages": self.messages(job[0])} if self.api == "chat" else {**body, "prompt": job}
+        tried: list[str] = []
+        failures: list[str] = []
+        while (url := self._pick(tried)) is not None:
+            try:
+                return self._request(url, payload, len(job))
+            except RunFailure as e:
+                if _REFUSED.search(str(e)):  # the request itself is wrong: no endpoint will take it
+                    raise
+                tried.append(url)
+                failures.append(str(e))
+                with self._lock:
+                    self.down_until[url] = time.monotonic() + self.cooldown
+                    self.failovers += 1
+                if len(tried) < len(self.urls):
+                    prompts.warn_once(f"simulator endpoint {url} failed; it rests {self.cooldown:g} s while the "
+                                      "other endpoints take its requests")
+        raise RunFailure(f"every simulator endpoint failed: {' | '.join(failures)}")
+
+    def _pick(self, tried: list[str]) -> str | None:
+        """The next endpoint round-robin that is not resting; if all rest, the one back soonest."""
+        left = [u for u in self.urls if u not in tried]
+        if not left:
+            return None
+        with self._lock:
+            now, start = time.monotonic(), next(self._rr)
+            order = [self.urls[(start + i) % len(self.urls)] for i in range(len(self.urls))]
+            live = [u for u in order if u in left and self.down_until[u] <= now]
+            return live[0] if live else min(left, key=self.down_until.__getitem__)
 
     def _request(self, url: str, body: dict, n: int) -> list[str]:
         from zsctl.search._net import Fatal, request_json
 
         def parse(data) -> list[str]:
+            if self.api == "chat":
+                return [str(data["choices"][0]["message"].get("content") or "")]
             choices = sorted(data["choices"], key=lambda c: c["index"])
             if len(choices) != n:
                 raise Fatal(f"{len(choices)} choices came back for {n} prompts")
             return [str(c.get("text") or "") for c in choices]
 
+        path = "/chat/completions" if self.api == "chat" else "/completions"
         with self.stats_lock:
             self.requests_per_url[url] += 1
-        return request_json(self.client, "POST", f"{url}/completions", parse, json=body, policy=self.policy,
-                            stats=self.stats, lock=self.stats_lock, what=f"simulator endpoint {url}/completions")
+        return request_json(self.client, "POST", f"{url}{path}", parse, json=body, policy=self.policy,
+                            stats=self.stats, lock=self.stats_lock, what=f"simulator endpoint {url}{path}")
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self.client.close()
+
+
+# A final failure that was an HTTP 4xx other than 429: the server refused the request itself.
+_REFUSED = re.compile(r"HTTP 4(?!29)\d\d")
 
 
 def make_sim_http(spec: str, **kw) -> SimulatorHTTPEngine:
