@@ -131,3 +131,21 @@ def test_bad_template_files(tmp_path, body, suffix, match):
     with pytest.raises(BadInput, match=match) as e:
         prompts.load_template(str(f), prompts.SIMULATOR_TEMPLATE)
     assert "\n" not in str(e.value)
+
+
+def test_in_process_simulator_chats_with_a_system_template(tiny_model_dir, capsys):
+    from zsctl.core.models import load_model
+    from zsctl.search.base import QueryContext
+    from zsctl.search.simulator import SimulatorEngine
+
+    model, tok = load_model(str(tiny_model_dir))
+    engine = SimulatorEngine("tiny", model=model, tokenizer=tok, template="zerosearch-sft", max_new_tokens=8)
+    prompt = upstream_sft_prompt("hamlet author", "Who wrote Hamlet?", "Shakespeare", "useful")
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": prompt}]
+    assert engine.model_input(prompt) == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    (result,) = engine.search(["hamlet author"], 3, [QueryContext("Who wrote Hamlet?", ["Shakespeare"], "useful")])
+    assert result.prompt == prompt and len(result.docs) == 3
+    tok.chat_template = None  # a model without a chat template: said once, on stderr
+    engine.model_input(prompt)
+    engine.model_input(prompt)
+    assert capsys.readouterr().err.count("warning: simulator sim:tiny has no chat template") == 1
