@@ -354,6 +354,20 @@ def test_cache_refuses_simulated_engines(tmp_path):
         make_engine("sim:smollm2-135m", cache=str(tmp_path / "c.sqlite"))
 
 
+def test_concurrent_searches_answer_as_serial_ones(corpus, tmp_path):
+    """serve calls one engine from many threads: BM25, and BM25 behind the cache, give each caller its
+    own results and count every call."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    queries = list(QUERIES) * 6
+    for engine in (make_engine(f"bm25:{corpus}"), make_engine(f"bm25:{corpus}", cache=str(tmp_path / "c.sqlite"))):
+        with ThreadPoolExecutor(8) as pool:
+            parallel = list(pool.map(lambda q: engine.search([q, "Peru"], k=2), queries))
+        assert parallel == [engine.search([q, "Peru"], k=2) for q in queries]
+        assert engine.stats.batches == 2 * len(queries)
+        engine.close()
+
+
 def test_make_engine_with_cache(corpus, tmp_path):
     engine = make_engine(f"bm25:{corpus}", cache=str(tmp_path / "c.sqlite"))
     assert isinstance(engine, CachedEngine) and engine.spec == f"bm25:{corpus}"

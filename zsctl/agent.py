@@ -112,7 +112,8 @@ class AgentLoop:
         self.style = prompts.style_of(self.cfg.prompt_style)
         self.doc_words = self.cfg.max_doc_words if self.cfg.max_doc_words is not None else self.style.doc_words
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+        eos = model.generation_config.eos_token_id
+        eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.stop = StopText(tokenizer, list(prompts.STOP_STRINGS))  # a turn ends at the first one
         # Another backend (e.g. TRL's vLLM engine): `generate_fn(seqs)` takes the token ids of each
@@ -280,7 +281,7 @@ class AgentLoop:
         import torch
         from transformers import DynamicCache
 
-        model, cfg = self.model, self.cfg
+        model = self.model
         device = next(model.parameters()).device
         n = len(seqs)
         old = [caches.get(i) for i in rows]
