@@ -18,6 +18,8 @@ class Document:
     title: str
     text: str
     score: float = 0.0
+    # the corpus id where the engine knows it (BM25, a retriever that sends one); not part of equality
+    id: str = field(default="", compare=False)
 
     def as_dict(self) -> dict:
         return {"title": self.title, "text": self.text, "score": float(self.score)}

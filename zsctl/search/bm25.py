@@ -178,7 +178,7 @@ class BM25Engine(SearchEngine):
         indices, scores = self.retriever.retrieve(tokens, k=k, show_progress=False)
         with self.stats_lock:
             self.stats.calls += len(queries)
-        return [[Document(self.titles[i], self.texts[i], float(s)) for i, s in zip(row_i.tolist(), row_s.tolist())]
+        return [[Document(self.titles[i], self.texts[i], float(s), str(self.ids[i])) for i, s in zip(row_i.tolist(), row_s.tolist())]
                 for row_i, row_s in zip(indices, scores)]
 
 

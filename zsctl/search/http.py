@@ -29,7 +29,7 @@ def parse_document(item: dict) -> Document:
     else:
         title, text = str(doc.get("title", "")), str(doc.get("text", ""))
     score = item.get("score", doc.get("score", 0.0))
-    return Document(title, text, float(score) if score is not None else 0.0)
+    return Document(title, text, float(score) if score is not None else 0.0, str(doc.get("id") or ""))
 
 
 class HttpRetriever(SearchEngine):
