@@ -117,6 +117,7 @@ def test_old_spellings_and_positional_arguments_still_work(tmp_path):
     yaml_file.write_text("search: sim:x\nout: o\nk: 4\nsim_mode: prompt\n")
     cfg = _dry_run(["check-sim", "--config", str(yaml_file), "topk=6"])  # the command line wins over the file
     assert (cfg["k"], cfg["sim_mode"]) == (6, "prompt")
+    assert _dry_run(["check-sim", f"--config={yaml_file}", "--topk", "5"])["k"] == 5
 
 
 def test_a_value_holding_equals_is_never_an_override(tmp_path):

@@ -23,12 +23,11 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from zsctl.core.config import flag_of
+from zsctl.core.config import Options, flag_of, to_flags
 from zsctl.core.errors import BadInput, RunFailure, redact
 
 _state = {"debug": False, "dry_run": False}
 ROOT_FLAGS = ("--debug", "--dry-run")  # root options accepted anywhere on the line (as is --threads N)
-COMMON_FLAGS = ("--json", "--quiet", "-q", "--help")  # options of every command that take no value
 
 
 class _Root(TyperGroup):
@@ -56,6 +55,7 @@ def _root(
         "$OMP_NUM_THREADS, else one per core); idle threads sleep, so a shared machine stays fast."),
 ):
     _state.update(debug=debug, dry_run=dry_run)
+    Options.check_environment = not dry_run
     from zsctl.core.models import set_threads
 
     try:
@@ -114,11 +114,11 @@ def _emit(summary: dict, as_json: bool, table=None) -> None:
 _CONFIGS: dict[str, type] = {}  # command name → its config class (expand_argv reads the flags from it)
 
 
-def command(name: str, module: str, config: str, doc: str, table=None) -> None:
+def command(name: str, module: str, config: str, doc: str) -> None:
     """Register `zsctl NAME`: a flag per field of `module.config`, then config → module.run → summary.
 
-    `table(summary, cfg)` renders the summary for the terminal. Required fields are checked here
-    rather than by click, so a missing one is one line like every other bad input.
+    Required fields are checked here rather than by click, so a missing one is one line like every
+    other bad input.
     """
     mod = importlib.import_module(f"zsctl.stages.{module}")
     cls = getattr(mod, config)
@@ -154,83 +154,38 @@ def command(name: str, module: str, config: str, doc: str, table=None) -> None:
                 raise BadInput(f"missing {flag_of(f)}: {f.metadata.get('help', '')}")
         cfg = cls(**values)
         if _state["dry_run"]:
-            print(json.dumps({"dry_run": True, "stage": module, "config": dataclasses.asdict(cfg)}, default=str))
+            doc = {"dry_run": True, "stage": module, "config": dataclasses.asdict(cfg)}
+            print(redact(json.dumps(doc, default=str)))
             return
-        from zsctl.console import make_progress
+        from zsctl.console import make_progress, summary_table
 
         summary = mod.run(cfg, make_progress(quiet or not _main_process()))
-        _emit(summary, as_json, table(summary, cfg) if table else None)
+        _emit(summary, as_json, summary_table(name, summary, cfg))
 
     run_command.__signature__ = inspect.Signature(params)
     run_command.__doc__ = doc
     app.command(name)(stage(run_command))
 
 
-def _kv(title: str, keys: tuple[str, ...] = (), fmt=str):
-    """A key/value summary table of `keys` (every scalar when empty), each value through `fmt`."""
-
-    def table(summary: dict, cfg):
-        from zsctl.console import kv_table
-
-        flat = {**summary, **summary.get("ledger", {})}
-        shown = keys or [k for k, v in summary.items() if not isinstance(v, dict)]
-        return kv_table({k: fmt(flat.get(k)) for k in shown if k in flat or fmt is not str}, title)
-
-    return table
-
-
-def _short(v):
-    return f"{v:.4g}" if isinstance(v, float) and abs(v) < 1e4 else v
-
-
-_SFT_KEYS = ("out", "steps", "rows_train", "rows_val", "train_loss_first", "train_loss_last", "val_loss_before",
-             "val_loss", "tokens_per_s", "train_s")
-
-
-def _eval_table(summary, cfg):
-    from zsctl.console import metrics_table
-
-    return metrics_table(summary, title=redact(f"{cfg.model} + {cfg.search}"))
-
-
-def _report_table(summary, cfg):
-    from zsctl.console import eval_table
-
-    rows = summary["evaluation"]
-    return eval_table(rows, "Evaluation with the real engine (scores in %)") if rows else None
-
-
-def _check_sim_table(summary, cfg):
-    from zsctl.console import check_sim_table
-
-    return check_sim_table(summary)
-
-
 command("index", "index", "IndexConfig", "Build a BM25 index (bm25s) of a passage corpus.")
 command("eval", "evaluate", "EvalConfig", "Score a policy on benchmarks with a search engine: predictions.parquet + "
-        "metrics.json.", _eval_table)
+        "metrics.json.")
 command("collect", "collect", "CollectConfig", "Log real-search trajectories of a policy (every search call, its "
-        "documents, the outcome).", _kv("collect", (
-            "out", "questions", "trajectories", "new_trajectories", "share_correct", "searches_per_trajectory",
-            "degenerate_share", "search_hit_rate", "trajectories_per_s", "engine_calls", "cache_hits",
-            "estimated_cost_usd")))
+        "documents, the outcome).")
 command("build-sft", "build_sft", "BuildSFTConfig", "Turn logged search calls into SFT data: train.parquet + "
-        "val.parquet (split by question).", _kv("build-sft", (
-            "out", "kind", "mode", "trajectories", "search_calls", "duplicates", "yes_no", "no_answer_docs",
-            "degenerate_queries", "degenerate_synthesized", "labels_before", "labels_after", "rows_train", "rows_val",
-            "questions_train", "questions_val", "wall_s", "warning")))
+        "val.parquet (split by question).")
 command("train-sim", "train_sim", "TrainSimConfig", "Fine-tune the simulator on build-sft's useful/noisy documents "
-        "(completion-only loss).", _kv("train-sim", _SFT_KEYS, _short))
+        "(completion-only loss).")
 command("warmup", "warmup", "WarmupConfig", "Warm-start a policy by SFT on real-search demonstrations; "
-        "<information> text gets no loss.", _kv("warmup", _SFT_KEYS, _short))
+        "<information> text gets no loss.")
 command("rl", "rl", "RLConfig", "RL with (simulated) search on TRL's GRPOTrainer, with the noise curriculum and "
-        "masked loss.", _kv("rl"))
+        "masked loss.")
 command("report", "report", "ReportConfig", "Write report.md and PNG plots (reward, noise, before/after, search "
-        "cost) for a run.", _report_table)
+        "cost) for a run.")
 command("serve", "serve", "ServeConfig", "Serve an engine over the Search-R1 /retrieve API (and a model over "
         "/v1/completions).")
 command("check-sim", "check_sim", "CheckSimConfig", "Simulator quality: answer containment useful vs noisy, format "
-        "validity, length, distinct-n.", _check_sim_table)
+        "validity, length, distinct-n.")
 
 
 @app.command("inspect")
@@ -243,6 +198,8 @@ def inspect_cmd(
     """Show an artifact's manifest, schema and first rows."""
     from zsctl.stages import inspect as inspect_stage
 
+    if rows < 0:
+        raise BadInput(f"--rows {rows} must be at least 0")
     info = inspect_stage.run(path, rows)
     if as_json:
         _emit(info, True)
@@ -252,54 +209,9 @@ def inspect_cmd(
         render_inspect(info)
 
 
-def _flags(cls) -> tuple[dict[str, dataclasses.Field], dict[str, str], set[str]]:
-    """(key → field for every spelling of an option, old flag → current flag, flags that take no value)."""
-    keys, renames, switches = {}, {}, set(COMMON_FLAGS)
-    for f in dataclasses.fields(cls) if cls else ():
-        flag = flag_of(f)
-        for key in (f.name, flag[2:], *f.metadata.get("aliases", ())):
-            keys[key] = keys[key.replace("-", "_")] = f
-        for alias in f.metadata.get("aliases", ()):
-            renames["--" + alias] = flag
-        if f.metadata.get("positional"):
-            renames[flag] = ""  # `--corpus X` is the argument X
-        if f.type in ("bool", bool):
-            off = "--" + (f.metadata.get("off") or "no-" + flag[2:])
-            switches |= {flag, off, "--no-" + flag[2:]}
-            renames["--no-" + flag[2:]] = off
-    return keys, renames, switches
-
-
-_TRUTH = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-
-
-def _as_options(pairs, keys: dict) -> list[str]:
-    """(key, value) pairs → options: a field's current flag, `--flag/--no-flag` for booleans."""
-    opts = []
-    for k, v in pairs:
-        f = keys.get(str(k))
-        name = flag_of(f) if f else "--" + str(k).replace("_", "-")
-        if f and f.type in ("bool", bool) and isinstance(v, str):  # `flag=false` on the command line
-            if v.lower() not in _TRUTH:
-                raise BadInput(f"{k}={v}: {name} is a switch; pass {k}=true or {k}=false")
-            v = _TRUTH[v.lower()]
-        if isinstance(v, bool):
-            opts.append(name if v else "--" + ((f and f.metadata.get("off")) or "no-" + name[2:]))
-        elif v is not None:
-            value = ",".join(map(str, v)) if isinstance(v, list) else str(v)
-            opts += [value] if f and f.metadata.get("positional") else [name, value]
-    return opts
-
-
 def expand_argv(argv: list[str]) -> list[str]:
-    """Root options to the front; `--config FILE.yaml`, `key=value` and old flag spellings → options.
-
-    The YAML's options go right after the command name, the command line's own after them, so
-    explicit flags and `key=value` pairs override the file (for options, the last one wins).
-    Keys are field or option names with - or _ (`batch_size: 64`); `flag: true/false` →
-    `--flag/--no-flag`. A `k=v` token is an override only where an option may stand (not as the
-    value of `--out`) and only when k names an option of the command.
-    """
+    """Root options to the front (they may stand anywhere); then the command's `--config FILE.yaml`,
+    `key=value` overrides and old flag spellings become its current flags (config.to_flags)."""
     root, rest, i = [], [], 0
     while i < len(argv):
         a = argv[i]
@@ -313,43 +225,7 @@ def expand_argv(argv: list[str]) -> list[str]:
         i += 1
     if not rest or rest[0].startswith("-"):
         return root + rest
-    name, rest = rest[0], rest[1:]
-    keys, renames, switches = _flags(_CONFIGS.get(name))
-    from_file: list[str] = []
-    if "--config" in rest:
-        i = rest.index("--config")
-        if i + 1 >= len(rest):
-            raise BadInput("--config needs a YAML file path")
-        from_file = _as_options(_read_yaml(rest[i + 1]).items(), keys)
-        rest = rest[:i] + rest[i + 2:]
-    args, overrides, takes_value = [], [], False
-    for a in rest:
-        if not takes_value and "=" in a and not a.startswith("-") and a.split("=", 1)[0] in keys:
-            overrides.append(a.split("=", 1))
-            continue
-        if not takes_value and a.startswith("--"):
-            flag, eq, value = a.partition("=")
-            a = renames.get(flag, flag) + eq + value
-            if not a:  # a positional argument given as an option: its value follows
-                continue
-            if a.startswith("="):
-                a = value
-        args.append(a)
-        takes_value = a.startswith("-") and "=" not in a and a not in switches and not takes_value
-    return root + [name] + from_file + args + _as_options(overrides, keys)
-
-
-def _read_yaml(path: str) -> dict:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise BadInput(f"--config '{path}' cannot be read as YAML ({' '.join(str(e).split())[:160]})") from e
-    if not isinstance(loaded, dict):
-        raise BadInput(f"--config '{path}' must hold a mapping of option: value")
-    return loaded
+    return root + [rest[0]] + to_flags(_CONFIGS.get(rest[0]), rest[1:])
 
 
 def main() -> None:

@@ -142,3 +142,39 @@ def check_sim_table(summary: dict) -> Table:
                  f"{held['excluded_yes_no']} yes/no golds; "
                  f"trained questions: {held['trained_on']}")
     return t
+
+
+_SFT_KEYS = ("out", "steps", "rows_train", "rows_val", "train_loss_first", "train_loss_last", "val_loss_before",
+             "val_loss", "tokens_per_s", "train_s")
+SUMMARY_KEYS = {  # what the key/value table of a stage's summary shows, in order
+    "collect": ("out", "questions", "trajectories", "new_trajectories", "share_correct", "searches_per_trajectory",
+                "degenerate_share", "search_hit_rate", "trajectories_per_s", "engine_calls", "cache_hits",
+                "estimated_cost_usd"),
+    "build-sft": ("out", "kind", "mode", "trajectories", "search_calls", "duplicates", "yes_no", "no_answer_docs",
+                  "degenerate_queries", "degenerate_synthesized", "labels_before", "labels_after", "rows_train",
+                  "rows_val", "questions_train", "questions_val", "wall_s", "warning"),
+    "train-sim": _SFT_KEYS,
+    "warmup": _SFT_KEYS,
+}
+
+
+def summary_table(command: str, summary: dict, cfg) -> Table | None:
+    """The terminal table of a stage's summary (None: the stage shows none)."""
+    from zsctl.core.errors import redact
+
+    if command == "eval":
+        return metrics_table(summary, title=redact(f"{cfg.model} + {cfg.search}"))
+    if command == "report":
+        rows = summary["evaluation"]
+        return eval_table(rows, "Evaluation with the real engine (scores in %)") if rows else None
+    if command == "check-sim":
+        return check_sim_table(summary)
+    if command == "rl":
+        return kv_table({k: v for k, v in summary.items() if not isinstance(v, dict)}, "rl")
+    if command in ("train-sim", "warmup"):  # losses and rates to 4 significant digits
+        short = lambda v: f"{v:.4g}" if isinstance(v, float) and abs(v) < 1e4 else v  # noqa: E731
+        return kv_table({k: short(summary.get(k)) for k in SUMMARY_KEYS[command]}, command)
+    if command in SUMMARY_KEYS:
+        flat = {**summary, **summary.get("ledger", {})}
+        return kv_table({k: flat[k] for k in SUMMARY_KEYS[command] if k in flat}, command)
+    return None
