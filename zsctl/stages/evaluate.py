@@ -14,12 +14,12 @@ yes/no) and the most common queries.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
 from zsctl.agent import AgentConfig, AgentLoop
-from zsctl.core import artifacts, data, metrics
+from zsctl.core import artifacts, data, metrics, prompts
 from zsctl.core.models import load_model
 from zsctl.core.progress import Progress
 from zsctl.core.schemas import PREDICTIONS
@@ -39,10 +39,20 @@ class EvalConfig:
     max_turns: int = 4
     max_new_tokens: int = 128
     topk: int = 3
-    max_doc_words: int = 80
+    max_doc_words: int | None = None  # None: the prompt style's (zsctl 80, upstream styles whole documents)
     temperature: float = 0.0
     seed: int = 0
     search_cache: str | None = None
+    prompt_style: str = field(default="zsctl", metadata={
+        "help": "zsctl | search-r1 | zerosearch: the instruction, document lines and notes a policy was trained "
+                "with (evaluate a released Search-R1 / ZeroSearch policy with its own).",
+        "choices": prompts.PROMPT_STYLES})
+    prompt_from_data: bool = field(default=False, metadata={
+        "help": "Give the policy each question's own 'prompt' column (a ZeroSearch/Search-R1 parquet) verbatim; "
+                "documents and notes still follow --prompt-style."})
+    sim_template: str | None = field(default=None, metadata={
+        "help": "Simulator prompt template (simulated --search only): a file (fields {query} {question} {answer} "
+                "{mode} {Mode} {k}; YAML for one text per mode and a system message) or zerosearch-sft."})
 
 
 def load_benchmarks(spec: str, split: str, limit: int | None) -> tuple[list[pa.Table], list[dict]]:
@@ -81,9 +91,12 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
 
     progress = progress or Progress()
     torch.manual_seed(cfg.seed)
+    style = prompts.style_of(cfg.prompt_style)
     tables, chosen = load_benchmarks(cfg.bench, cfg.split, cfg.limit)
-    questions = pa.concat_tables(tables).to_pylist()
-    engine = make_engine(cfg.search, cache=cfg.search_cache)
+    questions = [r for t in tables for r in t.to_pylist()]  # schemas differ when only some files carry prompts
+    # the file's own prompts, checked before anything loads: a file without them is bad input
+    chats = prompts.chats_from_data(questions, cfg.bench) if cfg.prompt_from_data else [None] * len(questions)
+    engine = make_engine(cfg.search, cache=cfg.search_cache, sim_template=cfg.sim_template)
     model, tok = load_model(cfg.model)
     loop = AgentLoop(
         model,
@@ -95,6 +108,7 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
             topk=cfg.topk,
             max_doc_words=cfg.max_doc_words,
             temperature=cfg.temperature,
+            prompt_style=style.name,
         ),
     )
     out = artifacts.prepare_out(cfg.out)  # after setup: bad input never touches --out
@@ -104,11 +118,12 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
     progress.start("eval", len(questions))
     for start in range(0, len(questions), cfg.batch_size):
         batch = questions[start : start + cfg.batch_size]
+        texts = loop.render_prompts([q["question"] for q in batch], chats=chats[start : start + cfg.batch_size])
         trajs = loop.run(
-            loop.encode_prompts([q["question"] for q in batch]),
+            loop.encode_texts(texts),
             [QueryContext(q["question"], q["golden_answers"]) for q in batch],
         )
-        for q, t in zip(batch, trajs):
+        for q, t, text in zip(batch, trajs, texts):
             pred = t.prediction or ""
             rows.append(
                 {
@@ -123,6 +138,7 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
                     "searches": [{"query": s["query"], "documents": s["documents"],
                                   **metrics.search_facts(s["query"], s["documents"], q["golden_answers"])}
                                  for s in t.searches],
+                    "prompt": text,
                     "answered": t.prediction is not None,  # not a column: only for the rates in metrics.json
                 }
             )
@@ -139,6 +155,7 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
         "wall_s": round(wall, 2),
         "generated_tokens": loop.generated_tokens,
         "search": engine.stats.as_dict(),
+        "prompt_style": {**style.as_dict(), "prompt_from_data": cfg.prompt_from_data},
         **result,
     }
     artifacts.write_manifest(
