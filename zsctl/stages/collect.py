@@ -23,7 +23,7 @@ import json
 import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from zsctl.agent import AgentConfig, AgentLoop, QuestionAsQuery
-from zsctl.core import artifacts, metrics
+from zsctl.core import artifacts, metrics, prompts
 from zsctl.core.errors import BadInput, RunFailure
 from zsctl.core.models import load_model
 from zsctl.core.progress import Progress
@@ -58,12 +58,17 @@ class CollectConfig:
     max_turns: int = 4
     max_new_tokens: int = 128
     topk: int = 3
-    max_doc_words: int = 80
+    max_doc_words: int | None = None  # None: the prompt style's (zsctl 80, upstream styles whole documents)
     batch_size: int = 8  # trajectories per batch, rounded down to whole questions (at least one)
     resume: bool = False
     price_per_1k: float = 15.0  # USD per 1,000 serpapi calls (assumption)
     search_cache: str | None = None
     seed: int = 0
+    prompt_style: str = field(default="zsctl", metadata={
+        "help": "zsctl | search-r1 | zerosearch: the instruction, document lines and notes the policy is prompted "
+                "with.", "choices": prompts.PROMPT_STYLES})
+    prompt_from_data: bool = field(default=False, metadata={
+        "help": "Give the policy each question's own 'prompt' column (a ZeroSearch/Search-R1 parquet) verbatim."})
 
     @property
     def sampling_temperature(self) -> float:
@@ -132,9 +137,11 @@ def run(cfg: CollectConfig, progress: Progress | None = None, policy=None) -> di
     progress = progress or Progress()
     _check(cfg)
     tables, chosen = load_benchmarks(cfg.questions, "train", cfg.limit)
-    questions = pa.concat_tables(tables).to_pylist() if tables else []
+    questions = [r for t in tables for r in t.to_pylist()]  # schemas differ when only some files carry prompts
     if not questions:
         raise BadInput(f"--questions '{cfg.questions}' gave no questions; check the names, the files or --limit")
+    if cfg.prompt_from_data:
+        prompts.chats_from_data(questions, cfg.questions)  # every question has its prompt, or bad input now
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out '{out}' exists and is not a directory; pass a directory path")
@@ -165,7 +172,7 @@ def _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen) -> dict
     if cfg.samples > 1 and temperature == 0:
         progress.log("collect: --samples > 1 with --temperature 0 repeats the same greedy trajectory")
     agent_cfg = AgentConfig(max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, topk=cfg.topk,
-                            max_doc_words=cfg.max_doc_words, temperature=temperature)
+                            max_doc_words=cfg.max_doc_words, temperature=temperature, prompt_style=cfg.prompt_style)
     loop = QuestionAsQuery(engine, agent_cfg) if policy is None else AgentLoop(*policy, engine, agent_cfg)
 
     # Setup done: only now does --out change.
@@ -189,7 +196,8 @@ def _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen) -> dict
         batch = todo[start : start + per_batch]
         # Seeded by the batch's first question, so a resumed run draws what an unbroken one would.
         torch.manual_seed(zlib.crc32(f"{cfg.seed}\x1f{batch[0]['data_source']}\x1f{batch[0]['id']}".encode()))
-        prompt_ids = loop.encode_prompts([q["question"] for q in batch])
+        chats = prompts.chats_from_data(batch, cfg.questions) if cfg.prompt_from_data else None
+        prompt_ids = loop.encode_prompts([q["question"] for q in batch], chats=chats)
         expanded = [(q, s, p) for q, p in zip(batch, prompt_ids) for s in range(cfg.samples)]
         try:
             trajs = loop.run([p for _, _, p in expanded], [QueryContext(q["question"], q["golden_answers"]) for q, _, _ in expanded])
@@ -222,6 +230,7 @@ def _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen) -> dict
         "wall_s": round(wall, 2),
         "trajectories_per_s": round(new / wall, 3) if wall > 0 else 0.0,
         "generated_tokens": loop.generated_tokens,
+        "prompt_style": {**loop.style.as_dict(), "prompt_from_data": cfg.prompt_from_data},
         "ledger": ledger,
     }
     artifacts.write_manifest(out, "trajectories", config=asdict(cfg), summary=summary, seed=cfg.seed,
