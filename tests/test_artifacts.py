@@ -64,11 +64,12 @@ def test_wrong_kind_and_missing_columns_are_named(tmp_path):
     assert "missing column 'searches'" in msg and "column 'question' is int64" in msg and "bad.parquet" in msg
 
 
-def test_rerun_removes_old_manifest_first(tmp_path):
+def test_in_place_rerun_marks_the_folder_incomplete_first(tmp_path):
     out = tmp_path / "art"
     artifacts.write_artifact(out, "questions", _questions(), config={})
-    artifacts.prepare_out(out)
-    assert not (out / "manifest.json").exists()
+    artifacts.prepare_out(out, "questions")
+    with pytest.raises(BadInput, match="incomplete artifact"):
+        artifacts.read_artifact(out, "questions")
 
 
 def test_kill_during_write_leaves_no_manifest(tmp_path):
@@ -79,7 +80,7 @@ def test_kill_during_write_leaves_no_manifest(tmp_path):
         import os, signal, pyarrow as pa
         from zsctl.core import artifacts
         from zsctl.core.schemas import QUESTIONS
-        out = artifacts.prepare_out({str(out)!r})
+        out = artifacts.prepare_out({str(out)!r}, "questions")
         w = artifacts.ShardWriter(out, "questions", QUESTIONS)
         w.write([{{"id": "a", "question": "q", "golden_answers": ["x"], "data_source": "t"}}])
         os.kill(os.getpid(), signal.SIGKILL)  # dies before the manifest
@@ -87,9 +88,42 @@ def test_kill_during_write_leaves_no_manifest(tmp_path):
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert p.returncode == -signal.SIGKILL
-    assert not (out / "manifest.json").exists()
     with pytest.raises(BadInput, match="incomplete artifact"):
         artifacts.read_manifest(out)
     # the shard written before the kill is whole and readable (resume builds on it)
     assert artifacts.ShardWriter(out, "questions", QUESTIONS).read_all().num_rows == 1
     assert not any(p.name.startswith(".") for p in out.rglob("*") if p.is_file())
+
+
+def test_staged_write_keeps_the_old_artifact_until_the_new_one_is_whole(tmp_path):
+    out = tmp_path / "art"
+    artifacts.write_artifact(out, "questions", _questions(2), config={})
+    with pytest.raises(RuntimeError):
+        with artifacts.staging(out) as tmp:
+            artifacts.write_table(tmp, "questions.parquet", _questions(5))
+            raise RuntimeError("died before the manifest")
+    assert artifacts.read_artifact(out, "questions").num_rows == 2  # old one intact
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no staging folder left
+    artifacts.write_artifact(out, "questions", _questions(5), config={})
+    assert artifacts.read_artifact(out, "questions").num_rows == 5
+
+
+def test_check_out_refuses_inputs_and_other_kinds(tmp_path):
+    artifacts.write_artifact(tmp_path / "q", "questions", _questions(), config={})
+    with pytest.raises(BadInput, match="'trajectories'"):
+        artifacts.check_out(tmp_path / "q", "trajectories")
+    with pytest.raises(BadInput, match="overwrite what it reads"):
+        artifacts.check_out(tmp_path / "q", "questions", [f"bm25:{tmp_path / 'q'}"])
+    with pytest.raises(BadInput, match="overwrite what it reads"):
+        artifacts.check_out(tmp_path, "questions", [f"x.jsonl,{tmp_path / 'q' / 'questions.parquet'}"])
+    assert artifacts.check_out(tmp_path / "q", "questions") == tmp_path / "q"
+    assert artifacts.check_out(tmp_path / "new", "questions", [str(tmp_path / "q")]) == tmp_path / "new"
+
+
+def test_manifests_never_hold_credentials(tmp_path):
+    spec = "http://me:hunter2@h:1/retrieve?api_key=abc123&topk=3"
+    m = artifacts.write_artifact(tmp_path / "q", "questions", _questions(), config={"search": spec},
+                                 summary={"ledger": {"engine": spec}}, extra={"questions": [spec]})
+    text = (tmp_path / "q" / "manifest.json").read_text()
+    assert "hunter2" not in text and "abc123" not in text
+    assert m["config"]["search"] == "http://me:***@h:1/retrieve?api_key=***&topk=3"

@@ -1,11 +1,18 @@
 """Artifacts: one directory = data file(s) + manifest.json, written so a crash never looks complete.
 
-Write order: data to a temp name in the directory → rename → manifest.json last (also via temp +
-rename). Readers refuse a directory without a manifest, and check required columns and types.
+Where a stage may write (`check_out`, before any work): a new folder, an empty one, or an artifact
+of the stage's own kind; never an input or a folder holding one. How it writes: one-shot stages
+fill a private staging folder beside --out and swap it in whole at the end (`staging`), so the old
+artifact stays valid until the new one is complete; resumable stages (collect, rl) work in place
+and first mark the folder incomplete (`prepare_out`). Inside a folder: data to a temp name →
+rename → manifest.json last (also via temp + rename). Readers refuse a folder whose manifest is
+missing, unreadable or says incomplete, and check required columns and types; model folders of
+ours (`check_model_dir`) likewise, while a plain HF model folder (no zsctl files) is not ours.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -21,13 +28,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from zsctl import __version__
-from zsctl.core.errors import BadInput
+from zsctl.core.errors import BadInput, is_secret_name, redact
 from zsctl.core.schemas import SCHEMA_VERSION, TABLES, missing_or_mistyped
 
 MANIFEST = "manifest.json"
-# Key words that mark a secret (api_key, hf_token, password…); whole words only, so counts such as
-# max_new_tokens or tokens_per_doc stay readable.
-_SECRET_WORDS = {"key", "apikey", "token", "secret", "password"}
+MODEL_KINDS = ("policy", "simulator")
+# Files only our model stages write (rl's run file, SFT's loss log): a model folder holding one but
+# no manifest is ours and unfinished, not a plain HF model.
+_OWN_MODEL_FILES = ("rl_run.json", "train_log.json")
+# Names of our temp folders beside --out: .NAME.tmp-PID, .NAME.build-sft-PID, .NAME.old-PID.
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|build-sft|old)-(?P<pid>\d+)$")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -42,15 +52,123 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def prepare_out(out: str | Path, overwrite: bool = True) -> Path:
-    """Create the output directory; an old manifest is removed first so a rerun that dies midway
-    never leaves the previous run's manifest vouching for new, partial data."""
+def spec_path(spec: str) -> str | None:
+    """The local path inside a search or model spec (bm25:PATH, sim:PATH?…, a plain path), else None."""
+    for prefix in ("bm25:", "sim:"):
+        if spec.startswith(prefix):
+            return spec[len(prefix):].partition("?")[0] or None
+    return None if "://" in spec or spec in ("none", "serpapi") else spec
+
+
+def check_out(out: str | Path, kind: str, inputs: tuple | list = ()) -> Path:
+    """Refuse an --out that would destroy something, before any work; changes nothing but stale temp folders.
+
+    Allowed: a new folder, an empty one, or an artifact of `kind` (complete or left incomplete by a
+    killed run of the same stage). Refused: a file, a folder with other files, an artifact of another
+    kind, and any of `inputs` or a folder above one (the run would overwrite what it reads).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out '{out}' exists and is not a directory; pass a directory path")
+    where = out.resolve()
+    for raw in inputs:  # option values as given: comma lists and specs (bm25:PATH, sim:PATH) included
+        for part in str(raw or "").split(","):
+            inp = spec_path(part.strip())
+            p = Path(inp).expanduser() if inp else None
+            if p is not None and p.exists() and (p.resolve() == where or where in p.resolve().parents):
+                raise BadInput(f"--out '{out}' is or holds the input '{inp}'; the run would overwrite what it "
+                               "reads: pass another --out")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            old = None
+        if not isinstance(old, dict):
+            raise BadInput(f"--out '{out}' holds other files and no zsctl manifest; pass a new or empty directory "
+                           "(nothing was changed)")
+        if old.get("kind") != kind:
+            raise BadInput(f"--out '{out}' is a '{old.get('kind')}' artifact, not '{kind}'; pass a new or empty "
+                           "directory (nothing was changed)")
+    clean_stale(out)
+    return out
+
+
+def clean_stale(out: Path) -> None:
+    """Remove temp folders a killed run of ours left beside `out` (their process is gone); a
+    half-swapped artifact (killed between the two renames of `replace_dir`) is put back."""
+    parent = out.parent
+    if not parent.is_dir():
+        return
+    for p in parent.iterdir():
+        m = _SIBLING.match(p.name)
+        if not m or m["name"] != out.name or _alive(int(m["pid"])):
+            continue
+        if m["what"] == "old" and not out.exists():
+            os.replace(p, out)
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sibling(out: Path, what: str) -> Path:
+    """A private temp path beside `out`, named so `clean_stale` can tell when its run is gone."""
+    return out.with_name(f".{out.name}.{what}-{os.getpid()}")
+
+
+def replace_dir(new: Path, out: Path) -> None:
+    """Move the finished folder `new` into place; an older artifact there is retired only after."""
+    old = None
+    if out.exists():
+        old = sibling(out, "old")
+        os.replace(out, old)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(new, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staging(out: str | Path):
+    """A private folder beside `out` to write the whole artifact into; swapped in on success, removed
+    on failure, so `out` holds the old artifact or the new one, never a mix."""
+    out = Path(out)
+    tmp = sibling(out, "tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_out(out: str | Path, kind: str) -> Path:
+    """For stages that work in place (resumable ones): create `out` and mark it incomplete, so a run
+    that dies midway never leaves the previous manifest vouching for new, partial data."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out '{out}' exists and is not a directory; pass a directory path")
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
+    write_json(out, MANIFEST, {"kind": kind, "complete": False, "schema_version": SCHEMA_VERSION,
+                               "started_at": _now(), "pid": os.getpid()})
     return out
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def write_table(out: Path, name: str, table: pa.Table) -> Path:
@@ -120,14 +238,14 @@ def _library_versions() -> dict:
 
 
 def _scrub(obj):
-    """Drop anything that looks like a secret before it reaches a manifest."""
+    """Drop anything that looks like a secret before it reaches a manifest: values of key-like
+    names, and credentials inside strings (URL passwords, key-like query parameters)."""
     if isinstance(obj, dict):
-        return {
-            k: ("***" if _SECRET_WORDS & set(re.split(r"[_\-\s.]+", str(k).lower())) and v else _scrub(v))
-            for k, v in obj.items()
-        }
+        return {k: ("***" if is_secret_name(k) and v else _scrub(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_scrub(v) for v in obj]
+    if isinstance(obj, str):
+        return redact(obj)
     return obj
 
 
@@ -165,18 +283,19 @@ def write_manifest(
     config = _scrub(config)
     manifest = {
         "kind": kind,
+        "complete": True,
         "schema_version": SCHEMA_VERSION,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": _now(),
         "zsctl_version": __version__,
         "git_commit": _git_commit(),
         "argv": _scrub(list(sys.argv)),
         "config": config,
         "config_hash": config_hash(config),
-        "inputs": inputs or [],
+        "inputs": _scrub(inputs or []),
         "files": files,
         "seed": seed,
         "libraries": _library_versions(),
-        "summary": summary or {},
+        "summary": _scrub(summary or {}),
     }
     if extra:
         manifest.update(_scrub(extra))
@@ -190,12 +309,14 @@ def write_artifact(out: str | Path, kind: str, table: pa.Table, **manifest_kw) -
     problems = missing_or_mistyped(table.schema, schema)
     if problems:  # a bug in our own stage, not user input
         raise ValueError(f"{kind} table does not match its schema: {'; '.join(problems)}")
-    out = prepare_out(out)
-    write_table(out, name, table)
-    return write_manifest(out, kind, **manifest_kw)
+    out = check_out(out, kind)
+    with staging(out) as tmp:
+        write_table(tmp, name, table)
+        manifest = write_manifest(tmp, kind, **manifest_kw)
+    return manifest
 
 
-def read_manifest(path: str | Path) -> dict:
+def read_manifest(path: str | Path, allow_incomplete: bool = False) -> dict:
     p = Path(path)
     if not p.exists():
         raise BadInput(f"'{p}' does not exist; pass the --out directory of an earlier stage")
@@ -205,9 +326,29 @@ def read_manifest(path: str | Path) -> dict:
     if not mf.is_file():
         raise BadInput(f"incomplete artifact '{p}': no {MANIFEST} (the run that wrote it did not finish); rerun that stage")
     try:
-        return json.loads(mf.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise BadInput(f"'{mf}' is not valid JSON ({e}); rerun the stage that wrote it") from e
+    if not isinstance(manifest, dict):
+        raise BadInput(f"'{mf}' is not a zsctl manifest (a JSON object); rerun the stage that wrote it")
+    if manifest.get("complete") is False and not allow_incomplete:
+        raise BadInput(f"incomplete artifact '{p}': its manifest says the {manifest.get('kind')} run writing it "
+                       "did not finish; rerun that stage")
+    return manifest
+
+
+def check_model_dir(path: str | Path) -> None:
+    """A model folder of ours must be complete and a model; one without any zsctl file is a plain
+    HF model folder (not ours) and passes."""
+    p = Path(path)
+    if (p / MANIFEST).exists():
+        kind = read_manifest(p).get("kind")
+        if kind not in MODEL_KINDS:
+            raise BadInput(f"'{p}' is a '{kind}' artifact, not a model; pass a train-sim, warmup or rl --out, "
+                           "or an HF model directory")
+    elif any((p / f).exists() for f in _OWN_MODEL_FILES):
+        raise BadInput(f"incomplete artifact '{p}': zsctl model files but no {MANIFEST} (the run writing it did "
+                       "not finish); rerun that stage")
 
 
 def read_artifact(path: str | Path, kind: str, columns: list[str] | None = None) -> pa.Table:
@@ -232,10 +373,10 @@ def read_table_file(file: str | Path, required: pa.Schema, columns: list[str] | 
     return pf.read(columns=columns)
 
 
-def remove_partial(out: Path) -> None:
-    """Best-effort cleanup of temp files a failed write left behind (never the user's other files)."""
-    for p in Path(out).glob(".*.tmp-*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
+def artifact_file(folder: str | Path, rel: str) -> Path:
+    """A file a manifest lists, refused when the name leads out of the artifact folder."""
+    folder = Path(folder)
+    p = folder / rel
+    if Path(rel).is_absolute() or folder.resolve() not in p.resolve().parents:
+        raise BadInput(f"'{folder / MANIFEST}' lists '{rel}', outside the artifact folder; rerun the stage that wrote it")
+    return p

@@ -26,6 +26,9 @@ SPLITS = ("train", "eval")
 EVAL_FRACTION = 0.5
 # Bamboogle (125 questions) is a test-only set in the literature: never train on it.
 EVAL_ONLY = frozenset({"bamboogle"})
+# Benchmark questions are a sentence or two; a longer one is a mistake (or hostile) and would make
+# every stage allocate without bound for its prompt.
+MAX_QUESTION_CHARS = 4000
 
 
 def data_dir() -> Path:
@@ -122,12 +125,16 @@ def _read_jsonl(path: Path) -> list[dict]:
             if obj.get(key) is None:
                 raise BadInput(f"{path}:{lineno}: row has no '{key}'; every line needs 'question' and "
                                "'golden_answers' (FlashRAG format)")
-        question = str(obj["question"]).strip()
+        if not isinstance(obj["question"], str):
+            raise BadInput(f"{path}:{lineno}: 'question' is a {type(obj['question']).__name__}, not text; "
+                           "give the question as one string")
+        question = obj["question"].strip()
         golds = _answers(obj["golden_answers"])
         if not question:
             raise BadInput(f"{path}:{lineno}: 'question' is empty; give the question text")
         if golds is None:
             raise BadInput(f"{path}:{lineno}: 'golden_answers' must be a string or a list of strings")
+        _check_question(question, golds, f"{path}:{lineno}")
         rows.append({
             "id": str(obj["id"]) if obj.get("id") is not None else f"line_{lineno}",
             "question": question,
@@ -137,6 +144,16 @@ def _read_jsonl(path: Path) -> list[dict]:
     if not rows:
         raise BadInput(f"{path} is empty: it holds no questions")
     return rows
+
+
+def _check_question(question: str, golds: list[str], where: str) -> None:
+    """Refuse what can never be scored or would not fit: no usable gold answer, an endless question."""
+    if not any(g.strip() for g in golds):
+        raise BadInput(f"{where}: 'golden_answers' holds no answer ({golds!r}); such a question can never score: "
+                       "give at least one answer or drop the row")
+    if len(question) > MAX_QUESTION_CHARS:
+        raise BadInput(f"{where}: the question is {len(question)} characters; at most {MAX_QUESTION_CHARS} "
+                       "(is a whole document in the question field?)")
 
 
 def _user_content(prompt: object) -> str:
@@ -197,6 +214,7 @@ def _read_parquet(path: Path) -> list[dict]:
         if golds is None:
             raise BadInput(f"{path}: row {i}: no gold answers in 'golden_answers' or "
                            "'reward_model.ground_truth.target'")
+        _check_question(question, golds, f"{path}: row {i}")
         qid = r.get("id") if r.get("id") is not None else extra.get("index")
         rows.append({
             "id": str(qid) if qid is not None else f"row_{i}",

@@ -94,6 +94,9 @@ def resolve_model(spec: str) -> str:
         return str(dest)
     p = Path(spec).expanduser()
     if p.exists():
+        from zsctl.core.artifacts import check_model_dir
+
+        check_model_dir(p)  # a zsctl model folder a killed rerun left behind is refused, not loaded
         if not (p / "config.json").is_file():
             raise BadInput(f"model directory '{spec}' has no config.json; pass an HF model directory")
         return str(p)
@@ -118,19 +121,28 @@ def load_tokenizer(spec: str):
 
 def load_model(spec: str, *, dtype: str = "auto", device: str | None = None):
     """(model, tokenizer) for inference; float32 on CPU, bf16 on CUDA unless told otherwise."""
+    import sys
+
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    if not sys.stderr.isatty():  # "Loading weights" bars are for people watching, not for logs
+        transformers.utils.logging.disable_progress_bar()
     tok = load_tokenizer(spec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=torch_dtype)
-    except OSError as e:
-        raise BadInput(f"model '{spec}' cannot be loaded ({str(e).splitlines()[0]}); check the spec or the network") from e
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # missing, truncated or mismatched weights
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise BadInput(f"model '{spec}' cannot be loaded ({first}); check the spec, the network, or rebuild the "
+                       "model folder") from e
     model.to(device).eval()
     return model, tok
 

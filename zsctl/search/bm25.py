@@ -152,7 +152,9 @@ class BM25Engine(SearchEngine):
                            "rebuild it with `zsctl index CORPUS --out DIR`") from None
         return cls(retriever, corpus["id"], corpus["title"], corpus["text"], meta, spec or f"bm25:{path}")
 
-    def save(self, out: str | Path) -> Path:
+    def save(self, out: str | Path, **manifest) -> Path:
+        """Write the index into `out`, manifest last (`manifest`: write_manifest keywords, e.g. the
+        index stage's config and inputs), so every index folder we write is a complete artifact."""
         import pyarrow as pa
 
         from zsctl.core import artifacts
@@ -160,9 +162,13 @@ class BM25Engine(SearchEngine):
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / META).unlink(missing_ok=True)
+        (out / artifacts.MANIFEST).unlink(missing_ok=True)
         self.retriever.save(str(out), show_progress=False)
         artifacts.write_table(out, CORPUS, pa.table({"id": self.ids, "title": self.titles, "text": self.texts}))
         artifacts.write_json(out, META, self.meta)
+        manifest.setdefault("config", {"source": self.meta.get("source")})
+        manifest.setdefault("summary", {"passages": len(self)})
+        artifacts.write_manifest(out, "bm25_index", **manifest)
         return out
 
     def _search(self, queries, k, contexts, noise):
@@ -188,11 +194,25 @@ def cache_dir() -> Path:
     return cache_root() / "bm25"
 
 
+def _check_index_dir(p: Path) -> None:
+    """An index folder is ours: it needs a complete manifest of kind bm25_index (a killed rerun of
+    `zsctl index`, or another artifact, is refused)."""
+    from zsctl.core import artifacts
+
+    if not (p / artifacts.MANIFEST).is_file():
+        raise BadInput(f"'{p}' is not a complete BM25 index (no {artifacts.MANIFEST}); "
+                       "build one with `zsctl index CORPUS --out DIR`")
+    kind = artifacts.read_manifest(p).get("kind")
+    if kind != "bm25_index":
+        raise BadInput(f"'{p}' is a '{kind}' artifact, not a BM25 index; build one with `zsctl index CORPUS --out DIR`")
+
+
 def open_bm25(path: str) -> BM25Engine:
     """The `bm25:PATH` spec: an index directory, or a corpus file indexed once and cached."""
     spec = f"bm25:{path}"
     p = Path(path).expanduser()
     if p.is_dir():
+        _check_index_dir(p)
         return BM25Engine.load(p, spec)
     if not p.is_file():
         raise BadInput(f"search spec '{spec}': no such file or index directory; build one with "

@@ -69,7 +69,6 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 import time
 from array import array
 from dataclasses import asdict, dataclass
@@ -195,6 +194,8 @@ def iter_trajectories(file: Path, cols: list[str], batch: int) -> Iterator[list[
         for rb in pf.iter_batches(batch_size=batch, columns=read):
             rows = rb.to_pylist()
             for r in rows:
+                if r.get("question") is None:
+                    raise BadInput(f"'{file}' row {n}: 'question' is empty (null); every trajectory needs its question")
                 r.setdefault("traj_id", f"{file.stem}:{n}")
                 n += 1
             yield rows
@@ -216,7 +217,7 @@ def _iter_jsonl(file: Path, cols: list[str], batch: int) -> Iterator[list[dict]]
     except OSError as e:
         raise BadInput(f"cannot read '{file}' ({e.strerror}); check the path") from e
     with f:
-        for lineno, line in enumerate(f, start=1):
+        for lineno, line in enumerate(_lines(f, file), start=1):
             if not line.strip():
                 continue
             try:
@@ -233,6 +234,13 @@ def _iter_jsonl(file: Path, cols: list[str], batch: int) -> Iterator[list[dict]]
                 rows = []
     if rows:
         yield rows
+
+
+def _lines(f, file: Path) -> Iterator[str]:
+    try:
+        yield from f
+    except UnicodeDecodeError as e:
+        raise BadInput(f"'{file}' is not UTF-8 text (byte {e.start} of a line); save it as UTF-8") from None
 
 
 def _row_problem(row, cols: list[str]) -> str | None:
@@ -363,6 +371,7 @@ class SplitWriter:
 def run(cfg: BuildSFTConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
     files = input_files(cfg.trajectories)
+    out = artifacts.check_out(cfg.out, _kind(cfg), [cfg.trajectories, cfg.policy, cfg.judge_model, cfg.search])
     cols = needed_columns(cfg)
     for f in files:
         if f.suffix == ".parquet":
@@ -381,11 +390,9 @@ def run(cfg: BuildSFTConfig, progress: Progress | None = None) -> dict:
 
         engine = make_engine(cfg.search)
 
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out '{out}' exists and is not a directory; pass a directory path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-sft-", dir=out.parent))
+    work = artifacts.sibling(out, "build-sft")  # named so that a later run removes it after a kill
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     try:
         return _build(cfg, files, cols, out, work, policy_tok, judge, engine, progress)
     finally:
@@ -398,7 +405,8 @@ def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, p
     t0 = time.perf_counter()
     schema = SIM_SFT if cfg.target == "simulator" else POLICY_SFT
     writer = SplitWriter(work, schema)
-    stats = {"trajectories": 0, "search_calls": 0, "duplicates": 0, "no_documents": 0, "no_gold": 0, "not_selected": 0}
+    stats = {"trajectories": 0, "no_gold_trajectories": 0, "search_calls": 0, "duplicates": 0, "no_documents": 0,
+             "no_gold": 0, "not_selected": 0}
     if engine is not None and cfg.target == "policy":
         stats["question_searches"] = 0
     if cfg.target == "simulator":
@@ -420,6 +428,7 @@ def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, p
         for f in files:
             for batch in iter_trajectories(f, cols, read_batch):
                 stats["trajectories"] += len(batch)
+                stats["no_gold_trajectories"] += sum(1 for t in batch if not golds_of(t))
                 writer.write(make_rows(cfg, batch, seen, stats, policy_tok=policy_tok, judge=judge, unserved=unserved,
                                        engine=engine))
                 progress.advance(len(batch))
@@ -433,39 +442,43 @@ def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, p
     counts = {name: len(writer.labels[name]) for name in SPLIT_FILES}
     if stats["trajectories"] == 0:
         raise BadInput(f"no trajectories in {', '.join(map(str, files))}; run zsctl collect first")
+    if stats["no_gold_trajectories"] == stats["trajectories"]:  # the data's fault, not the search engine's
+        raise BadInput(f"no trajectory in {', '.join(map(str, files))} has a gold answer (golden_answers null or "
+                       f"empty in all {stats['trajectories']}); nothing can be labelled without them: add the answers")
     keep, label_counts = _balance(cfg, writer.labels, stats)
     if sum(counts.values()) == 0:
         raise BadInput(_empty_message(cfg, stats))
 
-    # Everything checked: only now does --out change.
-    out = artifacts.prepare_out(out)
-    rows_out = {}
-    offset = 0
-    for name in SPLIT_FILES:
-        rows_out[name] = _copy_masked(work / name, out, name, schema, keep, offset)
-        offset += counts[name]
-    summary = {
-        "out": str(out),
-        "kind": _kind(cfg),
-        "mode": _mode(cfg),
-        **stats,
-        "rows_train": rows_out["train.parquet"][0],
-        "rows_val": rows_out["val.parquet"][0],
-        "questions_train": rows_out["train.parquet"][1],
-        "questions_val": rows_out["val.parquet"][1],
-        **label_counts,
-        "wall_s": round(time.perf_counter() - t0, 2),
-    }
-    if judge is not None:
-        summary["judge_calls"] = judge.calls
-    if stats.get("question_as_query"):
-        summary["warning"] = (f"{stats['question_as_query']} trajectories are question-as-query searches that never "
-                              "answer: --label outcome made all their calls noisy; --label docs suits them")
-        progress.log(f"build-sft: warning: {summary['warning']}")
-    artifacts.write_manifest(
-        out, _kind(cfg), config=asdict(cfg), inputs=[artifacts.input_ref(p.parent if p.name == "trajectories.parquet" else p) for p in files],
-        summary=summary, seed=cfg.seed, extra={"layout": {"train": "train.parquet", "val": "val.parquet"}, "mode": _mode(cfg)},
-    )
+    # Everything checked: only now is anything written, beside --out; the old artifact there stays
+    # valid until this one is whole.
+    with artifacts.staging(out) as stage:
+        rows_out = {}
+        offset = 0
+        for name in SPLIT_FILES:
+            rows_out[name] = _copy_masked(work / name, stage, name, schema, keep, offset)
+            offset += counts[name]
+        summary = {
+            "out": str(out),
+            "kind": _kind(cfg),
+            "mode": _mode(cfg),
+            **stats,
+            "rows_train": rows_out["train.parquet"][0],
+            "rows_val": rows_out["val.parquet"][0],
+            "questions_train": rows_out["train.parquet"][1],
+            "questions_val": rows_out["val.parquet"][1],
+            **label_counts,
+            "wall_s": round(time.perf_counter() - t0, 2),
+        }
+        if judge is not None:
+            summary["judge_calls"] = judge.calls
+        if stats.get("question_as_query"):
+            summary["warning"] = (f"{stats['question_as_query']} trajectories are question-as-query searches that never "
+                                  "answer: --label outcome made all their calls noisy; --label docs suits them")
+            progress.log(f"build-sft: warning: {summary['warning']}")
+        artifacts.write_manifest(
+            stage, _kind(cfg), config=asdict(cfg), inputs=[artifacts.input_ref(p.parent if p.name == "trajectories.parquet" else p) for p in files],
+            summary=summary, seed=cfg.seed, extra={"layout": {"train": "train.parquet", "val": "val.parquet"}, "mode": _mode(cfg)},
+        )
     progress.log(f"build-sft: {summary['rows_train']} train / {summary['rows_val']} val rows in {summary['wall_s']} s")
     return summary
 

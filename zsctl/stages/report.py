@@ -35,7 +35,9 @@ def find_artifacts(run_dir: Path) -> dict[str, list[tuple[Path, dict]]]:
         d = mf.parent
         if "checkpoints" in d.parts or d.name == "report":
             continue
-        m = json.loads(mf.read_text(encoding="utf-8"))
+        m = artifacts.read_manifest(d, allow_incomplete=True)  # a damaged manifest is named, not skipped
+        if m.get("complete") is False:  # a stage still running, or killed: nothing to report yet
+            continue
         found.setdefault(m.get("kind", "?"), []).append((d, m))
     return found
 
@@ -50,17 +52,30 @@ def _eval_rows(found) -> list[tuple[str, str, dict]]:
     rows = []
     # in the order the evaluations ran (the demo's base → warm start → RL), not by folder name
     for d, _ in sorted(found.get("predictions", []), key=lambda dm: dm[1].get("created_at", "")):
-        met = json.loads((d / "metrics.json").read_text(encoding="utf-8"))
+        met = _metrics(d)
         for bench, m in met["benchmarks"].items():
             rows.append((d.name, bench, m))
     return rows
+
+
+def _metrics(d: Path) -> dict:
+    """An evaluation's metrics.json, with the two parts the report reads."""
+    path = d / "metrics.json"
+    try:
+        met = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BadInput(f"'{path}' is missing or unreadable ({type(e).__name__}); rerun the zsctl eval that wrote "
+                       f"'{d}'") from None
+    if not (isinstance(met, dict) and isinstance(met.get("benchmarks"), dict) and isinstance(met.get("overall"), dict)):
+        raise BadInput(f"'{path}' lacks 'benchmarks' and 'overall'; rerun the zsctl eval that wrote '{d}'")
+    return met
 
 
 def _top_queries_section(found) -> list[str]:
     """What each evaluated policy searched for most (metrics.json's overall top queries)."""
     lines = []
     for d, _ in sorted(found.get("predictions", []), key=lambda dm: dm[1].get("created_at", "")):
-        top = json.loads((d / "metrics.json").read_text(encoding="utf-8"))["overall"].get("top_queries")
+        top = _metrics(d)["overall"].get("top_queries")
         if top:
             lines.append(f"- `{d.name}` searched most for: " + "; ".join(f"\"{q}\" ×{c}" for q, c in top))
     return lines + [""] if lines else []
@@ -116,9 +131,7 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
     found = find_artifacts(run_dir)
     if not found:
         raise BadInput(f"'{run_dir}' holds no artifact (no manifest.json below it); run some stages into it first")
-    out = Path(cfg.out) if cfg.out else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / artifacts.MANIFEST).unlink(missing_ok=True)
+    out = artifacts.check_out(cfg.out or run_dir / "report", "report", [run_dir])
 
     lines = [f"# zsctl report: {run_dir}", ""]
     evals = _eval_rows(found)
@@ -167,23 +180,27 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
     for d, m in found.get("check_sim", []):
         lines += _check_sim_section(d, m.get("summary", {}))
 
-    plots = _plots(out, rl_runs, evals, ledger)
+    with artifacts.staging(out) as stage:  # an older report in --out stays until this one is whole
+        summary = _write_report(cfg, out, stage, found, lines, rl_runs, evals, ledger)
+    progress.log(f"report → {out / 'report.md'}")
+    return summary
+
+
+def _write_report(cfg, out: Path, stage: Path, found, lines, rl_runs, evals, ledger) -> dict:
+    plots = _plots(stage, rl_runs, evals, ledger)
     if plots is None:
         lines += ["_Plots skipped: matplotlib is not installed (`pip install \"zsctl[plot]\"`)._", ""]
     else:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(out / "report.md")
+    (stage / "report.md").write_text("\n".join(lines), encoding="utf-8")
     summary = {"out": str(out), "report": str(out / "report.md"), "plots": [p.name for p in plots or []],
                "artifacts": {k: len(v) for k, v in found.items()}, "ledger": ledger,
                "evaluation": [{"run": r, "benchmark": b, **{k: m[k] for k in ("n", "em", "subem", "f1", "avg_searches")},
                                **{k: m.get(k) for k in ("degenerate_share", "search_hit_rate", "hit_searches_n",
                                                          "question_hit_rate", "hit_questions_n")}}
                               for r, b, m in evals]}
-    artifacts.write_manifest(out, "report", config=asdict(cfg), inputs=[{"path": str(d)} for v in found.values() for d, _ in v],
+    artifacts.write_manifest(stage, "report", config=asdict(cfg), inputs=[{"path": str(d)} for v in found.values() for d, _ in v],
                              summary=summary)
-    progress.log(f"report → {out / 'report.md'}")
     return summary
 
 

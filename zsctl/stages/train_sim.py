@@ -37,7 +37,7 @@ def tokens_per_doc(rows: list[dict], data_manifest: dict, base: str) -> int:
 def run(cfg: TrainSimConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
     train, val, data_manifest = sft.load_sft_data(cfg.data, "sim_sft")
-    sft.check_model_out(cfg.out, "simulator")
+    artifacts.check_out(cfg.out, "simulator", [cfg.data, cfg.base])
     run_cfg = sft.SFTRunConfig(
         base=cfg.base, out=cfg.out, mask_env=False, prompt_special_tokens=True, **cfg.options(),
         desc="train-sim",

@@ -26,7 +26,7 @@ class WarmupConfig(sft.SFTOptions):
 def run(cfg: WarmupConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
     train, val, _ = sft.load_sft_data(cfg.data, "policy_sft")
-    sft.check_model_out(cfg.out, "policy")
+    artifacts.check_out(cfg.out, "policy", [cfg.data, cfg.policy])
     run_cfg = sft.SFTRunConfig(
         base=cfg.policy, out=cfg.out, mask_env=True, prompt_special_tokens=False, **cfg.options(),
         desc="warmup",
