@@ -30,7 +30,18 @@ from zsctl.core.schemas import POLICY_SFT, SIM_SFT
 
 DATA_SCHEMAS = {"sim_sft": SIM_SFT, "policy_sft": POLICY_SFT}
 SPLITS = ("train.parquet", "val.parquet")
-REPORT_TO = ("none", "tensorboard", "wandb")  # each but none is also the package it needs
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio")  # each but none is also the package it needs
+# --report-to, shared by train-sim, warmup and rl: TRL's own integrations log every step
+REPORT_TO_HELP = ("Experiment tracking through TRL: none | tensorboard | wandb | trackio (tensorboard files go to "
+                  "OUT/logs for train-sim/warmup, OUT/checkpoints/runs for rl; trackio logs locally; wandb "
+                  "needs WANDB_MODE=offline to stay off the network).")
+
+
+def check_report_to(report_to: str) -> None:
+    """The tracker's package must be installed: TRL would fail only after the model has loaded."""
+    if report_to != "none" and Options.check_environment and importlib.util.find_spec(report_to) is None:
+        raise BadInput(f"--report-to {report_to} needs the '{report_to}' package; "
+                       f"run `pip install {report_to}` or use --report-to none")
 
 # What the environment inserts into a policy response (agent.py): information blocks and the two
 # fixed notes, each with the whitespace around it. An unclosed block (a cut response) runs to the end.
@@ -55,14 +66,12 @@ class SFTOptions(Options):
     grad_accum: int = option(1, "Gradient accumulation steps.", ge=1)
     max_length: int = option(1024, "Tokens per row (prompt + completion); longer rows are cut.", ge=1)
     val_limit: int = option(32, "Validation rows scored before and after training.", ge=0)
-    report_to: str = option("none", "none | tensorboard | wandb", choices=REPORT_TO)
+    report_to: str = option("none", REPORT_TO_HELP, choices=REPORT_TO)
     seed: int = option(0, "Random seed.", ge=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
-            raise BadInput(f"--report-to {self.report_to} needs the '{self.report_to}' package; "
-                           f"run `pip install {self.report_to}` or use --report-to none")
+        check_report_to(self.report_to)
 
     @property
     def learning_rate(self) -> float:

@@ -34,7 +34,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -48,6 +48,7 @@ from zsctl.core.rewards import REWARDS
 from zsctl.core.schemas import ROLLOUTS
 from zsctl.search import make_engine
 from zsctl.search.base import Noise, QueryContext
+from zsctl.sft import REPORT_TO, check_report_to
 
 ALGOS = {
     "grpo": dict(loss_type="grpo", scale_rewards="group"),
@@ -85,7 +86,7 @@ class RLConfig:
     max_new_tokens: int = 64
     max_response_tokens: int = 640  # hard bound on a response, documents included (TRL's max_completion_length)
     topk: int = 3
-    max_doc_words: int = 40
+    max_doc_words: int = 40  # zsctl style only (a CPU pays for every inserted token); upstream styles insert whole documents
     temperature: float = 1.0
     reward: str = "f1"
     save_every: int = 0
@@ -100,6 +101,15 @@ class RLConfig:
     val_limit: int = 50
     limit: int | None = None
     seed: int = 0
+    prompt_style: str = field(default="zsctl", metadata={
+        "help": "zsctl | search-r1 | zerosearch: the instruction, document lines and notes the policy is trained "
+                "with.", "choices": prompts.PROMPT_STYLES})
+    prompt_from_data: bool = field(default=False, metadata={
+        "help": "Give the policy each training question's own 'prompt' column (a ZeroSearch/Search-R1 parquet) "
+                "verbatim."})
+    sim_template: str | None = field(default=None, metadata={
+        "help": "Simulator prompt template: a file (fields {query} {question} {answer} {mode} {Mode} {k}; YAML for "
+                "one text per mode and a system message) or zerosearch-sft."})
 
 
 def noise_probability(step: int, total: int, p_start: float, p_end: float, base: float = 4.0) -> float:
@@ -124,7 +134,8 @@ def _run_identity(cfg: RLConfig) -> dict:
     the rollout and the objective (checkpointing, logging and validation may)."""
     keys = ("policy", "search", "train", "algo", "steps", "batch_size", "grad_accum", "group_size", "seed", "lora",
             "lora_r", "limit", "noise_start", "noise_end", "noise_base", "reward", "max_turns", "max_new_tokens",
-            "max_response_tokens", "topk", "max_doc_words", "temperature", "lr", "beta", "use_vllm")
+            "max_response_tokens", "topk", "max_doc_words", "temperature", "lr", "beta", "use_vllm", "prompt_style",
+            "prompt_from_data", "sim_template")
     return {k: getattr(cfg, k) for k in keys}
 
 
@@ -150,6 +161,10 @@ def _validate(cfg: RLConfig) -> None:
         raise BadInput("--noise-start/--noise-end must be in [0, 1] and --noise-base > 0")
     if cfg.val and not cfg.val_search:
         raise BadInput("--val needs --val-search (a real engine, e.g. bm25:data/corpus/wiki_sample.jsonl)")
+    if cfg.report_to not in REPORT_TO:
+        raise BadInput(f"--report-to '{cfg.report_to}' is not one of {', '.join(REPORT_TO)}")
+    check_report_to(cfg.report_to)
+    prompts.style_of(cfg.prompt_style)
 
 
 def load_train_questions(spec: str, limit: int | None) -> list[dict]:
@@ -215,8 +230,12 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
     reward_fn = REWARDS[cfg.reward]
     agent_cfg = AgentConfig(
         max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, max_response_tokens=cfg.max_response_tokens,
-        topk=cfg.topk, max_doc_words=cfg.max_doc_words, temperature=cfg.temperature,
+        topk=cfg.topk, max_doc_words=cfg.max_doc_words if cfg.prompt_style == "zsctl" else None,
+        temperature=cfg.temperature, prompt_style=cfg.prompt_style,
     )
+    # prompt_from_data: each question's own chat messages, found by its text as the golds are
+    chats_by_question = dict(zip(golds_by_question, prompts.chats_from_data(list(golds_by_question.values()), cfg.train))
+                             ) if cfg.prompt_from_data else {}
 
     def rollout_func(prompts: list[str], trainer) -> dict:
         import torch
@@ -240,7 +259,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
                 _attach_vllm(loop, trainer)
             with torch.no_grad():
                 trajs = loop.run(
-                    loop.encode_prompts(prompts),
+                    loop.encode_prompts(prompts, chats=[chats_by_question.get(q) for q in prompts]),
                     [QueryContext(q, golds_by_question[q]["golden_answers"]) for q in prompts],
                     noise,
                 )
@@ -430,7 +449,8 @@ def _make_validator(cfg: RLConfig, tokenizer):
         model.eval()
         loop = AgentLoop(model, tokenizer, engine, AgentConfig(
             max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, topk=cfg.topk,
-            max_doc_words=cfg.max_doc_words, max_response_tokens=cfg.max_response_tokens))
+            max_doc_words=cfg.max_doc_words if cfg.prompt_style == "zsctl" else None,
+            max_response_tokens=cfg.max_response_tokens, prompt_style=cfg.prompt_style))
         scores = []
         with torch.no_grad():
             for i in range(0, len(questions), 8):
@@ -514,7 +534,9 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
         resume_from = str(last) if last else None
 
     questions = load_train_questions(cfg.train, cfg.limit)
-    engine = make_engine(cfg.search)
+    if cfg.prompt_from_data:
+        prompts.chats_from_data(questions, cfg.train)  # every question has its prompt, or bad input now
+    engine = make_engine(cfg.search, sim_template=cfg.sim_template)
     on_gpu = torch.cuda.is_available()
     model, tok = policy or load_model(cfg.policy, dtype="bfloat16" if on_gpu else "float32")
 
@@ -613,7 +635,9 @@ def run(cfg: RLConfig, progress: Progress | None = None) -> dict:
             )
         artifacts.write_manifest(
             out, "policy", config=asdict(cfg), inputs=[artifacts.input_ref(cfg.train)], summary=summary,
-            seed=cfg.seed, extra={"base_model": cfg.policy, "algo": cfg.algo},
+            seed=cfg.seed, extra={"base_model": cfg.policy, "algo": cfg.algo,
+                                  "prompt_style": {**prompts.style_of(cfg.prompt_style).as_dict(),
+                                                   "prompt_from_data": cfg.prompt_from_data}},
         )
     trainer.accelerator.wait_for_everyone()
     return summary
