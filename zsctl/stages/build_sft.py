@@ -52,10 +52,11 @@ so the policy learns to search for named things; questions still without a demon
 their logged calls, then are searched once with the question itself as the query.
 
 Inputs (comma-separated): trajectories artifact directories, or Parquet / JSONL files from other
-tools with at least `question: string`, `golden_answers: list<string>`, `searches: list<struct<query:
-string, documents: list<struct<title?: string, text: string, score?: double>>>>`, plus `traj_id`
-(optional), `em` (outcome labels, rejection sampling), `f1` (`--min-f1`) and `response` (rejection
-sampling).
+tools (zsctl.core.readers); `em` is read for outcome labels and rejection sampling, `f1` for
+`--min-f1`, `response` for rejection sampling.
+
+Reading order: the config; `run` (setup, then `_build`: read → rows → balance → write); `Rows`, the
+row makers, one method per kind of data; then the output and text helpers.
 
 Memory stays flat as the input grows: the input is read in record batches; rows go straight to
 temporary Parquet files; only a 64-bit hash per distinct pair and one byte per row stay in memory.
@@ -73,7 +74,6 @@ import time
 from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -82,25 +82,16 @@ from zsctl.core import artifacts, metrics, prompts
 from zsctl.core.config import DEFAULT_MODEL, Options, option
 from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
-from zsctl.core.schemas import POLICY_SFT, SIM_SFT, STR_LIST, missing_or_mistyped
+from zsctl.core.readers import check_parquet, input_files, iter_trajectories, open_streaming
+from zsctl.core.schemas import POLICY_SFT, SIM_SFT
+from zsctl.judge import Judge
+from zsctl.search.base import cut_words
 
 LABELS = ("outcome", "answer", "judge", "docs")
 TARGETS = ("simulator", "policy")
 SPLIT_FILES = ("train.parquet", "val.parquet")
 USEFUL, NOISY = 1, 0
-
-# What an input must hold. Documents need only `text`: other tools may not log titles or scores.
-_DOC_IN = pa.struct([("text", pa.string())])
-_SEARCH_IN = pa.struct([("query", pa.string()), ("documents", pa.list_(_DOC_IN))])
-_COLUMNS = {
-    "question": pa.string(),
-    "golden_answers": STR_LIST,
-    "searches": pa.list_(_SEARCH_IN),
-    "em": pa.float64(),
-    "f1": pa.float64(),
-    "response": pa.string(),
-}
-_HINT = "the trajectories schema is in the README (Artifacts) and zsctl/stages/build_sft.py"
+Row = tuple[str, dict, int]  # (split file, row, label byte): what the row makers return
 
 
 @dataclass(kw_only=True)
@@ -140,28 +131,7 @@ class BuildSFTConfig(Options):
             raise BadInput("--search is only used with --for policy --templated or --label docs; drop it")
 
 
-# --- input -----------------------------------------------------------------------------------------
-
-
-def input_files(spec: str) -> list[Path]:
-    """Each comma-separated source as a data file; artifact dirs must be complete trajectories."""
-    files = []
-    for part in [s.strip() for s in spec.split(",") if s.strip()]:
-        p = Path(part)
-        if p.is_dir():
-            manifest = artifacts.read_manifest(p)
-            if manifest.get("kind") != "trajectories":
-                raise BadInput(f"'{p}' is a '{manifest.get('kind')}' artifact, expected 'trajectories'; pass zsctl collect's --out")
-            files.append(p / "trajectories.parquet")
-        elif p.is_file() and p.suffix in (".parquet", ".jsonl"):
-            files.append(p)
-        elif p.exists():
-            raise BadInput(f"--trajectories '{p}' is neither a trajectories directory nor a .parquet/.jsonl file")
-        else:
-            raise BadInput(f"--trajectories '{p}' does not exist; pass zsctl collect's --out or a .parquet/.jsonl file")
-    if not files:
-        raise BadInput("--trajectories is empty; pass a trajectories directory or file")
-    return files
+# --- the run --------------------------------------------------------------------------------------
 
 
 def needed_columns(cfg: BuildSFTConfig) -> list[str]:
@@ -175,199 +145,6 @@ def needed_columns(cfg: BuildSFTConfig) -> list[str]:
     return cols
 
 
-def check_parquet(file: Path, cols: list[str]) -> None:
-    try:
-        schema = pq.ParquetFile(file).schema_arrow
-    except (OSError, pa.ArrowException) as e:
-        raise BadInput(f"cannot read Parquet file '{file}' ({' '.join(str(e).split())}); check the path") from e
-    problems = missing_or_mistyped(schema, pa.schema([(c, _COLUMNS[c]) for c in cols]))
-    if problems:
-        raise BadInput(f"'{file}': {'; '.join(problems)}; {_HINT}")
-
-
-def iter_trajectories(file: Path, cols: list[str], batch: int) -> Iterator[list[dict]]:
-    """Trajectory dicts in batches; `traj_id` falls back to FILE-STEM:ROW for other tools' files."""
-    if file.suffix == ".parquet":
-        pf = _open_streaming(file)
-        read = cols + (["traj_id"] if "traj_id" in pf.schema_arrow.names else [])
-        n = 0
-        for rb in pf.iter_batches(batch_size=batch, columns=read):
-            rows = rb.to_pylist()
-            for r in rows:
-                if r.get("question") is None:
-                    raise BadInput(f"'{file}' row {n}: 'question' is empty (null); every trajectory needs its question")
-                r.setdefault("traj_id", f"{file.stem}:{n}")
-                n += 1
-            yield rows
-    else:
-        yield from _iter_jsonl(file, cols, batch)
-
-
-def _open_streaming(file: Path) -> pq.ParquetFile:
-    # Without pre-buffering and with a small read buffer, Arrow holds one column chunk page at a
-    # time instead of whole row groups: measured RSS stays flat (~200 MB) where the defaults grew
-    # with the file.
-    return pq.ParquetFile(file, pre_buffer=False, buffer_size=1 << 20)
-
-
-def _iter_jsonl(file: Path, cols: list[str], batch: int) -> Iterator[list[dict]]:
-    rows: list[dict] = []
-    try:
-        f = open(file, encoding="utf-8")
-    except OSError as e:
-        raise BadInput(f"cannot read '{file}' ({e.strerror}); check the path") from e
-    with f:
-        for lineno, line in enumerate(_lines(f, file), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"'{file}' line {lineno}: not valid JSON ({e.msg}); one trajectory object per line") from e
-            problem = _row_problem(row, cols)
-            if problem:
-                raise BadInput(f"'{file}' line {lineno}: {problem}; {_HINT}")
-            row.setdefault("traj_id", f"{file.stem}:{lineno}")
-            rows.append(row)
-            if len(rows) >= batch:
-                yield rows
-                rows = []
-    if rows:
-        yield rows
-
-
-def _lines(f, file: Path) -> Iterator[str]:
-    try:
-        yield from f
-    except UnicodeDecodeError as e:
-        raise BadInput(f"'{file}' is not UTF-8 text (byte {e.start} of a line); save it as UTF-8") from None
-
-
-def _row_problem(row, cols: list[str]) -> str | None:
-    """What is wrong with one JSONL trajectory (None when it is usable)."""
-    if not isinstance(row, dict):
-        return "expected a JSON object"
-    for c in cols:
-        if c not in row:
-            return f"missing field '{c}'"
-    v = row.get
-    if "question" in cols and not isinstance(v("question"), str):
-        return "'question' must be a string"
-    if "response" in cols and not isinstance(v("response"), str):
-        return "'response' must be a string"
-    for c in ("em", "f1"):
-        if c in cols and not isinstance(v(c), (int, float)):
-            return f"'{c}' must be a number"
-    golds = v("golden_answers")
-    if "golden_answers" in cols and not (isinstance(golds, list) and all(isinstance(g, str) for g in golds)):
-        return "'golden_answers' must be a list of strings"
-    if "searches" in cols:
-        searches = v("searches")
-        if not isinstance(searches, list):
-            return "'searches' must be a list of {query, documents}"
-        for s in searches:
-            if not (isinstance(s, dict) and isinstance(s.get("query"), str) and isinstance(s.get("documents"), list)):
-                return "each search must be an object with 'query' (string) and 'documents' (list)"
-            if not all(isinstance(d, dict) and isinstance(d.get("text"), str) for d in s["documents"]):
-                return "each document must be an object with a 'text' string (title and score optional)"
-    return None
-
-
-# --- helpers ---------------------------------------------------------------------------------------
-
-
-def h64(*parts: str) -> int:
-    """A stable 64-bit hash (unlike the salted built-in hash())."""
-    return int.from_bytes(hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest(), "big")
-
-
-def is_val(question: str, fraction: float) -> bool:
-    return h64(" ".join(question.split()).lower()) / 2**64 < fraction
-
-
-def clean_docs(docs: list[dict], words: int) -> list[dict]:
-    """Documents with text, each cut to `words` words as the agent loop cuts them."""
-    out = []
-    for d in docs or []:
-        parts = (d.get("text") or "").split(None, words) if words else (d.get("text") or "").split()
-        text = " ".join(parts[:words] if words else parts)  # maxsplit: long texts are not split whole
-        if text:
-            out.append({"title": d.get("title") or "", "text": text})
-    return out
-
-
-def golds_of(t: dict) -> list[str]:
-    return [g for g in (t.get("golden_answers") or []) if g and g.strip()]
-
-
-class Judge:
-    """`--label judge`: one batched forward pass per chunk; useful when 'yes' outscores 'no' as the
-    judge's first reply token (the same decision greedy generation would make between the two)."""
-
-    def __init__(self, spec: str, batch_size: int):
-        from zsctl.core.models import load_model
-
-        self.model, self.tok = load_model(spec)
-        self.tok.padding_side = "left"
-        self.batch_size = batch_size
-        first = lambda words: {self.tok(w, add_special_tokens=False)["input_ids"][0] for w in words}  # noqa: E731
-        yes, no = first(["yes", "Yes", " yes", " Yes"]), first(["no", "No", " no", " No"])
-        self.yes, self.no = sorted(yes - no), sorted(no - yes)
-        if not self.yes or not self.no:
-            raise BadInput(f"judge model '{spec}': its tokenizer cannot tell 'yes' from 'no' by the first token; pick another --judge-model")
-        self.calls = 0
-
-    def _text(self, question: str, answer: str, documents: str) -> str:
-        messages = prompts.judge_messages(question, answer, documents)
-        if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return messages[0]["content"] + "\nReply: "
-
-    def __call__(self, items: list[tuple[str, str, str]]) -> list[bool]:
-        import torch
-
-        out = []
-        for i in range(0, len(items), self.batch_size):
-            texts = [self._text(*it) for it in items[i : i + self.batch_size]]
-            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            mask = enc["attention_mask"]
-            # left padding: positions count real tokens only, so a row scores as it would alone
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            device = next(self.model.parameters()).device
-            with torch.no_grad():
-                logits = self.model(input_ids=enc["input_ids"].to(device), attention_mask=mask.to(device),
-                                    position_ids=positions.to(device)).logits[:, -1, :].float()
-            yes = logits[:, self.yes].max(dim=1).values
-            no = logits[:, self.no].max(dim=1).values
-            out += (yes > no).tolist()
-            self.calls += len(texts)
-        return out
-
-
-# --- the run ---------------------------------------------------------------------------------------
-
-
-class SplitWriter:
-    """Rows of one schema into train/val Parquet files, with one label byte per row kept in memory."""
-
-    def __init__(self, folder: Path, schema: pa.Schema):
-        self.schema = schema
-        self.writers = {name: pq.ParquetWriter(folder / name, schema) for name in SPLIT_FILES}
-        self.labels = {name: array("b") for name in SPLIT_FILES}
-
-    def write(self, rows: list[tuple[str, dict, int]]) -> None:
-        """rows: (split file, row, label)."""
-        for name in SPLIT_FILES:
-            part = [r for s, r, _ in rows if s == name]
-            if part:
-                self.writers[name].write_table(pa.Table.from_pylist(part, schema=self.schema))
-                self.labels[name].extend(lab for s, _, lab in rows if s == name)
-
-    def close(self) -> None:
-        for w in self.writers.values():
-            w.close()
-
-
 def run(cfg: BuildSFTConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
     files = input_files(cfg.trajectories)
@@ -377,14 +154,13 @@ def run(cfg: BuildSFTConfig, progress: Progress | None = None) -> dict:
         if f.suffix == ".parquet":
             check_parquet(f, cols)
     # Setup (models) before any output, so bad specs never touch --out.
-    policy_tok = judge = None
+    policy_tok = judge = engine = None
     if cfg.target == "policy":
         from zsctl.core.models import load_tokenizer
 
         policy_tok = load_tokenizer(cfg.policy)
     if cfg.target == "simulator" and cfg.label == "judge":
         judge = Judge(cfg.judge_model, cfg.judge_batch_size)
-    engine = None
     if cfg.search:
         from zsctl.search import make_engine
 
@@ -394,50 +170,35 @@ def run(cfg: BuildSFTConfig, progress: Progress | None = None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        return _build(cfg, files, cols, out, work, policy_tok, judge, engine, progress)
+        return _build(cfg, files, cols, out, work, Rows(cfg, policy_tok, judge, engine), progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if engine is not None:
             engine.close()
 
 
-def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, progress) -> dict:
+def _build(cfg, files, cols, out: Path, work: Path, rows: Rows, progress) -> dict:
     t0 = time.perf_counter()
     schema = SIM_SFT if cfg.target == "simulator" else POLICY_SFT
     writer = SplitWriter(work, schema)
-    stats = {"trajectories": 0, "no_gold_trajectories": 0, "search_calls": 0, "duplicates": 0, "no_documents": 0,
-             "no_gold": 0, "not_selected": 0}
-    if engine is not None and cfg.target == "policy":
-        stats["question_searches"] = 0
-    if cfg.target == "simulator":
-        stats.update({"outcome": {"question_as_query": 0}, "answer": {"yes_no": 0},
-                      "docs": {"yes_no": 0, "no_answer_docs": 0, "no_answer_free_docs": 0, "degenerate_queries": 0,
-                               "degenerate_synthesized": 0, "entity_searches": 0}}.get(cfg.label, {}))
-    seen: set[int] = set()  # 64-bit hashes of the distinct pairs
-    unserved: dict | None = {} if engine is not None else None  # templated + --search only
-    make_rows = {
-        ("simulator", False): _simulator_rows,
-        ("policy", False): _policy_rows,
-        ("policy", True): _templated_rows,
-    }[(cfg.target, cfg.templated and cfg.target == "policy")]
+    stats = rows.stats
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files if f.suffix == ".parquet")
     progress.log(f"build-sft: reading {len(files)} input file(s)")
     progress.start("build-sft", total)
-    read_batch = min(cfg.read_batch, 64) if judge is not None else cfg.read_batch  # judging is slow: report often
+    read_batch = min(cfg.read_batch, 64) if rows.judge is not None else cfg.read_batch  # judging is slow: report often
     try:
         for f in files:
             for batch in iter_trajectories(f, cols, read_batch):
                 stats["trajectories"] += len(batch)
                 stats["no_gold_trajectories"] += sum(1 for t in batch if not golds_of(t))
-                writer.write(make_rows(cfg, batch, seen, stats, policy_tok=policy_tok, judge=judge, unserved=unserved,
-                                       engine=engine))
+                writer.write(rows.of(batch))
                 progress.advance(len(batch))
-        if engine is not None and cfg.target == "policy":
-            writer.write(_search_questions(cfg, engine, unserved, seen, stats, policy_tok, progress))
+        if rows.engine is not None and cfg.target == "policy":
+            writer.write(rows.question_searches(progress))
     finally:
         writer.close()
         progress.stop()
-    del seen
+    rows.seen.clear()  # the pair hashes are not needed past here
 
     counts = {name: len(writer.labels[name]) for name in SPLIT_FILES}
     if stats["trajectories"] == 0:
@@ -469,18 +230,396 @@ def _build(cfg, files, cols, out: Path, work: Path, policy_tok, judge, engine, p
             **label_counts,
             "wall_s": round(time.perf_counter() - t0, 2),
         }
-        if judge is not None:
-            summary["judge_calls"] = judge.calls
+        if rows.judge is not None:
+            summary["judge_calls"] = rows.judge.calls
         if stats.get("question_as_query"):
-            summary["warning"] = (f"{stats['question_as_query']} trajectories are question-as-query searches that never "
-                                  "answer: --label outcome made all their calls noisy; --label docs suits them")
+            summary["warning"] = (f"{stats['question_as_query']} trajectories are question-as-query searches that "
+                                  "never answer: --label outcome made all their calls noisy; --label docs suits them")
             progress.log(f"build-sft: warning: {summary['warning']}")
         artifacts.write_manifest(
-            stage, _kind(cfg), config=asdict(cfg), inputs=[artifacts.input_ref(p.parent if p.name == "trajectories.parquet" else p) for p in files],
-            summary=summary, seed=cfg.seed, extra={"layout": {"train": "train.parquet", "val": "val.parquet"}, "mode": _mode(cfg)},
+            stage, _kind(cfg), config=asdict(cfg),
+            inputs=[artifacts.input_ref(p.parent if p.name == "trajectories.parquet" else p) for p in files],
+            summary=summary, seed=cfg.seed,
+            extra={"layout": {"train": "train.parquet", "val": "val.parquet"}, "mode": _mode(cfg)},
         )
     progress.log(f"build-sft: {summary['rows_train']} train / {summary['rows_val']} val rows in {summary['wall_s']} s")
     return summary
+
+
+# --- rows ------------------------------------------------------------------------------------------
+
+
+class Rows:
+    """The row makers of one run: each turns trajectories into `Row`s, counting what it skipped in
+    `stats` and keeping only pairs no earlier row had (`seen`: 64-bit hashes)."""
+
+    def __init__(self, cfg: BuildSFTConfig, policy_tok=None, judge: Judge | None = None, engine=None):
+        self.cfg, self.policy_tok, self.judge, self.engine = cfg, policy_tok, judge, engine
+        self.seen: set[int] = set()
+        # --templated --search: question hash → the trajectory still to serve (None once served)
+        self.unserved: dict[int, dict | None] = {}
+        self.stats = {"trajectories": 0, "no_gold_trajectories": 0, "search_calls": 0, "duplicates": 0,
+                      "no_documents": 0, "no_gold": 0, "not_selected": 0}
+        if engine is not None and cfg.target == "policy":
+            self.stats["question_searches"] = 0
+        if cfg.target == "simulator":
+            self.stats.update({"outcome": {"question_as_query": 0}, "answer": {"yes_no": 0},
+                               "docs": {"yes_no": 0, "no_answer_docs": 0, "no_answer_free_docs": 0,
+                                        "degenerate_queries": 0, "degenerate_synthesized": 0,
+                                        "entity_searches": 0}}.get(cfg.label, {}))
+
+    def of(self, batch: list[dict]) -> list[Row]:
+        """The rows of one batch of trajectories, by what the config asks for."""
+        cfg = self.cfg
+        if cfg.target == "policy":
+            return self.demonstrations(batch) if cfg.templated else self.rejection_sampled(batch)
+        if cfg.label == "docs":
+            return self.doc_pairs(batch) + (self.entity_pairs(batch) if self.engine else [])
+        return self.labelled_calls(batch)
+
+    def _new(self, key: int) -> bool:
+        """Whether a pair is new (then it is remembered); a repeat is counted."""
+        if key in self.seen:
+            self.stats["duplicates"] += 1
+            return False
+        self.seen.add(key)
+        return True
+
+    # --- simulator data ----------------------------------------------------------------------------
+
+    def labelled_calls(self, batch: list[dict]) -> list[Row]:
+        """`--label outcome | answer | judge`: one row per logged call, labelled useful or noisy."""
+        cfg, stats = self.cfg, self.stats
+        calls = []  # (trajectory, search index, query, docs, completion)
+        for t in batch:
+            searches = t.get("searches") or []
+            stats["search_calls"] += len(searches)
+            if not golds_of(t):
+                stats["no_gold"] += len(searches)
+                continue
+            if cfg.label == "answer" and metrics.yes_no(golds_of(t)):
+                stats["yes_no"] += len(searches)
+                continue
+            if cfg.label == "outcome" and _question_as_query(t):
+                stats["question_as_query"] += 1
+            for j, s in enumerate(searches):
+                docs = clean_docs(s.get("documents"), cfg.doc_words)[: cfg.docs]
+                query = (s.get("query") or "").strip()
+                if not docs or not query:
+                    stats["no_documents"] += 1
+                    continue
+                completion = prompts.format_documents(docs)
+                if self._new(h64(query, completion)):
+                    calls.append((t, j, query, docs, completion))
+        if not calls:
+            return []
+        if cfg.label == "outcome":
+            useful = [float(t.get("em") or 0.0) >= 1.0 for t, *_ in calls]
+        elif cfg.label == "answer":
+            useful = [metrics.docs_hold_answer(docs, golds_of(t)) for t, _, _, docs, _ in calls]
+        else:
+            useful = self.judge([(t["question"], golds_of(t)[0], completion) for t, _, _, _, completion in calls])
+        rows = []
+        for (t, j, query, docs, completion), ok in zip(calls, useful):
+            label = "useful" if ok else "noisy"
+            # this call's own trajectory: never a neighbour's question or answer
+            row = _sim_row(t, f"{t['traj_id']}#{j}", query, golds_of(t)[0], label, docs)
+            rows.append((self.split(t), row, USEFUL if ok else NOISY))
+        return rows
+
+    def doc_pairs(self, batch: list[dict]) -> list[Row]:
+        """`--label docs`: a useful and a noisy row from ONE logged call (see the module docstring)."""
+        cfg, stats = self.cfg, self.stats
+        rows = []
+        for t in batch:
+            searches = t.get("searches") or []
+            stats["search_calls"] += len(searches)
+            golds = golds_of(t)
+            if not golds:
+                stats["no_gold"] += len(searches)
+                continue
+            if metrics.yes_no(golds):
+                stats["yes_no"] += len(searches)
+                continue
+            for j, s in enumerate(searches):
+                query = (s.get("query") or "").strip()
+                docs = clean_docs(s.get("documents"), cfg.doc_words)  # all N results: the pair picks from them
+                if not docs or not query:
+                    stats["no_documents"] += 1
+                    continue
+                hits = [metrics.docs_hold_answer([d], golds) for d in docs]
+                answer_free = [d for d, h in zip(docs, hits) if not h]
+                k = min(cfg.docs, len(answer_free))
+                if k == 0:
+                    stats["no_answer_free_docs"] += 1
+                    continue
+                row_id = f"{t['traj_id']}#{j}"
+                if metrics.is_degenerate_query(query):
+                    # a bad query's real results, minus any answer they hold by chance, in both modes
+                    stats["degenerate_queries"] += 1
+                    rows += self.pair(t, row_id, query, golds[0], answer_free[:k], answer_free[:k])
+                    continue
+                if not any(hits):
+                    stats["no_answer_docs"] += 1
+                    continue
+                holding = [d for d, h in zip(docs, hits) if h]
+                ranked = holding + answer_free  # answer-holding first, rank order kept
+                rows += self.pair(t, row_id, query, _held_gold(ranked[:k], golds), ranked[:k], answer_free[:k])
+                # --pairs-per-search: the next answer-holding results, each with its own window of answer-free
+                # ones (deep result lists hold several; each pair is another pair of distinct completions)
+                for i in range(1, min(cfg.pairs_per_search, len(holding))):
+                    window = answer_free[i * k:(i + 1) * k]
+                    if len(window) < k:
+                        break
+                    useful = [holding[i]] + window[: k - 1]
+                    rows += self.pair(t, f"{row_id}.{i}", query, _held_gold(useful, golds), useful, window)
+                if h64(str(cfg.seed), row_id) / 2**64 < cfg.degenerate_share:
+                    placeholder = prompts.DEGENERATE_QUERIES[h64(row_id) % len(prompts.DEGENERATE_QUERIES)]
+                    stats["degenerate_synthesized"] += 1
+                    rows += self.pair(t, f"{row_id}~", placeholder, golds[0], answer_free[:k], answer_free[:k])
+        return rows
+
+    def entity_pairs(self, batch: list[dict]) -> list[Row]:
+        """`--label docs --search SPEC`: each question of a bundled multi-hop benchmark is also searched,
+        once, on that real engine with the entity names of its supporting documents (supporting_entities)
+        as queries, as deep as its logged searches went; their results make pairs like logged calls. The
+        hop whose documents hold the answer gives a pair; the others usually give none."""
+        todo: dict[int, list[tuple[dict, int, str]]] = {}  # depth → (trajectory, entity index, entity)
+        for t in batch:
+            key = h64("entity searches", " ".join(t["question"].split()).lower())
+            if key in self.seen or not golds_of(t) or metrics.yes_no(golds_of(t)):
+                continue
+            self.seen.add(key)
+            searches = t.get("searches") or []
+            logged = {" ".join((s.get("query") or "").split()).lower() for s in searches}
+            depth = max([len(s.get("documents") or []) for s in searches] + [self.cfg.docs + 1])
+            for i, entity in enumerate(supporting_entities(t["question"])):
+                if entity.lower() not in logged:
+                    todo.setdefault(depth, []).append((t, i, entity))
+        rows = []
+        for depth, items in todo.items():
+            for start in range(0, len(items), 64):
+                chunk = items[start:start + 64]
+                for (t, i, entity), r in zip(chunk, self.engine.search([e for _, _, e in chunk], depth)):
+                    self.stats["entity_searches"] += 1
+                    searched = {**t, "traj_id": f"{t['traj_id']}@{i}",
+                                "searches": [{"query": entity, "documents": [d.as_dict() for d in r.docs]}]}
+                    rows += self.doc_pairs([searched])
+        return rows
+
+    def pair(self, t: dict, row_id: str, query: str, gold: str, useful_docs: list[dict],
+             noisy_docs: list[dict]) -> list[Row]:
+        """The useful and the noisy row of one call, or none when an earlier call gave the same pair."""
+        if not self._new(h64(query, t["question"], prompts.format_documents(useful_docs),
+                             prompts.format_documents(noisy_docs))):
+            return []
+        split = self.split(t)  # by question: both rows of a pair land in the same file
+        return [(split, _sim_row(t, f"{row_id}:u", query, gold, "useful", useful_docs), USEFUL),
+                (split, _sim_row(t, f"{row_id}:n", query, gold, "noisy", noisy_docs), NOISY)]
+
+    # --- policy data -------------------------------------------------------------------------------
+
+    def rejection_sampled(self, batch: list[dict]) -> list[Row]:
+        """The policy's own responses that reached exact match (or `--min-f1`)."""
+        cfg, stats = self.cfg, self.stats
+        rows = []
+        for t in batch:
+            ok = float(t.get("em") or 0.0) >= 1.0 if cfg.min_f1 is None else float(t.get("f1") or 0.0) >= cfg.min_f1
+            response = t.get("response") or ""
+            if not ok or not response.strip():
+                stats["not_selected"] += 1
+                continue
+            if not self._new(h64(t["question"], response)):
+                continue
+            row = {
+                "id": str(t["traj_id"]),
+                "prompt": prompts.render_policy_prompt(self.policy_tok, t["question"]),
+                "completion": response,
+                "question": t["question"],
+                "golden_answers": list(t.get("golden_answers") or []),
+                "source_traj_id": str(t["traj_id"]),
+            }
+            rows.append((self.split(t), row, USEFUL))
+        return rows
+
+    def demonstrations(self, batch: list[dict]) -> list[Row]:
+        """`--templated`: one demonstration per logged call whose documents hold a gold answer and whose
+        query names something. With --search, questions with supporting documents wait for entity
+        searches (question_searches), and so do questions no logged call served."""
+        rows = []
+        for t in batch:
+            searches = t.get("searches") or []
+            self.stats["search_calls"] += len(searches)
+            calls = [(f"{t['traj_id']}#{j}", [(s.get("query"), s.get("documents"))]) for j, s in enumerate(searches)]
+            if self.engine is None:
+                rows += self.demos(t, calls)
+                continue
+            qkey = h64(" ".join(t["question"].split()))
+            titles = supporting_entities(t["question"])
+            if titles:  # its logged calls are the fallback should no entity search hold the answer
+                entry = self.unserved.setdefault(qkey, _pending(t, titles))
+                entry["calls"] += calls
+            else:
+                made = self.demos(t, calls)
+                rows += made
+                if made:
+                    self.unserved[qkey] = None
+                    continue
+                if self.unserved.get(qkey, 0) is None:  # an earlier trajectory of the question served it
+                    continue
+                entry = self.unserved.setdefault(qkey, _pending(t, []))
+            # searched before with the question itself as the query: the same search would find nothing new
+            question = metrics.normalize_answer(t["question"])
+            entry["asked"] = entry["asked"] or any(metrics.normalize_answer(s.get("query")) == question
+                                                   for s in searches)
+        return rows
+
+    def question_searches(self, progress: Progress) -> list[Row]:
+        """--templated --search, after every trajectory was read. Questions with supporting documents
+        first: each supporting entity is searched once on the real engine and a chain that reaches the
+        answer becomes the demonstration (the small model learns to search for named things); failing
+        that, the question's logged calls. Every question still without a demonstration is then
+        searched once with the question itself as the query, and answer-holding results become
+        demonstrations the same way."""
+        stats = self.stats
+        todo = [t for t in self.unserved.values() if t is not None]
+        titled = [t for t in todo if t["titles"]]
+        names = list(dict.fromkeys(q for t in titled for q in t["titles"]))
+        results = dict(zip(names, self.search_all(names)))
+        stats["entity_searches"] = len(names)
+        rows, rest = [], [t for t in todo if not t["titles"] and not t["asked"]]
+        for t in titled:
+            chain = self.entity_chain(t, results)
+            made = self.demos(t, [(f"{t['traj_id']}#e", chain)]) if chain else []
+            stats["entity_demos"] = stats.get("entity_demos", 0) + len(made)
+            made = made or self.demos(t, t["calls"])
+            rows += made
+            if not made and not t["asked"]:
+                rest.append(t)
+        progress.log(f"build-sft: {len(names)} entity searches for {len(titled)} multi-hop question(s); "
+                     f"searching {len(rest)} question(s) that still have no demonstration")
+        queries = [" ".join(t["question"].split()) for t in rest]
+        for t, query, docs in zip(rest, queries, self.search_all(queries)):
+            stats["question_searches"] += 1
+            rows += self.demos(t, [(f"{t['traj_id']}#q", [(query, docs)])])
+        return rows
+
+    def demos(self, t: dict, calls: list) -> list[Row]:
+        """The demonstrations of several candidate chains (row id, [(query, documents), ...])."""
+        rows = (self.demo(t, row_id, chain) for row_id, chain in calls)
+        return [r for r in rows if r]
+
+    def demo(self, t: dict, row_id: str, chain: list) -> Row | None:
+        """The demonstration built on a chain of real search calls — one search turn and information
+        block per call, then the answer — or None when the last call's documents hold no gold answer,
+        a query names nothing (metrics.is_degenerate_query), or it repeats an earlier demonstration."""
+        cfg, stats = self.cfg, self.stats
+        steps = [((q or "").strip(), clean_docs(docs, cfg.doc_words)[: cfg.docs]) for q, docs in chain]
+        if any(metrics.is_degenerate_query(q) for q, _ in steps):
+            stats["degenerate_query"] = stats.get("degenerate_query", 0) + 1
+            return None
+        answer = metrics.find_answer([d["text"] for _, docs in steps for d in docs], golds_of(t))
+        if answer is None:
+            stats["not_selected"] += 1
+            return None
+        question = " ".join(t["question"].split())
+        asked = set(metrics.content_words(question))
+        completion = ""
+        for hop, (query, docs) in enumerate(steps):
+            if metrics.normalize_answer(query) == metrics.normalize_answer(question):
+                options = prompts.DEMO_THINK_QUESTION
+            elif not hop:
+                options = prompts.DEMO_THINK_TOPIC
+            else:  # a name the question gives, or one the results gave
+                named = set(metrics.content_words(query)) <= asked
+                options = prompts.DEMO_THINK_ALSO if named else prompts.DEMO_THINK_NEXT
+            think = _phrase(options, question, hop).format(topic=query)
+            completion += prompts.DEMO_SEARCH_TURN.format(think=think, query=query) + prompts.information_block(docs)
+        answer = answer.strip()
+        think = _phrase(prompts.DEMO_THINK_ANSWER, question, len(steps)).format(answer=answer)
+        completion += prompts.DEMO_ANSWER_TURN.format(think=think, answer=answer)
+        if not self._new(h64(t["question"], completion)):
+            return None
+        row = {
+            "id": row_id,
+            "prompt": prompts.render_policy_prompt(self.policy_tok, t["question"]),
+            "completion": completion,
+            "question": t["question"],
+            "golden_answers": list(t.get("golden_answers") or []),
+            "source_traj_id": str(t["traj_id"]),
+        }
+        return self.split(t), row, USEFUL
+
+    def entity_chain(self, entry: dict, results: dict) -> list | None:
+        """The search chain an agent could follow from the question alone, or None. In order: one
+        entity the question names whose documents hold a gold answer; that entity, then a name its
+        documents give whose documents hold it (bridge questions); two entities the question names, one
+        of them the answer (comparisons: both are looked up, in an order fixed per question). A query
+        that is itself the answer never counts as finding it alone."""
+        cfg = self.cfg
+        golds = golds_of(entry)
+        asked = set(metrics.content_words(entry["question"]))
+        docs = {q: clean_docs(results[q], cfg.doc_words)[: cfg.docs] for q in entry["titles"]}
+
+        def holds(q):
+            return metrics.find_answer([d["text"] for d in docs[q]], golds) is not None
+
+        def is_answer(q):
+            return metrics.find_answer([q], golds) is not None
+
+        named = [q for q in entry["titles"] if set(metrics.content_words(q)) <= asked]
+        for q in named:
+            if holds(q) and not is_answer(q):
+                return [(q, docs[q])]
+        for first in named:
+            if is_answer(first):
+                continue
+            shown = " " + " | ".join(metrics.normalize_answer(f"{d['title']} {d['text']}") for d in docs[first]) + " "
+            for second in entry["titles"]:
+                if second != first and holds(second) and not is_answer(second) \
+                        and f" {metrics.normalize_answer(second)} " in shown:
+                    return [(first, docs[first]), (second, docs[second])]
+        answers, others = [q for q in named if is_answer(q)], [q for q in named if not is_answer(q)]
+        if answers and others:
+            pair = [(others[0], docs[others[0]]), (answers[0], docs[answers[0]])]
+            return pair[::-1] if h64(entry["question"], "order") % 2 else pair
+        return None
+
+    def search_all(self, queries: list[str]) -> list[list[dict]]:
+        out = []
+        for i in range(0, len(queries), 64):
+            results = self.engine.search(queries[i : i + 64], self.cfg.search_topk)
+            out += [[d.as_dict() for d in r.docs] for r in results]
+        return out
+
+    def split(self, t: dict) -> str:
+        if "_split" not in t:  # once per trajectory, not per call
+            t["_split"] = "val.parquet" if is_val(t["question"], self.cfg.val_fraction) else "train.parquet"
+        return t["_split"]
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+class SplitWriter:
+    """Rows of one schema into train/val Parquet files, with one label byte per row kept in memory."""
+
+    def __init__(self, folder: Path, schema: pa.Schema):
+        self.schema = schema
+        self.writers = {name: pq.ParquetWriter(folder / name, schema) for name in SPLIT_FILES}
+        self.labels = {name: array("b") for name in SPLIT_FILES}
+
+    def write(self, rows: list[Row]) -> None:
+        """rows: (split file, row, label)."""
+        for name in SPLIT_FILES:
+            part = [r for s, r, _ in rows if s == name]
+            if part:
+                self.writers[name].write_table(pa.Table.from_pylist(part, schema=self.schema))
+                self.labels[name].extend(lab for s, _, lab in rows if s == name)
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
 
 
 def _kind(cfg) -> str:
@@ -499,7 +638,8 @@ def _balance(cfg, labels: dict[str, array], stats: dict) -> tuple[object, dict]:
     """Keep-mask over all rows (train rows first, then val) and the label counts before/after."""
     import numpy as np
 
-    lab = np.concatenate([np.frombuffer(labels[n], dtype=np.int8) if len(labels[n]) else np.zeros(0, np.int8) for n in SPLIT_FILES])
+    lab = np.concatenate([np.frombuffer(labels[n], dtype=np.int8) if len(labels[n]) else np.zeros(0, np.int8)
+                          for n in SPLIT_FILES])
     keep = np.ones(len(lab), dtype=bool)
     if cfg.target != "simulator":
         return keep, {}
@@ -518,7 +658,8 @@ def _balance(cfg, labels: dict[str, array], stats: dict) -> tuple[object, dict]:
 
 def _one_class_message(cfg, before: dict, stats: dict) -> str:
     fix = {
-        "outcome": "collect with --samples > 1 and --temperature > 0 so some trajectories end correct and some wrong, or try --label docs",
+        "outcome": "collect with --samples > 1 and --temperature > 0 so some trajectories end correct and some "
+                   "wrong, or try --label docs",
         "answer": "try --label docs, or collect more questions",
         "judge": "try another --judge-model or --label docs",
         "docs": "collect more questions",  # pairs always hold both; kept for completeness
@@ -556,7 +697,7 @@ def _copy_masked(src: Path, out: Path, name: str, schema: pa.Schema, keep, offse
     n, questions = 0, set()
     with pq.ParquetWriter(tmp, schema) as w:
         pos = offset
-        for rb in _open_streaming(src).iter_batches(batch_size=8192):
+        for rb in open_streaming(src).iter_batches(batch_size=8192):
             mask = pa.array(keep[pos : pos + rb.num_rows])
             pos += rb.num_rows
             kept = rb.filter(mask)
@@ -568,52 +709,30 @@ def _copy_masked(src: Path, out: Path, name: str, schema: pa.Schema, keep, offse
     return n, len(questions)
 
 
-# --- row makers: (split file, row, label) for one batch of trajectories ------------------------------
+# --- helpers --------------------------------------------------------------------------------------
 
 
-def _simulator_rows(cfg, batch, seen, stats, *, judge=None, engine=None, **_) -> list[tuple[str, dict, int]]:
-    if cfg.label == "docs":
-        return _doc_pairs(cfg, batch, seen, stats) + (_entity_pairs(cfg, batch, engine, seen, stats) if engine else [])
-    calls = []  # (trajectory, search index, query, docs, completion)
-    for t in batch:
-        searches = t.get("searches") or []
-        stats["search_calls"] += len(searches)
-        if not golds_of(t):
-            stats["no_gold"] += len(searches)
-            continue
-        if cfg.label == "answer" and metrics.yes_no(golds_of(t)):
-            stats["yes_no"] += len(searches)
-            continue
-        if cfg.label == "outcome" and _question_as_query(t):
-            stats["question_as_query"] += 1
-        for j, s in enumerate(searches):
-            docs = clean_docs(s.get("documents"), cfg.doc_words)[: cfg.docs]
-            query = (s.get("query") or "").strip()
-            if not docs or not query:
-                stats["no_documents"] += 1
-                continue
-            completion = prompts.format_documents(docs)
-            key = h64(query, completion)
-            if key in seen:
-                stats["duplicates"] += 1
-                continue
-            seen.add(key)
-            calls.append((t, j, query, docs, completion))
-    if not calls:
-        return []
-    if cfg.label == "outcome":
-        useful = [float(t.get("em") or 0.0) >= 1.0 for t, *_ in calls]
-    elif cfg.label == "answer":
-        useful = [metrics.docs_hold_answer(docs, golds_of(t)) for t, _, _, docs, _ in calls]
-    else:
-        useful = judge([(t["question"], golds_of(t)[0], completion) for t, _, _, _, completion in calls])
-    rows = []
-    for (t, j, query, docs, completion), ok in zip(calls, useful):
-        label = "useful" if ok else "noisy"
-        # this call's own trajectory: never a neighbour's question or answer
-        row = _sim_row(t, f"{t['traj_id']}#{j}", query, golds_of(t)[0], label, docs)
-        rows.append((_split(cfg, t), row, USEFUL if ok else NOISY))
-    return rows
+def h64(*parts: str) -> int:
+    """A stable 64-bit hash (unlike the salted built-in hash())."""
+    return int.from_bytes(hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest(), "big")
+
+
+def is_val(question: str, fraction: float) -> bool:
+    return h64(" ".join(question.split()).lower()) / 2**64 < fraction
+
+
+def clean_docs(docs: list[dict], words: int) -> list[dict]:
+    """Documents with text, each cut to `words` words by the agent loop's rule (search.base.cut_words)."""
+    out = []
+    for d in docs or []:
+        text = cut_words(d.get("text") or "", words)
+        if text.strip():
+            out.append({"title": d.get("title") or "", "text": text})
+    return out
+
+
+def golds_of(t: dict) -> list[str]:
+    return [g for g in (t.get("golden_answers") or []) if g and g.strip()]
 
 
 def _question_as_query(t: dict) -> bool:
@@ -623,102 +742,9 @@ def _question_as_query(t: dict) -> bool:
     return bool(searches) and all(" ".join((s.get("query") or "").split()) == question for s in searches)
 
 
-def _doc_pairs(cfg, batch, seen, stats) -> list[tuple[str, dict, int]]:
-    """`--label docs`: a useful and a noisy row from ONE logged call (see the module docstring)."""
-    rows = []
-    for t in batch:
-        searches = t.get("searches") or []
-        stats["search_calls"] += len(searches)
-        golds = golds_of(t)
-        if not golds:
-            stats["no_gold"] += len(searches)
-            continue
-        if metrics.yes_no(golds):
-            stats["yes_no"] += len(searches)
-            continue
-        for j, s in enumerate(searches):
-            query = (s.get("query") or "").strip()
-            docs = clean_docs(s.get("documents"), cfg.doc_words)  # all N results: the pair picks from them
-            if not docs or not query:
-                stats["no_documents"] += 1
-                continue
-            hits = [metrics.docs_hold_answer([d], golds) for d in docs]
-            answer_free = [d for d, h in zip(docs, hits) if not h]
-            k = min(cfg.docs, len(answer_free))
-            if k == 0:
-                stats["no_answer_free_docs"] += 1
-                continue
-            row_id = f"{t['traj_id']}#{j}"
-            if metrics.is_degenerate_query(query):
-                # a bad query's real results, minus any answer they hold by chance, in both modes
-                stats["degenerate_queries"] += 1
-                rows += _pair(cfg, t, seen, stats, row_id, query, golds[0], answer_free[:k], answer_free[:k])
-                continue
-            if not any(hits):
-                stats["no_answer_docs"] += 1
-                continue
-            holding = [d for d, h in zip(docs, hits) if h]
-            ranked = holding + answer_free  # answer-holding first, rank order kept
-            rows += _pair(cfg, t, seen, stats, row_id, query, _held_gold(ranked[:k], golds), ranked[:k], answer_free[:k])
-            # --pairs-per-search: the next answer-holding results, each with its own window of answer-free
-            # ones (deep result lists hold several; each pair is another pair of distinct completions)
-            for i in range(1, min(cfg.pairs_per_search, len(holding))):
-                window = answer_free[i * k:(i + 1) * k]
-                if len(window) < k:
-                    break
-                useful = [holding[i]] + window[: k - 1]
-                rows += _pair(cfg, t, seen, stats, f"{row_id}.{i}", query, _held_gold(useful, golds), useful, window)
-            if h64(str(cfg.seed), row_id) / 2**64 < cfg.degenerate_share:
-                placeholder = prompts.DEGENERATE_QUERIES[h64(row_id) % len(prompts.DEGENERATE_QUERIES)]
-                stats["degenerate_synthesized"] += 1
-                rows += _pair(cfg, t, seen, stats, f"{row_id}~", placeholder, golds[0], answer_free[:k], answer_free[:k])
-    return rows
-
-
-def _entity_pairs(cfg, batch, engine, seen, stats) -> list[tuple[str, dict, int]]:
-    """`--label docs --search SPEC`: each question of a bundled multi-hop benchmark is also searched,
-    once, on that real engine with the entity names of its supporting documents (supporting_entities)
-    as queries, as deep as its logged searches went; their results make pairs like logged calls. The
-    hop whose documents hold the answer gives a pair; the others usually give none."""
-    todo: dict[int, list[tuple[dict, int, str]]] = {}  # depth → (trajectory, entity index, entity)
-    for t in batch:
-        key = h64("entity searches", " ".join(t["question"].split()).lower())
-        if key in seen or not golds_of(t) or metrics.yes_no(golds_of(t)):
-            continue
-        seen.add(key)
-        searches = t.get("searches") or []
-        logged = {" ".join((s.get("query") or "").split()).lower() for s in searches}
-        depth = max([len(s.get("documents") or []) for s in searches] + [cfg.docs + 1])
-        for i, entity in enumerate(supporting_entities(t["question"])):
-            if entity.lower() not in logged:
-                todo.setdefault(depth, []).append((t, i, entity))
-    rows = []
-    for depth, items in todo.items():
-        for start in range(0, len(items), 64):
-            chunk = items[start:start + 64]
-            for (t, i, entity), r in zip(chunk, engine.search([e for _, _, e in chunk], depth)):
-                stats["entity_searches"] += 1
-                searched = {**t, "traj_id": f"{t['traj_id']}@{i}",
-                            "searches": [{"query": entity, "documents": [d.as_dict() for d in r.docs]}]}
-                rows += _doc_pairs(cfg, [searched], seen, stats)
-    return rows
-
-
 def _held_gold(docs: list[dict], golds: list[str]) -> str:
     """The gold alias the documents hold, for the prompt: the simulator learns to write what it is given."""
     return metrics.find_answer([x for d in docs for x in (d["title"], d["text"])], golds) or golds[0]
-
-
-def _pair(cfg, t, seen, stats, row_id, query, gold, useful_docs, noisy_docs) -> list[tuple[str, dict, int]]:
-    """The useful and the noisy row of one call, or none when an earlier call gave the same pair."""
-    key = h64(query, t["question"], prompts.format_documents(useful_docs), prompts.format_documents(noisy_docs))
-    if key in seen:
-        stats["duplicates"] += 1
-        return []
-    seen.add(key)
-    split = _split(cfg, t)  # by question: both rows of a pair land in the same file
-    return [(split, _sim_row(t, f"{row_id}:u", query, gold, "useful", useful_docs), USEFUL),
-            (split, _sim_row(t, f"{row_id}:n", query, gold, "noisy", noisy_docs), NOISY)]
 
 
 def _sim_row(t: dict, row_id: str, query: str, gold: str, label: str, docs: list[dict]) -> dict:
@@ -734,117 +760,9 @@ def _sim_row(t: dict, row_id: str, query: str, gold: str, label: str, docs: list
     }
 
 
-def _policy_rows(cfg, batch, seen, stats, *, policy_tok=None, **_) -> list[tuple[str, dict, int]]:
-    rows = []
-    for t in batch:
-        ok = float(t.get("em") or 0.0) >= 1.0 if cfg.min_f1 is None else float(t.get("f1") or 0.0) >= cfg.min_f1
-        response = t.get("response") or ""
-        if not ok or not response.strip():
-            stats["not_selected"] += 1
-            continue
-        key = h64(t["question"], response)
-        if key in seen:
-            stats["duplicates"] += 1
-            continue
-        seen.add(key)
-        row = {
-            "id": str(t["traj_id"]),
-            "prompt": prompts.render_policy_prompt(policy_tok, t["question"]),
-            "completion": response,
-            "question": t["question"],
-            "golden_answers": list(t.get("golden_answers") or []),
-            "source_traj_id": str(t["traj_id"]),
-        }
-        rows.append((_split(cfg, t), row, USEFUL))
-    return rows
-
-
-def _templated_rows(cfg, batch, seen, stats, *, policy_tok=None, unserved=None, **_) -> list[tuple[str, dict, int]]:
-    """Demonstrations from logged calls: one per call whose documents hold a gold answer and whose
-    query names something. With --search (`unserved` is then a dict: question hash → trajectory
-    still to serve, None once served), questions with supporting documents wait for entity searches
-    (_search_questions), and questions no logged call served are searched there too."""
-    rows = []
-    for t in batch:
-        searches = t.get("searches") or []
-        stats["search_calls"] += len(searches)
-        calls = [(f"{t['traj_id']}#{j}", [(s.get("query"), s.get("documents"))]) for j, s in enumerate(searches)]
-        if unserved is None:
-            rows += _demos(cfg, t, calls, seen, stats, policy_tok)
-            continue
-        qkey = h64(" ".join(t["question"].split()))
-        titles = supporting_entities(t["question"])
-        if titles:  # its logged calls are the fallback should no entity search hold the answer
-            entry = unserved.setdefault(qkey, _pending(t, titles))
-            entry["calls"] += calls
-        else:
-            made = _demos(cfg, t, calls, seen, stats, policy_tok)
-            rows += made
-            if made:
-                unserved[qkey] = None
-                continue
-            if unserved.get(qkey, 0) is None:  # an earlier trajectory of the question served it
-                continue
-            entry = unserved.setdefault(qkey, _pending(t, []))
-        # searched before with the question itself as the query: the same search would find nothing new
-        question = metrics.normalize_answer(t["question"])
-        entry["asked"] = entry["asked"] or any(metrics.normalize_answer(s.get("query")) == question for s in searches)
-    return rows
-
-
 def _pending(t: dict, titles: list[str]) -> dict:
     return {"traj_id": t["traj_id"], "question": t["question"], "golden_answers": t.get("golden_answers"),
             "titles": titles, "calls": [], "asked": False}
-
-
-def _demos(cfg, t, calls, seen, stats, policy_tok) -> list:
-    """The demonstrations of several candidate chains (row id, [(query, documents), ...])."""
-    rows = (_demo(cfg, t, row_id, chain, seen, stats, policy_tok) for row_id, chain in calls)
-    return [r for r in rows if r]
-
-
-def _demo(cfg, t, row_id, chain, seen, stats, policy_tok):
-    """(split, row, label) of the demonstration built on a chain of real search calls — one search
-    turn and information block per call, then the answer — or None when the last call's documents
-    hold no gold answer, a query names nothing (metrics.is_degenerate_query), or it repeats an
-    earlier demonstration."""
-    steps = [((q or "").strip(), clean_docs(docs, cfg.doc_words)[: cfg.docs]) for q, docs in chain]
-    if any(metrics.is_degenerate_query(q) for q, _ in steps):
-        stats["degenerate_query"] = stats.get("degenerate_query", 0) + 1
-        return None
-    answer = metrics.find_answer([d["text"] for _, docs in steps for d in docs], golds_of(t))
-    if answer is None:
-        stats["not_selected"] += 1
-        return None
-    question = " ".join(t["question"].split())
-    asked = set(metrics.content_words(question))
-    completion = ""
-    for hop, (query, docs) in enumerate(steps):
-        if metrics.normalize_answer(query) == metrics.normalize_answer(question):
-            options = prompts.DEMO_THINK_QUESTION
-        elif not hop:
-            options = prompts.DEMO_THINK_TOPIC
-        else:  # a name the question gives, or one the results gave
-            options = prompts.DEMO_THINK_ALSO if set(metrics.content_words(query)) <= asked else prompts.DEMO_THINK_NEXT
-        think = _phrase(options, question, hop).format(topic=query)
-        completion += prompts.DEMO_SEARCH_TURN.format(think=think, query=query) + prompts.information_block(docs)
-    answer = answer.strip()
-    think = _phrase(prompts.DEMO_THINK_ANSWER, question, len(steps)).format(answer=answer)
-    completion += prompts.DEMO_ANSWER_TURN.format(think=think, answer=answer)
-    key = h64(t["question"], completion)
-    if key in seen:
-        stats["duplicates"] += 1
-        return None
-    seen.add(key)
-    row = {
-        "id": row_id,
-        "prompt": prompts.render_policy_prompt(policy_tok, t["question"]),
-        "completion": completion,
-        "question": t["question"],
-        "golden_answers": list(t.get("golden_answers") or []),
-        "source_traj_id": str(t["traj_id"]),
-    }
-    return _split(cfg, t), row, USEFUL
 
 
 def _phrase(options: tuple[str, ...], question: str, turn: int) -> str:
@@ -887,80 +805,3 @@ def _entity(title: object) -> str:
 def supporting_entities(question: str) -> list[str]:
     """The entity names of a bundled multi-hop question's supporting documents ([] for others)."""
     return _supporting_index().get(metrics.normalize_answer(question), [])
-
-
-def _entity_chain(cfg, entry: dict, results: dict) -> list | None:
-    """The search chain an agent could follow from the question alone, or None. In order: one
-    entity the question names whose documents hold a gold answer; that entity, then a name its
-    documents give whose documents hold it (bridge questions); two entities the question names, one
-    of them the answer (comparisons: both are looked up, in an order fixed per question). A query
-    that is itself the answer never counts as finding it alone."""
-    golds = golds_of(entry)
-    asked = set(metrics.content_words(entry["question"]))
-    docs = {q: clean_docs(results[q], cfg.doc_words)[: cfg.docs] for q in entry["titles"]}
-
-    def holds(q):
-        return metrics.find_answer([d["text"] for d in docs[q]], golds) is not None
-
-    def is_answer(q):
-        return metrics.find_answer([q], golds) is not None
-
-    named = [q for q in entry["titles"] if set(metrics.content_words(q)) <= asked]
-    for q in named:
-        if holds(q) and not is_answer(q):
-            return [(q, docs[q])]
-    for first in named:
-        if is_answer(first):
-            continue
-        shown = " " + " | ".join(metrics.normalize_answer(f"{d['title']} {d['text']}") for d in docs[first]) + " "
-        for second in entry["titles"]:
-            if second != first and holds(second) and not is_answer(second) \
-                    and f" {metrics.normalize_answer(second)} " in shown:
-                return [(first, docs[first]), (second, docs[second])]
-    answers, others = [q for q in named if is_answer(q)], [q for q in named if not is_answer(q)]
-    if answers and others:
-        pair = [(others[0], docs[others[0]]), (answers[0], docs[answers[0]])]
-        return pair[::-1] if h64(entry["question"], "order") % 2 else pair
-    return None
-
-
-def _search_questions(cfg, engine, unserved: dict, seen, stats, policy_tok, progress) -> list[tuple[str, dict, int]]:
-    """--templated --search. Questions with supporting documents first: each supporting entity is
-    searched once on the real engine and a chain that reaches the answer becomes the demonstration
-    (the small model learns to search for named things); failing that, the question's logged calls.
-    Every question still without a demonstration is then searched once with the question itself as
-    the query, and answer-holding results become demonstrations the same way."""
-    todo = [t for t in unserved.values() if t is not None]
-    titled = [t for t in todo if t["titles"]]
-    names = list(dict.fromkeys(q for t in titled for q in t["titles"]))
-    results = dict(zip(names, _search_all(cfg, engine, names)))
-    stats["entity_searches"] = len(names)
-    rows, rest = [], [t for t in todo if not t["titles"] and not t["asked"]]
-    for t in titled:
-        chain = _entity_chain(cfg, t, results)
-        made = _demos(cfg, t, [(f"{t['traj_id']}#e", chain)], seen, stats, policy_tok) if chain else []
-        stats["entity_demos"] = stats.get("entity_demos", 0) + len(made)
-        made = made or _demos(cfg, t, t["calls"], seen, stats, policy_tok)
-        rows += made
-        if not made and not t["asked"]:
-            rest.append(t)
-    progress.log(f"build-sft: {len(names)} entity searches for {len(titled)} multi-hop question(s); "
-                 f"searching {len(rest)} question(s) that still have no demonstration")
-    queries = [" ".join(t["question"].split()) for t in rest]
-    for t, query, docs in zip(rest, queries, _search_all(cfg, engine, queries)):
-        stats["question_searches"] += 1
-        rows += _demos(cfg, t, [(f"{t['traj_id']}#q", [(query, docs)])], seen, stats, policy_tok)
-    return rows
-
-
-def _search_all(cfg, engine, queries: list[str]) -> list[list[dict]]:
-    out = []
-    for i in range(0, len(queries), 64):
-        out += [[d.as_dict() for d in r.docs] for r in engine.search(queries[i : i + 64], cfg.search_topk)]
-    return out
-
-
-def _split(cfg, t: dict) -> str:
-    if "_split" not in t:  # once per trajectory, not per call
-        t["_split"] = "val.parquet" if is_val(t["question"], cfg.val_fraction) else "train.parquet"
-    return t["_split"]
