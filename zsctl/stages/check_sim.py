@@ -33,27 +33,34 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from zsctl.core import artifacts, data, metrics, prompts
+from zsctl.core.config import Options, option
 from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
 from zsctl.core.schemas import CHECK_SIM
 from zsctl.search import is_simulated, make_engine
 from zsctl.search.base import QueryContext
+from zsctl.search.simulator import SIM_STYLES
 
 
-@dataclass
-class CheckSimConfig:
-    search: str  # the simulated engine: sim:MODEL or sim+http://…
-    out: str
-    questions: str | None = None  # bundled benchmark name(s) (eval split) or a FlashRAG jsonl / parquet
-    trajectories: str | None = None  # take the queries from this trajectories artifact instead
-    limit: int | None = 30  # queries
-    vs: str | None = None  # a real engine to compare with
-    k: int = 3
-    sim_mode: str = "tuned"
-    sim_template: str | None = None
-    max_new_tokens: int | None = None
-    batch_size: int = 16
-    seed: int = 0
+@dataclass(kw_only=True)
+class CheckSimConfig(Options):
+    search: str = option(help="The simulator: sim:MODEL | sim+http://HOST:PORT/v1[,...]")
+    out: str = option(help="Output artifact directory.")
+    questions: str | None = option(None, "Bundled benchmark name(s) (eval split) or a FlashRAG jsonl / parquet; "
+                                   "the question is the query.")
+    trajectories: str | None = option(None, "Take the logged queries (with their own questions) from this "
+                                      "trajectories artifact.")
+    limit: int | None = option(30, "At most N held-apart queries (spread over the benchmarks).", ge=1)
+    vs: str | None = option(None, "A real engine to compare with, e.g. bm25:PATH.")
+    k: int = option(3, "Documents per query.", flag="topk", aliases=("k",), ge=1)
+    sim_mode: str = option("tuned", "For sim: engines: tuned (a train-sim model) | prompt (untuned instruct model, "
+                                "few-shot).", flag="sim-style", aliases=("sim-mode",), choices=SIM_STYLES)
+    sim_template: str | None = option(None, "Simulator prompt template file (fields {query} {question} {answer} "
+                                        "{mode} {k}).")
+    max_new_tokens: int | None = option(None, "Simulator tokens per query (default 40 x --topk).", ge=1)
+    batch_size: int = option(16, "Queries per simulator call (each in both modes: twice as many generations).",
+                             ge=1)
+    seed: int = option(0, "Random seed.", ge=0)
 
 
 def load_queries(cfg: CheckSimConfig) -> list[dict]:
@@ -182,8 +189,6 @@ def summarize(rows: list[dict]) -> dict:
 def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, vs_engine=None) -> dict:
     """`engine`/`vs_engine`: already-built engines (tests, or sharing a loaded model) instead of specs."""
     progress = progress or Progress()
-    if cfg.k < 1 or cfg.batch_size < 1:
-        raise BadInput("--k and --batch-size must be at least 1")
     queries, held = select_queries(cfg, load_queries(cfg))
     if engine is None:
         if not is_simulated(cfg.search):

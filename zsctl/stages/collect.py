@@ -23,7 +23,7 @@ import json
 import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from zsctl.agent import AgentConfig, AgentLoop, QuestionAsQuery
 from zsctl.core import artifacts, metrics, prompts
+from zsctl.core.config import DEFAULT_MODEL, Options, option
 from zsctl.core.errors import BadInput, RunFailure
 from zsctl.core.models import load_model
 from zsctl.core.progress import Progress
@@ -46,52 +47,46 @@ LEDGER = "ledger.json"
 _LEDGER_KEYS = ("engine_calls", "cache_hits", "retries", "errors")
 
 
-@dataclass
-class CollectConfig:
-    questions: str  # NAME[,NAME...] bundled benchmarks (training split) or FlashRAG jsonl / parquet paths
-    model: str
-    search: str  # a real engine: bm25:PATH | http://HOST:PORT/retrieve | serpapi
-    out: str
-    limit: int | None = None  # per benchmark
-    samples: int = 1
-    temperature: float | None = None  # None: 1.0 when samples > 1, else 0 (greedy)
-    max_turns: int = 4
-    max_new_tokens: int = 128
-    topk: int = 3
-    max_doc_words: int | None = None  # None: the prompt style's (zsctl 80, upstream styles whole documents)
-    batch_size: int = 8  # trajectories per batch, rounded down to whole questions (at least one)
-    resume: bool = False
-    price_per_1k: float = 15.0  # USD per 1,000 serpapi calls (assumption)
-    search_cache: str | None = None
-    seed: int = 0
-    prompt_style: str = field(default="zsctl", metadata={
-        "help": "zsctl | search-r1 | zerosearch: the instruction, document lines and notes the policy is prompted "
-                "with.", "choices": prompts.PROMPT_STYLES})
-    prompt_from_data: bool = field(default=False, metadata={
-        "help": "Give the policy each question's own 'prompt' column (a ZeroSearch/Search-R1 parquet) verbatim."})
+@dataclass(kw_only=True)
+class CollectConfig(Options):
+    questions: str = option(help="NAME[,NAME...] (bundled benchmarks, training split only) or a FlashRAG jsonl / "
+                            "parquet path.")
+    model: str = option(DEFAULT_MODEL, "Policy: HF model dir, hub id, smollm2-135m, or none (search each question "
+                        "once, the question as query).")
+    search: str = option(help="A real engine: bm25:PATH | http://HOST:PORT/retrieve | serpapi")
+    out: str = option(help="Output artifact directory.")
+    limit: int | None = option(None, "At most N questions per benchmark.", ge=1)
+    samples: int = option(1, "Trajectories per question.", ge=1)
+    temperature: float | None = option(None, "Sampling temperature (default 1.0 when --samples > 1, else greedy).",
+                                       ge=0)
+    max_turns: int = option(4, "Searches allowed per trajectory.", ge=0)
+    max_new_tokens: int = option(128, "Tokens per generation round.", ge=1)
+    topk: int = option(3, "Documents per search.", ge=1)
+    max_doc_words: int | None = option(None, "Each document is cut to this many words before the policy reads it "
+                                       "(default: the prompt style's; zsctl 80, upstream styles whole documents).",
+                                       ge=1)
+    batch_size: int = option(8, "Trajectories per batch (whole questions; a shard is written after each).", ge=1)
+    resume: bool = option(False, "Keep the shards of an earlier run in --out and skip its finished questions.")
+    price_per_1k: float = option(15.0, "Assumed USD per 1,000 serpapi calls, for the cost ledger.", ge=0)
+    search_cache: str | None = option(None, "SQLite file caching real search results.")
+    seed: int = option(0, "Random seed.", ge=0)
+    prompt_style: str = option("zsctl", "zsctl | search-r1 | zerosearch: the instruction, document lines and notes "
+                               "the policy is prompted with.", choices=prompts.PROMPT_STYLES)
+    prompt_from_data: bool = option(False, "Give the policy each question's own 'prompt' column (a ZeroSearch/"
+                                    "Search-R1 parquet) verbatim.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        spec = self.search.strip()
+        if spec == "none" or is_simulated(spec):
+            raise BadInput(f"--search '{self.search}' is not a real engine; collect logs real results: "
+                           "use bm25:PATH, http://HOST:PORT/retrieve or serpapi")
 
     @property
     def sampling_temperature(self) -> float:
         if self.temperature is not None:
             return self.temperature
         return 1.0 if self.samples > 1 else 0.0
-
-
-def _check(cfg: CollectConfig) -> None:
-    if cfg.samples < 1:
-        raise BadInput(f"--samples {cfg.samples} must be at least 1")
-    if cfg.batch_size < 1:
-        raise BadInput(f"--batch-size {cfg.batch_size} must be at least 1")
-    if cfg.temperature is not None and cfg.temperature < 0:
-        raise BadInput(f"--temperature {cfg.temperature} must be 0 (greedy) or more")
-    if cfg.max_turns < 0:
-        raise BadInput(f"--max-turns {cfg.max_turns} must be 0 or more")
-    if cfg.price_per_1k < 0:
-        raise BadInput(f"--price-per-1k {cfg.price_per_1k} must be 0 or more")
-    spec = cfg.search.strip()
-    if spec == "none" or is_simulated(spec):
-        raise BadInput(f"--search '{cfg.search}' is not a real engine; collect logs real results: "
-                       "use bm25:PATH, http://HOST:PORT/retrieve or serpapi")
 
 
 def key_of(q: dict) -> tuple[str, str]:
@@ -135,7 +130,6 @@ def previous_state(out: Path, cfg: CollectConfig) -> tuple[set, dict]:
 def run(cfg: CollectConfig, progress: Progress | None = None, policy=None) -> dict:
     """`policy`: an already loaded (model, tokenizer) to use instead of loading `cfg.model`."""
     progress = progress or Progress()
-    _check(cfg)
     tables, chosen = load_benchmarks(cfg.questions, "train", cfg.limit)
     questions = [r for t in tables for r in t.to_pylist()]  # schemas differ when only some files carry prompts
     if not questions:

@@ -14,12 +14,13 @@ yes/no) and the most common queries.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
 from zsctl.agent import AgentConfig, AgentLoop
 from zsctl.core import artifacts, data, metrics, prompts
+from zsctl.core.config import DEFAULT_MODEL, Options, option
 from zsctl.core.models import load_model
 from zsctl.core.progress import Progress
 from zsctl.core.schemas import PREDICTIONS
@@ -27,32 +28,34 @@ from zsctl.search import make_engine
 from zsctl.search.base import QueryContext
 
 
-@dataclass
-class EvalConfig:
-    bench: str  # NAME[,NAME...]: bundled benchmark names or paths to FlashRAG jsonl / ZeroSearch parquet
-    model: str
-    search: str
-    out: str
-    split: str = "eval"  # for bundled benchmarks: eval | train | all
-    limit: int | None = None  # per benchmark
-    batch_size: int = 8
-    max_turns: int = 4
-    max_new_tokens: int = 128
-    topk: int = 3
-    max_doc_words: int | None = None  # None: the prompt style's (zsctl 80, upstream styles whole documents)
-    temperature: float = 0.0
-    seed: int = 0
-    search_cache: str | None = None
-    prompt_style: str = field(default="zsctl", metadata={
-        "help": "zsctl | search-r1 | zerosearch: the instruction, document lines and notes a policy was trained "
-                "with (evaluate a released Search-R1 / ZeroSearch policy with its own).",
-        "choices": prompts.PROMPT_STYLES})
-    prompt_from_data: bool = field(default=False, metadata={
-        "help": "Give the policy each question's own 'prompt' column (a ZeroSearch/Search-R1 parquet) verbatim; "
-                "documents and notes still follow --prompt-style."})
-    sim_template: str | None = field(default=None, metadata={
-        "help": "Simulator prompt template (simulated --search only): a file (fields {query} {question} {answer} "
-                "{mode} {Mode} {k}; YAML for one text per mode and a system message) or zerosearch-sft."})
+@dataclass(kw_only=True)
+class EvalConfig(Options):
+    bench: str = option(help="NAME[,NAME...]: nq triviaqa popqa hotpotqa 2wikimultihopqa musique bamboogle, or "
+                        "a FlashRAG jsonl / ZeroSearch parquet path.")
+    model: str = option(DEFAULT_MODEL, "Policy: HF model dir, hub id, or smollm2-135m.")
+    search: str = option(help="bm25:PATH | http://HOST:PORT/retrieve | serpapi | sim:MODEL | "
+                         "sim+http://HOST:PORT/v1 | none")
+    out: str = option(help="Output artifact directory.")
+    split: str = option("eval", "For bundled benchmarks: eval | train | all.", choices=("eval", "train", "all"))
+    limit: int | None = option(None, "At most N questions per benchmark.", ge=1)
+    batch_size: int = option(8, "Questions answered together.", ge=1)
+    max_turns: int = option(4, "Searches allowed per question.", ge=0)
+    max_new_tokens: int = option(128, "Tokens per generation round.", ge=1)
+    topk: int = option(3, "Documents per search.", ge=1)
+    max_doc_words: int | None = option(None, "Each document is cut to this many words before the policy reads it "
+                                       "(default: the prompt style's; zsctl 80, upstream styles whole documents).",
+                                       ge=1)
+    temperature: float = option(0.0, "Sampling temperature; 0 = greedy.", ge=0)
+    seed: int = option(0, "Random seed.", ge=0)
+    search_cache: str | None = option(None, "SQLite file caching real search results.")
+    prompt_style: str = option("zsctl", "zsctl | search-r1 | zerosearch: the instruction, document lines and notes a "
+                               "policy was trained with (evaluate a released Search-R1 / ZeroSearch policy with its "
+                               "own).", choices=prompts.PROMPT_STYLES)
+    prompt_from_data: bool = option(False, "Give the policy each question's own 'prompt' column (a ZeroSearch/"
+                                    "Search-R1 parquet) verbatim; documents and notes still follow --prompt-style.")
+    sim_template: str | None = option(None, "Simulator prompt template (simulated --search only): a file (fields "
+                                      "{query} {question} {answer} {mode} {Mode} {k}; YAML for one text per mode and "
+                                      "a system message) or zerosearch-sft.")
 
 
 def load_benchmarks(spec: str, split: str, limit: int | None) -> tuple[list[pa.Table], list[dict]]:

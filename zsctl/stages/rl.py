@@ -34,7 +34,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -42,13 +42,14 @@ import pyarrow.parquet as pq
 
 from zsctl.agent import AgentConfig, AgentLoop
 from zsctl.core import artifacts, data, metrics, prompts
+from zsctl.core.config import DEFAULT_MODEL, Options, option
 from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
 from zsctl.core.rewards import REWARDS
 from zsctl.core.schemas import ROLLOUTS
 from zsctl.search import make_engine
 from zsctl.search.base import Noise, QueryContext
-from zsctl.sft import REPORT_TO, check_report_to
+from zsctl.sft import REPORT_TO, REPORT_TO_HELP, check_report_to
 
 ALGOS = {
     "grpo": dict(loss_type="grpo", scale_rewards="group"),
@@ -64,52 +65,66 @@ VLLM_LOGS = {"sampling/sampling_logp_difference/mean": "vllm_logp_diff_mean",
              "sampling/importance_sampling_ratio/mean": "vllm_is_ratio_mean"}
 
 
-@dataclass
-class RLConfig:
-    policy: str
-    search: str
-    train: str
-    out: str
-    algo: str = "grpo"
-    steps: int = 50
-    batch_size: int = 8  # completions per step and process (prompts x group size)
-    grad_accum: int = 1  # the step's batch is split into this many micro-batches
-    group_size: int = 4
-    lr: float = 1e-5
-    beta: float = 0.001  # KL coefficient
-    lora: bool = True
-    lora_r: int = 16
-    noise_start: float = 0.0
-    noise_end: float = 0.5
-    noise_base: float = 4.0
-    max_turns: int = 2
-    max_new_tokens: int = 64
-    max_response_tokens: int = 640  # hard bound on a response, documents included (TRL's max_completion_length)
-    topk: int = 3
-    max_doc_words: int = 40  # zsctl style only (a CPU pays for every inserted token); upstream styles insert whole documents
-    temperature: float = 1.0
-    reward: str = "f1"
-    save_every: int = 0
-    resume: bool = False
-    report_to: str = "none"
-    use_vllm: bool = False
-    vllm_mode: str = "colocate"
-    vllm_server_host: str = "127.0.0.1"
-    val: str | None = None
-    val_search: str | None = None
-    val_every: int = 0
-    val_limit: int = 50
-    limit: int | None = None
-    seed: int = 0
-    prompt_style: str = field(default="zsctl", metadata={
-        "help": "zsctl | search-r1 | zerosearch: the instruction, document lines and notes the policy is trained "
-                "with.", "choices": prompts.PROMPT_STYLES})
-    prompt_from_data: bool = field(default=False, metadata={
-        "help": "Give the policy each training question's own 'prompt' column (a ZeroSearch/Search-R1 parquet) "
-                "verbatim."})
-    sim_template: str | None = field(default=None, metadata={
-        "help": "Simulator prompt template: a file (fields {query} {question} {answer} {mode} {Mode} {k}; YAML for "
-                "one text per mode and a system message) or zerosearch-sft."})
+@dataclass(kw_only=True)
+class RLConfig(Options):
+    policy: str = option(DEFAULT_MODEL, "Policy model: HF dir, hub id, or smollm2-135m.")
+    search: str = option(help="sim:MODEL / sim+http://HOST:PORT/v1 (ZeroSearch) or a real engine (Search-R1 style).")
+    train: str = option(help="Training questions: bundled name(s) (train split) or a FlashRAG jsonl / ZeroSearch "
+                        "parquet.")
+    out: str = option(help="Output artifact directory.")
+    algo: str = option("grpo", "grpo | dapo | dr_grpo | reinforce++", choices=tuple(ALGOS))
+    steps: int = option(50, "Optimizer steps.", ge=1)
+    batch_size: int = option(8, "Completions per step and process (prompts x group size).", ge=1)
+    grad_accum: int = option(1, "Micro-batches the step's batch is split into.", ge=1)
+    group_size: int = option(4, "Rollouts per prompt (group-relative advantages need at least 2).", ge=2)
+    lr: float = option(1e-5, "Learning rate.", gt=0)
+    beta: float = option(0.001, "KL coefficient.", ge=0)
+    lora: bool = option(True, "LoRA adapters (merged at the end) or full fine-tuning.", off="full")
+    lora_r: int = option(16, "LoRA rank.", ge=1)
+    noise_start: float = option(0.0, "Curriculum p_s: noisy-document probability at the start.", ge=0, le=1)
+    noise_end: float = option(0.5, "Curriculum p_e: noisy-document probability at the last step.", ge=0, le=1)
+    noise_base: float = option(4.0, "Curriculum base b (1 = a linear ramp).", gt=0)
+    max_turns: int = option(2, "Searches allowed per rollout.", ge=0)
+    max_new_tokens: int = option(64, "Tokens per generation round.", ge=1)
+    max_response_tokens: int = option(640, "Whole response (policy + inserted tokens), a hard bound: TRL's "
+                                      "max_completion_length.", ge=1)
+    topk: int = option(3, "Documents per search.", ge=1)
+    max_doc_words: int = option(40, "Each document is cut to this many words (zsctl prompt style only: a CPU pays "
+                                "for every inserted token; upstream styles insert whole documents).", ge=1)
+    temperature: float = option(1.0, "Sampling temperature of the rollouts (0 = greedy).", ge=0)
+    reward: str = option("f1", "f1 | em | f1+format", choices=tuple(REWARDS))
+    save_every: int = option(0, "Checkpoint every K steps (0 = only the end).", ge=0)
+    resume: bool = option(False, "Continue from the last complete checkpoint in --out.")
+    report_to: str = option("none", REPORT_TO_HELP, choices=REPORT_TO)
+    use_vllm: bool = option(False, "Generate with TRL's vLLM integration (GPU).")
+    vllm_mode: str = option("colocate", "colocate | server", choices=("colocate", "server"))
+    vllm_server_host: str = option("127.0.0.1", "TRL vllm-serve host (server mode).")
+    val: str | None = option(None, "Validation questions (needs --val-search).")
+    val_search: str | None = option(None, "Real engine for validation.")
+    val_every: int = option(0, "Validate every K steps (0 = never).", ge=0)
+    val_limit: int = option(50, "Validation questions scored each time.", ge=1)
+    limit: int | None = option(None, "At most N training questions per source.", ge=1)
+    seed: int = option(0, "Random seed.", ge=0)
+    prompt_style: str = option("zsctl", "zsctl | search-r1 | zerosearch: the instruction, document lines and notes "
+                               "the policy is trained with.", choices=prompts.PROMPT_STYLES)
+    prompt_from_data: bool = option(False, "Give the policy each training question's own 'prompt' column (a "
+                                    "ZeroSearch/Search-R1 parquet) verbatim.")
+    sim_template: str | None = option(None, "Simulator prompt template: a file (fields {query} {question} {answer} "
+                                      "{mode} {Mode} {k}; YAML for one text per mode and a system message) or "
+                                      "zerosearch-sft.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size % self.group_size:
+            raise BadInput(f"--batch-size {self.batch_size} is not divisible by --group-size {self.group_size}")
+        if self.batch_size % self.grad_accum:
+            raise BadInput(f"--batch-size {self.batch_size} is not divisible by --grad-accum {self.grad_accum}")
+        if self.max_response_tokens < self.max_new_tokens:
+            raise BadInput(f"--max-response-tokens {self.max_response_tokens} must hold at least one round "
+                           f"(--max-new-tokens {self.max_new_tokens})")
+        if self.val and not self.val_search:
+            raise BadInput("--val needs --val-search (a real engine, e.g. bm25:data/corpus/wiki_sample.jsonl)")
+        check_report_to(self.report_to)
 
 
 def noise_probability(step: int, total: int, p_start: float, p_end: float, base: float = 4.0) -> float:
@@ -137,34 +152,6 @@ def _run_identity(cfg: RLConfig) -> dict:
             "max_response_tokens", "topk", "max_doc_words", "temperature", "lr", "beta", "use_vllm", "prompt_style",
             "prompt_from_data", "sim_template")
     return {k: getattr(cfg, k) for k in keys}
-
-
-def _validate(cfg: RLConfig) -> None:
-    if cfg.algo not in ALGOS:
-        raise BadInput(f"--algo '{cfg.algo}' is unknown; choose one of {', '.join(ALGOS)}")
-    if cfg.reward not in REWARDS:
-        raise BadInput(f"--reward '{cfg.reward}' is unknown; choose one of {', '.join(REWARDS)}")
-    if cfg.group_size < 2:
-        raise BadInput(f"--group-size {cfg.group_size} is too small: group-relative advantages need at least 2")
-    if cfg.batch_size % cfg.group_size:
-        raise BadInput(f"--batch-size {cfg.batch_size} is not divisible by --group-size {cfg.group_size}")
-    if cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
-        raise BadInput(f"--batch-size {cfg.batch_size} is not divisible by --grad-accum {cfg.grad_accum}")
-    if cfg.steps < 1:
-        raise BadInput(f"--steps {cfg.steps} must be at least 1")
-    if cfg.max_new_tokens < 1 or cfg.max_response_tokens < cfg.max_new_tokens:
-        raise BadInput(f"--max-response-tokens {cfg.max_response_tokens} must hold at least one round "
-                       f"(--max-new-tokens {cfg.max_new_tokens}, at least 1)")
-    if cfg.vllm_mode not in ("colocate", "server"):
-        raise BadInput(f"--vllm-mode '{cfg.vllm_mode}' is unknown; choose colocate or server")
-    if not (0 <= cfg.noise_start <= 1 and 0 <= cfg.noise_end <= 1) or cfg.noise_base <= 0:
-        raise BadInput("--noise-start/--noise-end must be in [0, 1] and --noise-base > 0")
-    if cfg.val and not cfg.val_search:
-        raise BadInput("--val needs --val-search (a real engine, e.g. bm25:data/corpus/wiki_sample.jsonl)")
-    if cfg.report_to not in REPORT_TO:
-        raise BadInput(f"--report-to '{cfg.report_to}' is not one of {', '.join(REPORT_TO)}")
-    check_report_to(cfg.report_to)
-    prompts.style_of(cfg.prompt_style)
 
 
 def load_train_questions(spec: str, limit: int | None) -> list[dict]:
@@ -517,7 +504,6 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented experimental API
     progress = progress or Progress()
-    _validate(cfg)
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     resume_from = None

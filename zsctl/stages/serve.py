@@ -27,9 +27,11 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel
 
+from zsctl.core.config import Options, option
 from zsctl.core.errors import BadInput, RunFailure
 from zsctl.core.progress import Progress
 from zsctl.search.base import Noise, QueryContext
+from zsctl.search.simulator import SIM_STYLES
 
 
 @dataclass
@@ -42,18 +44,20 @@ class Caps:
     max_body_bytes: int = 4 << 20
 
 
-@dataclass
-class ServeConfig:
-    search: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    model: str | None = None  # also serve /v1/completions for this model
-    max_queries: int = 64
-    max_query_chars: int = 512
-    sim_mode: str = "tuned"  # for sim: engines
-    sim_template: str | None = None
-    noise_p: float = 0.0
-    seed: int = 0
+@dataclass(kw_only=True)
+class ServeConfig(Options):
+    search: str = option(help="Engine to serve: bm25:PATH | sim:MODEL | sim+http://... | http://... | serpapi")
+    host: str = option("127.0.0.1", "Interface to bind (0.0.0.0 exposes it to the network).")
+    port: int = option(8000, "TCP port (0 = any free port).", ge=0, le=65535)
+    model: str | None = option(None, "Also serve this model at /v1/completions (for sim+http://).")
+    max_queries: int = option(64, "Queries (or prompts) per request.", ge=1, le=100_000)
+    max_query_chars: int = option(512, "Characters per query.", ge=1, le=1_000_000)
+    sim_mode: str = option("tuned", "For sim: engines: tuned (a train-sim model) | prompt (untuned instruct model, "
+                                "few-shot).", flag="sim-style", aliases=("sim-mode",), choices=SIM_STYLES)
+    sim_template: str | None = option(None, "Simulator prompt template file (fields {query} {question} {answer} "
+                                        "{mode} {k}).")
+    noise_p: float = option(0.0, "Simulators: share of noisy answers when a request names no noise.", ge=0, le=1)
+    seed: int = option(0, "Random seed.", ge=0)
 
 
 class RetrieveRequest(BaseModel):
@@ -272,8 +276,6 @@ def run(cfg: ServeConfig, progress: Progress | None = None) -> dict:
     import uvicorn
 
     progress = progress or Progress()
-    if not 1 <= cfg.max_queries <= 100_000 or not 1 <= cfg.max_query_chars <= 1_000_000:
-        raise BadInput("--max-queries and --max-query-chars must be positive")
     sock = bind(cfg.host, cfg.port)  # before loading anything: a taken port fails fast
     model = tok = None
     if cfg.model:
