@@ -177,3 +177,5 @@ def test_missing_required_option_is_one_line(tmp_path):
     r = runner.invoke(app, ["eval", "--bench", "nq", "--search", "none"])
     assert r.exit_code == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "missing --out" in r.stderr
+    r = runner.invoke(app, ["index", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "missing CORPUS" in r.stderr and not (tmp_path / "o").exists()

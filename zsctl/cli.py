@@ -64,7 +64,7 @@ def _root(
         _fail(e, 2)
 
 
-def stage(fn):
+def exit_codes(fn):
     """Map our exceptions to exit codes and one-line messages."""
 
     @functools.wraps(fn)
@@ -151,7 +151,8 @@ def command(name: str, module: str, config: str, doc: str) -> None:
     def run_command(*, config_file=None, as_json: bool = False, quiet: bool = False, **values):
         for f in dataclasses.fields(cls):
             if values[f.name] is None and f.default is dataclasses.MISSING:
-                raise BadInput(f"missing {flag_of(f)}: {f.metadata.get('help', '')}")
+                shown = f.name.upper() if f.metadata.get("positional") else flag_of(f)
+                raise BadInput(f"missing {shown}: {f.metadata.get('help', '')}")
         cfg = cls(**values)
         if _state["dry_run"]:
             doc = {"dry_run": True, "stage": module, "config": dataclasses.asdict(cfg)}
@@ -164,7 +165,7 @@ def command(name: str, module: str, config: str, doc: str) -> None:
 
     run_command.__signature__ = inspect.Signature(params)
     run_command.__doc__ = doc
-    app.command(name)(stage(run_command))
+    app.command(name)(exit_codes(run_command))
 
 
 command("index", "index", "IndexConfig", "Build a BM25 index (bm25s) of a passage corpus.")
@@ -189,7 +190,7 @@ command("check-sim", "check_sim", "CheckSimConfig", "Simulator quality: answer c
 
 
 @app.command("inspect")
-@stage
+@exit_codes
 def inspect_cmd(
     path: str = typer.Argument(..., help="An artifact directory."),
     rows: int = typer.Option(5, "--rows", help="How many first rows to show."),
