@@ -7,14 +7,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from zsctl.core import artifacts
+from zsctl.core.config import Options, option
 from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
 
 
-@dataclass
-class IndexConfig:
-    corpus: str
-    out: str
+@dataclass(kw_only=True)
+class IndexConfig(Options):
+    corpus: str = option(help="Corpus .jsonl (id,title,text or id,contents) or .parquet.", positional=True)
+    out: str = option(help="Output artifact directory.")
 
 
 def run(cfg: IndexConfig, progress: Progress | None = None) -> dict:
