@@ -25,12 +25,11 @@ def run(cfg: IndexConfig, progress: Progress | None = None) -> dict:
     if not Path(cfg.corpus).is_file():
         raise BadInput(f"corpus '{cfg.corpus}' is not a file; pass a .jsonl (id,title,text or id,contents) or .parquet corpus")
     t0 = time.perf_counter()
+    out = artifacts.check_out(cfg.out, "bm25_index", [cfg.corpus])
     engine = BM25Engine.from_corpus(cfg.corpus)
     build_s = time.perf_counter() - t0
-    out = artifacts.prepare_out(cfg.out)
-    engine.save(out)
     summary = {"out": str(out), "passages": len(engine), "build_s": round(build_s, 2)}
     progress.log(f"indexed {summary['passages']} passages in {build_s:.1f}s → {out}")
-    artifacts.write_manifest(out, "bm25_index", config=asdict(cfg), inputs=[artifacts.input_ref(cfg.corpus)],
-                             summary=summary)
+    with artifacts.staging(out) as tmp:  # an older index in --out stays usable until this one is whole
+        engine.save(tmp, config=asdict(cfg), inputs=[artifacts.input_ref(cfg.corpus)], summary=summary)
     return summary
