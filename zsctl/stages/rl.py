@@ -438,15 +438,23 @@ def _make_validator(cfg: RLConfig, tokenizer):
             max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, topk=cfg.topk,
             max_doc_words=cfg.max_doc_words if cfg.prompt_style == "zsctl" else None,
             max_response_tokens=cfg.max_response_tokens, prompt_style=cfg.prompt_style))
-        scores = []
+        scores, rows = [], []
         with torch.no_grad():
             for i in range(0, len(questions), 8):
                 batch = questions[i : i + 8]
                 trajs = loop.run(loop.encode_prompts([q["question"] for q in batch]))
                 scores += [metrics.score(t.prediction or "", q["golden_answers"]) for q, t in zip(batch, trajs)]
+                # what the policy searched for with the real engine, as eval reports it
+                rows += [{"golden_answers": q["golden_answers"],
+                          "searches": [metrics.search_facts(s["query"], s["documents"], q["golden_answers"])
+                                       for s in t.searches]} for q, t in zip(batch, trajs)]
         model.train(was_training)
         n = len(scores)
-        return {f"val_{k}": sum(s[k] for s in scores) / n for k in ("em", "subem", "f1")} if n else {}
+        if not n:
+            return {}
+        quality = {**metrics.search_quality(f for r in rows for f in r["searches"]), **metrics.question_hits(rows)}
+        return {**{f"val_{k}": sum(s[k] for s in scores) / n for k in ("em", "subem", "f1")},
+                **{f"val_{k}": quality[k] for k in ("degenerate_share", "search_hit_rate", "question_hit_rate")}}
 
     return validate
 
