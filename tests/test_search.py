@@ -376,6 +376,19 @@ def test_make_engine_with_cache(corpus, tmp_path):
     assert engine.stats.calls == 1 and engine.stats.cache_hits == 1
 
 
+def test_one_truncation_rule_for_inserted_and_training_documents():
+    """The agent cuts the documents it inserts and build-sft the ones it trains on by one rule."""
+    from zsctl.agent import _trim
+    from zsctl.search.base import cut_words
+    from zsctl.stages.build_sft import clean_docs
+
+    text = "  Lima  is the\ncapital and\tlargest city of Peru ."
+    for n in (1, 3, 8, 50):
+        inserted = _trim([Document("Lima", text)], n)[0].text
+        assert inserted == clean_docs([{"title": "Lima", "text": text}], n)[0]["text"] == " ".join(text.split()[:n])
+    assert cut_words(text, 0) == cut_words(text, None) == text  # no limit: the text as it came
+
+
 # --- specs --------------------------------------------------------------------------------------
 
 
