@@ -51,7 +51,9 @@ def test_the_prompt_names_the_gold_alias_the_documents_hold(tmp_path):
     src = write_trajs(tmp_path / "t", [traj("p#0", *PERU, [("peru founded", only_alias)])])
     _, train, val = build(tmp_path, src, label="docs", docs=2, degenerate_share=0.0, val_fraction=0.0)
     rows = rows_by_id(train, val)
-    assert rows["p#0#0:u"]["golden_answer"] == "City of Kings" and "Answer: City of Kings\n" in rows["p#0#0:n"]["prompt"]
+    assert (
+        rows["p#0#0:u"]["golden_answer"] == "City of Kings" and "Answer: City of Kings\n" in rows["p#0#0:n"]["prompt"]
+    )
     # fewer answer-free documents than --docs: both rows shrink to the same k
     assert rows["p#0#0:u"]["completion"].count("Doc ") == rows["p#0#0:n"]["completion"].count("Doc ") == 2
 
@@ -118,7 +120,9 @@ def test_outcome_label_on_question_as_query_searches(tmp_path):
                for i in range(3)]
     src = write_trajs(tmp_path / "qs", qsearch)
     out = tmp_path / "never"
-    r = CliRunner().invoke(app, ["build-sft", "--trajectories", str(src), "--out", str(out), "--label", "outcome", "--quiet"])
+    r = CliRunner().invoke(
+        app, ["build-sft", "--trajectories", str(src), "--out", str(out), "--label", "outcome", "--quiet"]
+    )
     assert r.exit_code == 2 and "question-as-query" in r.output and "--label docs" in r.output
     assert len(r.output.strip().splitlines()) == 1 and not out.exists()
     # mixed with a policy's trajectories: built, but the summary warns
@@ -131,11 +135,12 @@ def test_outcome_label_on_question_as_query_searches(tmp_path):
 def test_docs_label_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
     src = write_trajs(tmp_path / "t", [traj("n#0", "Who wrote Hamlet?", ["Shakespeare"], [("hamlet", TOP5)])])
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    r = CliRunner().invoke(app, ["build-sft", "--trajectories", str(src), "--out", str(out), "--label", "docs", "--quiet"])
+    r = CliRunner().invoke(
+        app, ["build-sft", "--trajectories", str(src), "--out", str(out), "--label", "docs", "--quiet"]
+    )
     assert r.exit_code == 2 and "no search call gave a useful/noisy pair" in r.output
-    assert len(r.output.strip().splitlines()) == 1 and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert len(r.output.strip().splitlines()) == 1 and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # no work folder left beside --out either
     with pytest.raises(BadInput, match="--degenerate-share"):
         build(tmp_path, src, label="docs", degenerate_share=1.5)
 
@@ -192,7 +197,9 @@ def test_supporting_entities_are_searched_on_the_real_engine(tmp_path, monkeypat
                 ("Kiss and Tell (1945 film)", "Kiss and Tell is a 1945 comedy film starring Shirley Temple."),
                 ("Janet Waldo", "Janet Waldo was a voice actress."), ("Protocol", "Protocol governs diplomacy."),
                 ("Temple", "A temple is a building for worship."), ("Film", "A film is a motion picture.")]
-    corpus.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(passages)))
+    corpus.write_text(
+        "".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(passages))
+    )
     logged = [doc(t, x) for t, x in passages[1:4]]  # the question's own search missed the answer
     src = write_trajs(tmp_path / "t", [traj("h#0", question, ["Chief of Protocol"], [(question, logged)])])
     try:

@@ -17,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,8 +48,11 @@ def one_line(r, code: int = 2, *needles: str) -> str:
 
 def digest(folder: Path) -> dict:
     """Every file under `folder` and its hash: 'nothing of the user's changed' is this staying equal."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -73,22 +75,67 @@ def env(tmp_path_factory, tiny_model_dir):
     """Artifacts of every kind the cases poke at, made once by the real stages."""
     base = tmp_path_factory.mktemp("rel")
     e = SimpleNamespace(base=base, model=tiny_model_dir)
-    e.corpus = write_jsonl(base / "corpus.jsonl", [{"id": str(i), "title": w.title(), "text": f"{w} is a fruit called {w}"}
-                                                   for i, w in enumerate(WORDS)])
-    e.questions = write_jsonl(base / "q.jsonl", [{"id": f"q{i}", "question": f"which fruit is called {w}?",
-                                                  "golden_answers": [w]} for i, w in enumerate(WORDS)])
+    e.corpus = write_jsonl(
+        base / "corpus.jsonl",
+        [{"id": str(i), "title": w.title(), "text": f"{w} is a fruit called {w}"} for i, w in enumerate(WORDS)],
+    )
+    e.questions = write_jsonl(
+        base / "q.jsonl",
+        [
+            {"id": f"q{i}", "question": f"which fruit is called {w}?", "golden_answers": [w]}
+            for i, w in enumerate(WORDS)
+        ],
+    )
     e.index = base / "idx"
     assert cli("index", e.corpus, "--out", e.index).exit_code == 0
     e.trajs = base / "trajs"
-    r = cli("collect", "--questions", e.questions, "--model", "none", "--search", f"bm25:{e.index}", "--out", e.trajs, "--quiet")
+    r = cli(
+        "collect",
+        "--questions",
+        e.questions,
+        "--model",
+        "none",
+        "--search",
+        f"bm25:{e.index}",
+        "--out",
+        e.trajs,
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     e.evaldir = base / "ev"
-    r = cli("eval", "--bench", e.questions, "--model", tiny_model_dir, "--search", f"bm25:{e.index}", "--out", e.evaldir,
-            "--limit", "2", "--max-new-tokens", "4", "--max-turns", "1", "--quiet")
+    r = cli(
+        "eval",
+        "--bench",
+        e.questions,
+        "--model",
+        tiny_model_dir,
+        "--search",
+        f"bm25:{e.index}",
+        "--out",
+        e.evaldir,
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--max-turns",
+        "1",
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     e.sft = base / "sft"
-    r = cli("build-sft", "--trajectories", e.trajs, "--for", "policy", "--templated", "--policy", tiny_model_dir,
-            "--out", e.sft, "--quiet")
+    r = cli(
+        "build-sft",
+        "--trajectories",
+        e.trajs,
+        "--for",
+        "policy",
+        "--templated",
+        "--policy",
+        tiny_model_dir,
+        "--out",
+        e.sft,
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     e.simsft = base / "simsft"
     r = cli("build-sft", "--trajectories", e.trajs, "--label", "docs", "--out", e.simsft, "--quiet")
@@ -102,8 +149,25 @@ def copy(src: Path, dest: Path) -> Path:
 
 
 def eval_args(e, out, *extra, model=None, search=None, bench=None):
-    return ("eval", "--bench", bench or e.questions, "--model", model or e.model, "--search", search or f"bm25:{e.index}",
-            "--out", out, "--limit", "1", "--max-new-tokens", "2", "--max-turns", "1", "--quiet", *extra)
+    return (
+        "eval",
+        "--bench",
+        bench or e.questions,
+        "--model",
+        model or e.model,
+        "--search",
+        search or f"bm25:{e.index}",
+        "--out",
+        out,
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--max-turns",
+        "1",
+        "--quiet",
+        *extra,
+    )
 
 
 # --- 1-3: outputs never destroy the user's data ------------------------------------------------------
@@ -168,13 +232,21 @@ def _build_sft_above_input(e, tmp):
 
 def _collect_over_eval(e, tmp):
     d = copy(e.evaldir, tmp / "ev")
-    return ("collect", "--questions", e.questions, "--model", "none", "--search", f"bm25:{e.index}", "--out", d), d, "predictions"
+    return (
+        ("collect", "--questions", e.questions, "--model", "none", "--search", f"bm25:{e.index}", "--out", d),
+        d,
+        "predictions",
+    )
 
 
 def _collect_above_questions(e, tmp):
     d = tmp / "d"
     write_jsonl(d / "q.jsonl", [{"question": "which fruit is called fig?", "golden_answers": ["fig"]}])
-    return ("collect", "--questions", d / "q.jsonl", "--model", "none", "--search", f"bm25:{e.index}", "--out", d), d, str(d)
+    return (
+        ("collect", "--questions", d / "q.jsonl", "--model", "none", "--search", f"bm25:{e.index}", "--out", d),
+        d,
+        str(d),
+    )
 
 
 def _warmup_over_its_data(e, tmp):
@@ -194,7 +266,11 @@ def _train_sim_over_its_base(e, tmp):
 
 def _rl_over_eval(e, tmp):
     d = copy(e.evaldir, tmp / "ev")
-    return ("rl", "--policy", e.model, "--search", f"bm25:{e.index}", "--train", e.questions, "--out", d, "--steps", "1"), d, "predictions"
+    return (
+        ("rl", "--policy", e.model, "--search", f"bm25:{e.index}", "--train", e.questions, "--out", d, "--steps", "1"),
+        d,
+        "predictions",
+    )
 
 
 def _check_sim_over_trajs(e, tmp):
@@ -323,13 +399,39 @@ READERS = {
     "eval-model-rl-without-manifest": (_rl_without_manifest, lambda e, d, o: eval_args(e, o, model=d), "incomplete"),
     "eval-model-of-other-kind": (_model_of_other_kind, lambda e, d, o: eval_args(e, o, model=d), "predictions"),
     "sim-model-killed-rl-rerun": (_killed_rl_rerun, lambda e, d, o: eval_args(e, o, search=f"sim:{d}"), "incomplete"),
-    "rl-policy-killed-rl-rerun": (_killed_rl_rerun, lambda e, d, o: ("rl", "--policy", d, "--search", f"bm25:{e.index}",
-                                                                    "--train", e.questions, "--out", o, "--steps", "1"), "incomplete"),
-    "warmup-policy-killed-rl-rerun": (_killed_rl_rerun, lambda e, d, o: ("warmup", "--data", e.sft, "--policy", d, "--out", o,
-                                                                        "--max-steps", "1"), "incomplete"),
-    "bm25-index-without-manifest": (_index_without_manifest, lambda e, d, o: eval_args(e, o, search=f"bm25:{d}"), "manifest"),
+    "rl-policy-killed-rl-rerun": (
+        _killed_rl_rerun,
+        lambda e, d, o: (
+            "rl",
+            "--policy",
+            d,
+            "--search",
+            f"bm25:{e.index}",
+            "--train",
+            e.questions,
+            "--out",
+            o,
+            "--steps",
+            "1",
+        ),
+        "incomplete",
+    ),
+    "warmup-policy-killed-rl-rerun": (
+        _killed_rl_rerun,
+        lambda e, d, o: ("warmup", "--data", e.sft, "--policy", d, "--out", o, "--max-steps", "1"),
+        "incomplete",
+    ),
+    "bm25-index-without-manifest": (
+        _index_without_manifest,
+        lambda e, d, o: eval_args(e, o, search=f"bm25:{d}"),
+        "manifest",
+    ),
     "bm25-index-incomplete": (_index_incomplete, lambda e, d, o: eval_args(e, o, search=f"bm25:{d}"), "incomplete"),
-    "bm25-index-of-other-kind": (_index_of_other_kind, lambda e, d, o: eval_args(e, o, search=f"bm25:{d}"), "predictions"),
+    "bm25-index-of-other-kind": (
+        _index_of_other_kind,
+        lambda e, d, o: eval_args(e, o, search=f"bm25:{d}"),
+        "predictions",
+    ),
     "inspect-incomplete": (_index_incomplete, lambda e, d, o: ("inspect", d), "incomplete"),
 }
 
@@ -364,8 +466,10 @@ def test_chunked_body_over_the_cap_is_refused_while_streaming(env):
     try:
         port = int(url.rsplit(":", 1)[1])
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        s.sendall(b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Transfer-Encoding: chunked\r\n\r\n")
+        s.sendall(
+            b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         chunk = b"x" * (64 << 10)
         frame = b"%x\r\n" % len(chunk) + chunk + b"\r\n"
         sent, limit = 0, 300 << 20
@@ -405,8 +509,12 @@ def test_declared_body_over_the_cap_is_refused(env):
 
     server, url = start_in_thread(make_app(make_engine(f"bm25:{env.index}"), caps=Caps(max_body_bytes=1000)))
     try:
-        r = httpx.post(f"{url}/retrieve", content=b'{"queries": ["' + b"a" * 5000 + b'"]}', timeout=10,
-                       headers={"content-type": "application/json"})
+        r = httpx.post(
+            f"{url}/retrieve",
+            content=b'{"queries": ["' + b"a" * 5000 + b'"]}',
+            timeout=10,
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 413
     finally:
         server.should_exit = True
@@ -441,9 +549,14 @@ def test_credentials_in_a_spec_never_reach_disk_or_rows(env, tmp_path):
         server.should_exit = True
 
 
-@pytest.mark.parametrize("spec", [f"http://user:{SECRET}@127.0.0.1:9/retrieve",
-                                  f"http://127.0.0.1:9/retrieve?api_key={SECRET}",
-                                  f"http://127.0.0.1:9/retrieve?token={SECRET}&x=1"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        f"http://user:{SECRET}@127.0.0.1:9/retrieve",
+        f"http://127.0.0.1:9/retrieve?api_key={SECRET}",
+        f"http://127.0.0.1:9/retrieve?token={SECRET}&x=1",
+    ],
+)
 def test_credentials_never_in_error_lines(env, tmp_path, spec):
     r = cli(*eval_args(env, tmp_path / "ev", search=spec))
     line = one_line(r, 2, "127.0.0.1:9")
@@ -461,6 +574,7 @@ def _q_parquet(rows):
     def make(e, tmp):
         pq.write_table(pa.Table.from_pylist(rows), tmp / "bad.parquet")
         return eval_args(e, tmp / "o", bench=tmp / "bad.parquet")
+
     return make
 
 
@@ -475,14 +589,34 @@ def _sft_input(lines: bytes | list, name="bad.jsonl", **kw):
             write_jsonl(p, lines)
         extra = kw.get("extra", ("--label", "docs"))
         return ("build-sft", "--trajectories", p, "--out", tmp / "o", *extra)
+
     return make
 
 
-TRAJ_SCHEMA = pa.schema([("question", pa.string()), ("golden_answers", pa.list_(pa.string())), ("em", pa.float64()),
-                         ("searches", pa.list_(pa.struct([("query", pa.string()), ("documents", pa.list_(
-                             pa.struct([("title", pa.string()), ("text", pa.string())])))])))])
-TRAJ = {"question": "which fruit is called fig?", "golden_answers": ["fig"], "em": 1.0,
-        "searches": [{"query": "fig", "documents": [{"title": "Fig", "text": "fig is a fruit called fig"}]}]}
+TRAJ_SCHEMA = pa.schema(
+    [
+        ("question", pa.string()),
+        ("golden_answers", pa.list_(pa.string())),
+        ("em", pa.float64()),
+        (
+            "searches",
+            pa.list_(
+                pa.struct(
+                    [
+                        ("query", pa.string()),
+                        ("documents", pa.list_(pa.struct([("title", pa.string()), ("text", pa.string())]))),
+                    ]
+                )
+            ),
+        ),
+    ]
+)
+TRAJ = {
+    "question": "which fruit is called fig?",
+    "golden_answers": ["fig"],
+    "em": 1.0,
+    "searches": [{"query": "fig", "documents": [{"title": "Fig", "text": "fig is a fruit called fig"}]}],
+}
 
 
 def _inspect_with(mutate):
@@ -490,6 +624,7 @@ def _inspect_with(mutate):
         d = copy(e.evaldir, tmp / "ev")
         mutate(d, tmp)
         return ("inspect", d)
+
     return make
 
 
@@ -519,6 +654,7 @@ def _report_with(mutate, out=None):
         copy(e.evaldir, run / "ev")
         mutate(run / "ev", tmp)
         return ("report", run, *(("--out", out(tmp)) if out else ()))
+
     return make
 
 
@@ -539,7 +675,18 @@ def _corrupt_ledger(e, tmp):
     (d / "trajectories.shards").mkdir()
     (d / "trajectories.parquet").replace(d / "trajectories.shards" / "part-00000.parquet")
     (d / "trajectories.shards" / "ledger.json").write_text("{not json")
-    return ("collect", "--questions", e.questions, "--model", "none", "--search", f"bm25:{e.index}", "--out", d, "--resume")
+    return (
+        "collect",
+        "--questions",
+        e.questions,
+        "--model",
+        "none",
+        "--search",
+        f"bm25:{e.index}",
+        "--out",
+        d,
+        "--resume",
+    )
 
 
 BAD = {
@@ -547,29 +694,51 @@ BAD = {
     "gold-empty-list": (_q([{"question": "who?", "golden_answers": []}]), ["bad.jsonl", "1"]),
     "gold-list-of-null": (_q([{"question": "who?", "golden_answers": [None]}]), ["bad.jsonl", "1"]),
     "gold-blank-string": (_q([{"question": "who?", "golden_answers": ["  "]}]), ["bad.jsonl"]),
-    "gold-empty-second-row": (_q([{"question": "who?", "golden_answers": ["x"]}, {"question": "what?", "golden_answers": []}]),
-                              ["bad.jsonl", "2"]),
+    "gold-empty-second-row": (
+        _q([{"question": "who?", "golden_answers": ["x"]}, {"question": "what?", "golden_answers": []}]),
+        ["bad.jsonl", "2"],
+    ),
     "gold-empty-parquet": (_q_parquet([{"question": "who?", "golden_answers": []}]), ["bad.parquet", "row 0"]),
     "question-is-a-list": (_q([{"question": ["who", "is"], "golden_answers": ["x"]}]), ["bad.jsonl", "question"]),
     "question-is-a-number": (_q([{"question": 42, "golden_answers": ["x"]}]), ["bad.jsonl", "question"]),
     "question-too-long": (_q([{"question": "why " * 300_000, "golden_answers": ["x"]}]), ["bad.jsonl", "characters"]),
-    "question-too-long-parquet": (_q_parquet([{"question": "w" * 100_000, "golden_answers": ["x"]}]), ["bad.parquet", "characters"]),
+    "question-too-long-parquet": (
+        _q_parquet([{"question": "w" * 100_000, "golden_answers": ["x"]}]),
+        ["bad.parquet", "characters"],
+    ),
     # 8: raw exceptions that became one line
     "eval-bench-only-commas": (lambda e, tmp: eval_args(e, tmp / "o", bench=","), ["','", "names no benchmark"]),
     "eval-truncated-safetensors": (_truncated_safetensors, ["model", "/m"]),
     "build-sft-non-utf8-jsonl": (_sft_input(b'{"question": "caf\xe9?"}\n'), ["bad.jsonl"]),
     "build-sft-null-question-jsonl": (_sft_input([{**TRAJ, "question": None}]), ["bad.jsonl", "question"]),
-    "build-sft-null-question-parquet": (_sft_input([{**TRAJ, "question": None}, TRAJ], name="bad.parquet"), ["bad.parquet", "question"]),
-    "build-sft-null-golds-templated": (_sft_input([{**TRAJ, "golden_answers": [None]}], name="bad.parquet",
-                                                  extra=("--for", "policy", "--templated")), ["gold answer"]),
-    "build-sft-null-golds-docs": (_sft_input([{**TRAJ, "golden_answers": [None]}], name="bad.parquet"), ["gold answer"]),
+    "build-sft-null-question-parquet": (
+        _sft_input([{**TRAJ, "question": None}, TRAJ], name="bad.parquet"),
+        ["bad.parquet", "question"],
+    ),
+    "build-sft-null-golds-templated": (
+        _sft_input([{**TRAJ, "golden_answers": [None]}], name="bad.parquet", extra=("--for", "policy", "--templated")),
+        ["gold answer"],
+    ),
+    "build-sft-null-golds-docs": (
+        _sft_input([{**TRAJ, "golden_answers": [None]}], name="bad.parquet"),
+        ["gold answer"],
+    ),
     "build-sft-empty-golds-jsonl": (_sft_input([{**TRAJ, "golden_answers": []}]), ["bad.jsonl", "gold"]),
     "inspect-truncated-parquet": (_inspect_with(_truncate), ["predictions.parquet"]),
-    "inspect-missing-parquet": (_inspect_with(lambda d, tmp: (d / "predictions.parquet").unlink()), ["predictions.parquet"]),
-    "inspect-list-manifest": (_inspect_with(lambda d, tmp: (d / "manifest.json").write_text("[1, 2]")), ["manifest.json"]),
+    "inspect-missing-parquet": (
+        _inspect_with(lambda d, tmp: (d / "predictions.parquet").unlink()),
+        ["predictions.parquet"],
+    ),
+    "inspect-list-manifest": (
+        _inspect_with(lambda d, tmp: (d / "manifest.json").write_text("[1, 2]")),
+        ["manifest.json"],
+    ),
     "inspect-absolute-path-out-of-folder": (_inspect_with(_escape), ["secret.parquet"]),
     "inspect-dotdot-path-out-of-folder": (_inspect_with(_escape_dotdot), ["secret.parquet"]),
-    "report-corrupt-manifest": (_report_with(lambda d, tmp: (d / "manifest.json").write_text("{oops")), ["manifest.json"]),
+    "report-corrupt-manifest": (
+        _report_with(lambda d, tmp: (d / "manifest.json").write_text("{oops")),
+        ["manifest.json"],
+    ),
     "report-list-manifest": (_report_with(lambda d, tmp: (d / "manifest.json").write_text("[]")), ["manifest.json"]),
     "report-missing-metrics": (_report_with(lambda d, tmp: (d / "metrics.json").unlink()), ["metrics.json"]),
     "report-corrupt-metrics": (_report_with(lambda d, tmp: (d / "metrics.json").write_text("{}")), ["metrics.json"]),
@@ -600,8 +769,19 @@ def test_killed_build_sft_temp_folder_is_cleaned_on_the_next_run(env, tmp_path):
     stale_tmp.mkdir()
     mine = tmp_path / ".sft.notes"  # not a name we make: left alone
     mine.write_text("x")
-    r = cli("build-sft", "--trajectories", env.trajs, "--for", "policy", "--templated", "--policy", env.model,
-            "--out", out, "--quiet")
+    r = cli(
+        "build-sft",
+        "--trajectories",
+        env.trajs,
+        "--for",
+        "policy",
+        "--templated",
+        "--policy",
+        env.model,
+        "--out",
+        out,
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     assert not stale.exists() and not stale_tmp.exists() and mine.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".sft.notes", "sft"]
@@ -617,13 +797,19 @@ def test_public_host_warns_even_when_quiet(env, monkeypatch):
 
 
 def test_no_weight_loading_bars_when_stderr_is_not_a_terminal(env, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "zsctl", *map(str, eval_args(env, tmp_path / "ev"))],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [sys.executable, "-m", "zsctl", *map(str, eval_args(env, tmp_path / "ev"))],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stderr
     assert "Loading weights" not in p.stderr and "it/s]" not in p.stderr
 
 
-@pytest.mark.parametrize("args", [["eval", "--bogus"], ["eval"], ["index"], ["nosuchcommand"], ["eval", "--batch-size", "x"]])
+@pytest.mark.parametrize(
+    "args", [["eval", "--bogus"], ["eval"], ["index"], ["nosuchcommand"], ["eval", "--batch-size", "x"]]
+)
 def test_usage_errors_are_one_line(args):
     p = subprocess.run([sys.executable, "-m", "zsctl", *args], capture_output=True, text=True)
     assert p.returncode == 2

@@ -13,9 +13,7 @@ into a plain HF model directory at the end; the directory appears by one rename,
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
 import re
 import shutil
 import time
@@ -169,37 +167,6 @@ def build_dataset(tok, rows: list[dict], cfg: SFTRunConfig) -> tuple[list[dict],
     stats = {"rows": len(examples), "truncated": truncated, "dropped": dropped, "tokens": tokens,
              "trained_tokens": trained}
     return examples, stats
-
-
-# --- output directory --------------------------------------------------------------------------
-
-
-def check_model_out(out: str | Path, kind: str) -> Path:
-    """--out must be new, empty, or an earlier model artifact of the same kind (it gets replaced)."""
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise BadInput(f"--out '{out}' exists and is not a directory; pass a directory path")
-        if any(out.iterdir()):
-            try:
-                old_kind = json.loads((out / artifacts.MANIFEST).read_text(encoding="utf-8")).get("kind")
-            except (OSError, ValueError, AttributeError):
-                old_kind = None
-            if old_kind != kind:
-                raise BadInput(f"--out '{out}' holds other files (not a zsctl {kind} model); pass a new or empty directory")
-    return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished model into place; an older model there is retired only after that works."""
-    old = None
-    if out.exists():
-        (out / artifacts.MANIFEST).unlink(missing_ok=True)  # never vouches for a half-swapped dir
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -361,7 +328,7 @@ def _summary(cfg: SFTRunConfig, trainer, info: dict, result, wall: float, val_be
 
 def _save(trainer, cfg: SFTRunConfig, out: Path, trainer_dir: Path, losses: list[dict]) -> None:
     """Merge LoRA, save model + tokenizer + per-step losses into a temp dir, then rename it to out."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = artifacts.sibling(out, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model = trainer.model.merge_and_unload() if cfg.lora else trainer.model
@@ -371,6 +338,6 @@ def _save(trainer, cfg: SFTRunConfig, out: Path, trainer_dir: Path, losses: list
         if cfg.report_to != "none" and trainer_dir.is_dir():
             shutil.move(str(trainer_dir), str(tmp / "logs"))  # tensorboard/wandb files stay with the model
         out.parent.mkdir(parents=True, exist_ok=True)
-        _replace_dir(tmp, out)
+        artifacts.replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from zsctl.core import artifacts, data, metrics, prompts
 from zsctl.core.config import Options, option
-from zsctl.core.errors import BadInput
+from zsctl.core.errors import BadInput, redact
 from zsctl.core.progress import Progress
 from zsctl.core.schemas import CHECK_SIM
 from zsctl.search import is_simulated, make_engine
@@ -189,6 +189,7 @@ def summarize(rows: list[dict]) -> dict:
 def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, vs_engine=None) -> dict:
     """`engine`/`vs_engine`: already-built engines (tests, or sharing a loaded model) instead of specs."""
     progress = progress or Progress()
+    out = artifacts.check_out(cfg.out, "check_sim", [cfg.search, cfg.trajectories, cfg.questions, cfg.vs])
     queries, held = select_queries(cfg, load_queries(cfg))
     if engine is None:
         if not is_simulated(cfg.search):
@@ -197,7 +198,6 @@ def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, v
                              max_new_tokens=cfg.max_new_tokens)
     if vs_engine is None and cfg.vs:
         vs_engine = make_engine(cfg.vs)
-    out = artifacts.prepare_out(cfg.out)  # after setup: bad input never touches --out
 
     rows: list[dict] = []
     t0 = time.perf_counter()
@@ -244,11 +244,12 @@ def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, v
     }
     if vs_engine is not None:
         result["real"] = {"spec": vs_engine.spec or cfg.vs, **summarize([r for r in rows if r["role"] == "real"])}
-    artifacts.write_table(out, "check_sim.parquet", pa.Table.from_pylist(rows, schema=CHECK_SIM))
-    artifacts.write_json(out, "metrics.json", result)
     summary = {"out": str(out), "rows": len(rows), "wall_s": round(wall, 2), "search": engine.stats.as_dict(), **result}
     inputs = [artifacts.input_ref(cfg.trajectories)] if cfg.trajectories else [{"questions": cfg.questions}]
-    artifacts.write_manifest(out, "check_sim", config=asdict(cfg), inputs=inputs, summary=summary, seed=cfg.seed)
+    with artifacts.staging(out) as tmp:  # the old artifact in --out stays valid until this one is whole
+        artifacts.write_table(tmp, "check_sim.parquet", pa.Table.from_pylist(rows, schema=CHECK_SIM))
+        artifacts.write_json(tmp, "metrics.json", result)
+        artifacts.write_manifest(tmp, "check_sim", config=asdict(cfg), inputs=inputs, summary=summary, seed=cfg.seed)
     engine.close()
     if vs_engine is not None:
         vs_engine.close()
@@ -260,7 +261,7 @@ def _row(q: dict, role: str, spec: str, mode: str, docs, raw: str, well_formed: 
     documents = [d.as_dict() for d in docs]
     return {
         "id": q["id"], "question": q["question"], "golden_answers": q["golden_answers"], "query": q["query"],
-        "role": role, "engine": spec, "mode": mode, "documents": documents,
+        "role": role, "engine": redact(spec), "mode": mode, "documents": documents,
         "text": prompts.format_documents(docs), "raw": raw,
         "well_formed": bool(well_formed) if well_formed is not None else len(docs) == k,
         "has_answer": metrics.docs_hold_answer(documents, q["golden_answers"]),

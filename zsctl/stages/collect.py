@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from zsctl.agent import AgentConfig, AgentLoop, QuestionAsQuery
 from zsctl.core import artifacts, metrics, prompts
 from zsctl.core.config import DEFAULT_MODEL, Options, option
-from zsctl.core.errors import BadInput, RunFailure
+from zsctl.core.errors import BadInput, RunFailure, redact
 from zsctl.core.models import load_model
 from zsctl.core.progress import Progress
 from zsctl.core.schemas import TRAJECTORIES
@@ -104,7 +104,7 @@ def previous_state(out: Path, cfg: CollectConfig) -> tuple[set, dict]:
     ledger = {}
     if files:
         if (shard_dir / LEDGER).is_file():
-            ledger = json.loads((shard_dir / LEDGER).read_text(encoding="utf-8"))
+            ledger = _read_ledger(shard_dir / LEDGER)
     elif data.is_file():
         files = [data]
         try:
@@ -115,7 +115,7 @@ def previous_state(out: Path, cfg: CollectConfig) -> tuple[set, dict]:
     for f in files:
         t = artifacts.read_table_file(f, TRAJECTORIES, columns=["data_source", "question_id", "model", "engine"])
         models, engines = set(t.column("model").to_pylist()), set(t.column("engine").to_pylist())
-        if models - {cfg.model} or engines - {cfg.search}:
+        if models - {cfg.model} or engines - {redact(cfg.search)}:
             raise BadInput(f"--resume: '{f}' was collected with model {sorted(models)} and engine {sorted(engines)}; "
                            f"pass the same --model/--search, or drop --resume to start over")
         for ds, qid in zip(t.column("data_source").to_pylist(), t.column("question_id").to_pylist()):
@@ -127,6 +127,17 @@ def previous_state(out: Path, cfg: CollectConfig) -> tuple[set, dict]:
     return set(counts), {k: int(ledger.get(k, 0)) for k in _LEDGER_KEYS}
 
 
+def _read_ledger(path: Path) -> dict:
+    try:
+        ledger = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        ledger = e
+    if not isinstance(ledger, dict) or not all(isinstance(ledger.get(k, 0), (int, float)) for k in _LEDGER_KEYS):
+        raise BadInput(f"--resume: the cost ledger '{path}' is damaged; delete it (its counts restart at zero) "
+                       "and rerun, or drop --resume")
+    return ledger
+
+
 def run(cfg: CollectConfig, progress: Progress | None = None, policy=None) -> dict:
     """`policy`: an already loaded (model, tokenizer) to use instead of loading `cfg.model`."""
     progress = progress or Progress()
@@ -136,9 +147,7 @@ def run(cfg: CollectConfig, progress: Progress | None = None, policy=None) -> di
         raise BadInput(f"--questions '{cfg.questions}' gave no questions; check the names, the files or --limit")
     if cfg.prompt_from_data:
         prompts.chats_from_data(questions, cfg.questions)  # every question has its prompt, or bad input now
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"--out '{out}' exists and is not a directory; pass a directory path")
+    out = artifacts.check_out(cfg.out, "trajectories", [cfg.questions, cfg.model, cfg.search, cfg.search_cache])
     done, ledger0 = previous_state(out, cfg) if cfg.resume else (set(), dict.fromkeys(_LEDGER_KEYS, 0))
     todo = []
     for q in questions:  # a question named twice (e.g. the same bench listed twice) is done once
@@ -170,7 +179,7 @@ def _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen) -> dict
     loop = QuestionAsQuery(engine, agent_cfg) if policy is None else AgentLoop(*policy, engine, agent_cfg)
 
     # Setup done: only now does --out change.
-    out = artifacts.prepare_out(out)
+    out = artifacts.prepare_out(out, "trajectories")  # in place: the shards let a killed run resume
     shard_dir = out / SHARDS
     if not cfg.resume:
         shutil.rmtree(shard_dir, ignore_errors=True)
@@ -206,7 +215,7 @@ def _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen) -> dict
 
     rows, stats = merge_shards(writer.dir, out / DATA)
     shutil.rmtree(shard_dir, ignore_errors=True)
-    ledger = {"engine": cfg.search, **_ledger(ledger0, engine), "logged_searches": stats["searches"]}
+    ledger = {"engine": redact(cfg.search), **_ledger(ledger0, engine), "logged_searches": stats["searches"]}
     ledger.update(_cost(cfg, ledger["engine_calls"]))
     summary = {
         "out": str(out),
@@ -245,7 +254,7 @@ def trajectory_row(cfg: CollectConfig, q: dict, sample: int, t) -> dict:
         "question": q["question"],
         "golden_answers": list(q["golden_answers"]),
         "model": cfg.model,
-        "engine": cfg.search,
+        "engine": redact(cfg.search),  # a spec's credentials never reach a row
         "searches": [{"query": s["query"], "documents": s["documents"],
                       **metrics.search_facts(s["query"], s["documents"], q["golden_answers"])} for s in t.searches],
         "response": t.response,

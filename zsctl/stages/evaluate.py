@@ -21,6 +21,7 @@ import pyarrow as pa
 from zsctl.agent import AgentConfig, AgentLoop
 from zsctl.core import artifacts, data, metrics, prompts
 from zsctl.core.config import DEFAULT_MODEL, Options, option
+from zsctl.core.errors import BadInput
 from zsctl.core.models import load_model
 from zsctl.core.progress import Progress
 from zsctl.core.schemas import PREDICTIONS
@@ -61,7 +62,10 @@ class EvalConfig(Options):
 def load_benchmarks(spec: str, split: str, limit: int | None) -> tuple[list[pa.Table], list[dict]]:
     """Questions of every benchmark in `spec`, and how each was chosen (for the manifest)."""
     tables, chosen = [], []
-    for name in [s.strip() for s in spec.split(",") if s.strip()]:
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise BadInput(f"benchmark list '{spec}' names no benchmark; pass e.g. nq,triviaqa or a question file path")
+    for name in names:
         bundled = name in data.BENCHMARKS
         part = (None if split == "all" else split) if bundled else None
         t = data.load_questions(name, split=part, limit=limit)
@@ -95,6 +99,7 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
     torch.manual_seed(cfg.seed)
     style = prompts.style_of(cfg.prompt_style)
+    out = artifacts.check_out(cfg.out, "predictions", [cfg.bench, cfg.model, cfg.search, cfg.search_cache])
     tables, chosen = load_benchmarks(cfg.bench, cfg.split, cfg.limit)
     questions = [r for t in tables for r in t.to_pylist()]  # schemas differ when only some files carry prompts
     # the file's own prompts, checked before anything loads: a file without them is bad input
@@ -114,7 +119,6 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
             prompt_style=style.name,
         ),
     )
-    out = artifacts.prepare_out(cfg.out)  # after setup: bad input never touches --out
 
     rows: list[dict] = []
     t0 = time.perf_counter()
@@ -150,8 +154,6 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
     wall = time.perf_counter() - t0
 
     result = summarize(rows)
-    artifacts.write_table(out, "predictions.parquet", pa.Table.from_pylist(rows, schema=PREDICTIONS))
-    artifacts.write_json(out, "metrics.json", result)
     summary = {
         "out": str(out),
         "rows": len(rows),
@@ -161,14 +163,17 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
         "prompt_style": {**style.as_dict(), "prompt_from_data": cfg.prompt_from_data},
         **result,
     }
-    artifacts.write_manifest(
-        out,
-        "predictions",
-        config=asdict(cfg),
-        inputs=[{"bench": c["bench"], "split": c["split"], "rows": c["rows"]} for c in chosen],
-        summary=summary,
-        seed=cfg.seed,
-        extra={"questions": chosen},
-    )
+    with artifacts.staging(out) as tmp:  # the old artifact in --out stays valid until this one is whole
+        artifacts.write_table(tmp, "predictions.parquet", pa.Table.from_pylist(rows, schema=PREDICTIONS))
+        artifacts.write_json(tmp, "metrics.json", result)
+        artifacts.write_manifest(
+            tmp,
+            "predictions",
+            config=asdict(cfg),
+            inputs=[{"bench": c["bench"], "split": c["split"], "rows": c["rows"]} for c in chosen],
+            summary=summary,
+            seed=cfg.seed,
+            extra={"questions": chosen},
+        )
     engine.close()
     return summary

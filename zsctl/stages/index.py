@@ -24,12 +24,12 @@ def run(cfg: IndexConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
     if not Path(cfg.corpus).is_file():
         raise BadInput(f"corpus '{cfg.corpus}' is not a file; pass a .jsonl (id,title,text or id,contents) or .parquet corpus")
-    t0 = time.perf_counter()
     out = artifacts.check_out(cfg.out, "bm25_index", [cfg.corpus])
+    t0 = time.perf_counter()
     engine = BM25Engine.from_corpus(cfg.corpus)
     build_s = time.perf_counter() - t0
     summary = {"out": str(out), "passages": len(engine), "build_s": round(build_s, 2)}
-    progress.log(f"indexed {summary['passages']} passages in {build_s:.1f}s → {out}")
     with artifacts.staging(out) as tmp:  # an older index in --out stays usable until this one is whole
         engine.save(tmp, config=asdict(cfg), inputs=[artifacts.input_ref(cfg.corpus)], summary=summary)
+    progress.log(f"indexed {summary['passages']} passages in {build_s:.1f}s → {out}")
     return summary

@@ -512,7 +512,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented experimental API
     progress = progress or Progress()
-    out = Path(cfg.out)
+    out = artifacts.check_out(cfg.out, "policy", [cfg.policy, cfg.search, cfg.train, cfg.val, cfg.val_search])
     ckpt_dir = out / "checkpoints"
     resume_from = None
     if cfg.resume:
@@ -534,7 +534,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     on_gpu = torch.cuda.is_available()
     model, tok = policy or load_model(cfg.policy, dtype="bfloat16" if on_gpu else "float32")
 
-    out = artifacts.prepare_out(out)
+    out = artifacts.prepare_out(out, "policy")  # in place: its checkpoints let a killed run resume
     for p in ckpt_dir.glob("checkpoint-*"):
         # a new run drops an earlier run's checkpoints (a later --resume must not take them, and TRL
         # must not save into a directory that still says "complete"); a resumed run drops the one

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -28,7 +29,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel
 
 from zsctl.core.config import Options, option
-from zsctl.core.errors import BadInput, RunFailure
+from zsctl.core.errors import BadInput, RunFailure, redact
 from zsctl.core.progress import Progress
 from zsctl.search.base import Noise, QueryContext
 from zsctl.search.simulator import SIM_STYLES
@@ -94,6 +95,37 @@ def doc_id(title: str, text: str) -> str:
     return hashlib.sha1(f"{title}\n{text}".encode()).hexdigest()[:12]
 
 
+class BodyCap:
+    """ASGI middleware: a request body over `limit` bytes gets 413, counted while it streams in, so a
+    chunked body (no Content-Length) cannot bypass the cap; the rest is never read."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from starlette.exceptions import HTTPException
+        from starlette.responses import JSONResponse
+
+        too_big = f"request body over {self.limit} bytes"
+        close = {"connection": "close"}  # uvicorn then hangs up instead of reading the rest
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await JSONResponse({"detail": too_big}, status_code=413, headers=close)(scope, receive, send)
+        seen = 0
+
+        async def capped_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, too_big, headers=close)  # FastAPI answers it
+            return message
+
+        await self.app(scope, capped_receive, send)
+
+
 def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name: str | None = None):
     """The FastAPI app over `engine` (and `model`/`tok` for /v1/completions when given)."""
     from fastapi import FastAPI, HTTPException, Request
@@ -109,12 +141,7 @@ def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name:
     app = FastAPI(title="zsctl serve", docs_url=None, redoc_url=None)
     app.state.requests = {"retrieve": 0, "completions": 0}
 
-    @app.middleware("http")
-    async def cap_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > caps.max_body_bytes:
-            return JSONResponse({"detail": f"request body over {caps.max_body_bytes} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyCap, limit=caps.max_body_bytes)
 
     @app.exception_handler(RunFailure)
     async def upstream_failed(request: Request, exc: RunFailure):
@@ -126,7 +153,7 @@ def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name:
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "engine": getattr(engine, "spec", "") or engine.name, "model": model_name}
+        return {"status": "ok", "engine": redact(getattr(engine, "spec", "") or engine.name), "model": model_name}
 
     @app.post("/retrieve")
     def retrieve(req: RetrieveRequest):
@@ -226,6 +253,8 @@ def _contexts(req, engine) -> tuple[list[QueryContext], Noise | None]:
 
 def bind(host: str, port: int) -> socket.socket:
     """Bind the listening socket ourselves so a taken port is a one-line error, and port 0 works."""
+    if not 0 <= port <= 65535:
+        raise BadInput(f"--port {port} is not a TCP port; pass 0 (any free port) to 65535")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -271,11 +300,23 @@ def build_engine(cfg: ServeConfig, model=None, tok=None):
     return make_engine(cfg.search)
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: only localhost is known to stay local
+        return False
+
+
 def run(cfg: ServeConfig, progress: Progress | None = None) -> dict:
     """Serve until interrupted; returns how many requests were answered."""
     import uvicorn
 
     progress = progress or Progress()
+    if not _loopback(cfg.host):  # said even with --quiet: an open engine is a decision, not progress
+        print(f"warning: --host {cfg.host} makes this server reachable from the network, without "
+              "authentication; use --host 127.0.0.1 to keep it on this machine", file=sys.stderr, flush=True)
     sock = bind(cfg.host, cfg.port)  # before loading anything: a taken port fails fast
     model = tok = None
     if cfg.model:
@@ -286,7 +327,7 @@ def run(cfg: ServeConfig, progress: Progress | None = None) -> dict:
     caps = Caps(max_queries=cfg.max_queries, max_query_chars=cfg.max_query_chars)
     app = make_app(engine, model, tok, caps, model_name=cfg.model)
     url = f"http://{cfg.host}:{sock.getsockname()[1]}"
-    progress.log(f"serving {engine.spec or engine.name} on {url}/retrieve"
+    progress.log(f"serving {redact(engine.spec or engine.name)} on {url}/retrieve"
                  + (f" and {cfg.model} on {url}/v1/completions" if model is not None else "")
                  + " (Ctrl-C stops)")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
