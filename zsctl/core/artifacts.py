@@ -324,7 +324,9 @@ def read_manifest(path: str | Path, allow_incomplete: bool = False) -> dict:
         raise BadInput(f"'{p}' is not an artifact directory; pass the --out directory of an earlier stage")
     mf = p / MANIFEST
     if not mf.is_file():
-        raise BadInput(f"incomplete artifact '{p}': no {MANIFEST} (the run that wrote it did not finish); rerun that stage")
+        raise BadInput(
+            f"incomplete artifact '{p}': no {MANIFEST} (the run that wrote it did not finish); rerun that stage"
+        )
     try:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -378,5 +380,7 @@ def artifact_file(folder: str | Path, rel: str) -> Path:
     folder = Path(folder)
     p = folder / rel
     if Path(rel).is_absolute() or folder.resolve() not in p.resolve().parents:
-        raise BadInput(f"'{folder / MANIFEST}' lists '{rel}', outside the artifact folder; rerun the stage that wrote it")
+        raise BadInput(
+            f"'{folder / MANIFEST}' lists '{rel}', outside the artifact folder; rerun the stage that wrote it"
+        )
     return p
