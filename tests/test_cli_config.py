@@ -179,3 +179,17 @@ def test_missing_required_option_is_one_line(tmp_path):
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "missing --out" in r.stderr
     r = runner.invoke(app, ["index", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "missing CORPUS" in r.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_dry_run_checks_values_not_the_trackers_installed_here():
+    from zsctl.core.errors import BadInput
+    from zsctl.stages.rl import RLConfig
+
+    # a GPU recipe checked on a machine without its tracker: the values are fine
+    cfg = _dry_run(["rl", "--search", "none", "--train", "t", "--out", "o", "--report-to", "wandb"])
+    assert cfg["report_to"] == "wandb"
+    with pytest.raises(BadInput, match="needs the 'wandb' package"):  # a real run is still refused first
+        RLConfig(search="none", train="t", out="o", report_to="wandb")
+    r = runner.invoke(app, ["rl", "--search", "none", "--train", "t", "--out", "o", "--report-to", "wandb"])
+    assert r.exit_code == 2 and "needs the 'wandb' package" in r.stderr

@@ -55,7 +55,6 @@ def _root(
         "$OMP_NUM_THREADS, else one per core); idle threads sleep, so a shared machine stays fast."),
 ):
     _state.update(debug=debug, dry_run=dry_run)
-    Options.check_environment = not dry_run
     from zsctl.core.models import set_threads
 
     try:
@@ -153,7 +152,11 @@ def command(name: str, module: str, config: str, doc: str) -> None:
             if values[f.name] is None and f.default is dataclasses.MISSING:
                 shown = f.name.upper() if f.metadata.get("positional") else flag_of(f)
                 raise BadInput(f"missing {shown}: {f.metadata.get('help', '')}")
-        cfg = cls(**values)
+        Options.check_environment = not _state["dry_run"]  # a dry run checks the values, not this machine
+        try:
+            cfg = cls(**values)
+        finally:
+            Options.check_environment = True
         if _state["dry_run"]:
             doc = {"dry_run": True, "stage": module, "config": dataclasses.asdict(cfg)}
             print(redact(json.dumps(doc, default=str)))
