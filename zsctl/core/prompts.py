@@ -75,10 +75,9 @@ def parse_action(text: str) -> tuple[str, str]:
 
 
 def format_documents(docs) -> str:
-    """Documents as the policy sees them inside <information>, and as simulators must write them."""
-    return "\n".join(
-        f"Doc {i + 1}: {_doc_text(d)}" for i, d in enumerate(docs)
-    )
+    """Documents as the policy sees them inside <information> (zsctl style), and as simulators trained
+    by train-sim write them."""
+    return STYLES["zsctl"].format_documents(docs)
 
 
 def _doc_text(d) -> str:
@@ -342,7 +341,9 @@ def _template_mapping(path: str, text: str) -> dict:
         raise BadInput(f"template file '{path}' must hold a mapping with 'template' or 'useful'/'noisy'")
     unknown = set(spec) - _TEMPLATE_KEYS
     if unknown:
-        raise BadInput(f"template file '{path}' has unknown key(s) {sorted(unknown)}; allowed: {sorted(_TEMPLATE_KEYS)}")
+        raise BadInput(
+            f"template file '{path}' has unknown key(s) {sorted(unknown)}; allowed: {sorted(_TEMPLATE_KEYS)}"
+        )
     bad = [k for k, v in spec.items() if not isinstance(v, str)]
     if bad:
         raise BadInput(f"template file '{path}': {', '.join(sorted(bad))} must be text")
