@@ -50,7 +50,9 @@ def _eval(tmp_path, model_dir, corpus, bench, out, *extra):
 
 def test_prompt_from_data_feeds_each_rows_prompt_verbatim(tmp_path, tiny_model_dir, corpus):
     bench = searchr1_parquet(tmp_path / "test.parquet")
-    r = _eval(tmp_path, tiny_model_dir, corpus, bench, tmp_path / "ev", "--prompt-style", "search-r1", "--prompt-from-data")
+    r = _eval(
+        tmp_path, tiny_model_dir, corpus, bench, tmp_path / "ev", "--prompt-style", "search-r1", "--prompt-from-data"
+    )
     assert r.exit_code == 0, r.output
     tok = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
     preds = pq.read_table(tmp_path / "ev" / "predictions.parquet").to_pylist()
@@ -102,3 +104,17 @@ def test_documents_and_notes_follow_the_style(tiny_model_dir, corpus, style, fir
     assert inserted.startswith(f"\n\n<information>{first_doc}</information>\n\n")
     assert (prompts.FINAL_TURN in inserted) is final_note  # the upstream loops announce no last round
     assert t.prediction == "apple"
+
+
+def test_collect_with_a_files_own_prompts(tmp_path, tiny_model_dir, corpus):
+    bench = searchr1_parquet(tmp_path / "train.parquet")
+    out = tmp_path / "traj"
+    r = runner.invoke(app, ["collect", "--questions", str(bench), "--model", str(tiny_model_dir), "--search",
+                            f"bm25:{corpus}", "--out", str(out), "--max-new-tokens", "4", "--max-turns", "1",
+                            "--prompt-style", "search-r1", "--prompt-from-data", "--json", "--quiet"])
+    assert r.exit_code == 0, r.output
+    style = json.loads((out / "manifest.json").read_text())["summary"]["prompt_style"]
+    assert style["name"] == "search-r1" and style["prompt_from_data"] is True
+    r = runner.invoke(app, ["collect", "--questions", "nq", "--model", str(tiny_model_dir), "--search",
+                            f"bm25:{corpus}", "--out", str(tmp_path / "t2"), "--limit", "1", "--prompt-from-data"])
+    assert r.exit_code == 2 and "'prompt'" in r.stderr and not (tmp_path / "t2").exists()
