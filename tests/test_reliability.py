@@ -717,11 +717,11 @@ BAD = {
     ),
     "build-sft-null-golds-templated": (
         _sft_input([{**TRAJ, "golden_answers": [None]}], name="bad.parquet", extra=("--for", "policy", "--templated")),
-        ["gold answer"],
+        ["golden_answers null"],
     ),
     "build-sft-null-golds-docs": (
         _sft_input([{**TRAJ, "golden_answers": [None]}], name="bad.parquet"),
-        ["gold answer"],
+        ["golden_answers null"],
     ),
     "build-sft-empty-golds-jsonl": (_sft_input([{**TRAJ, "golden_answers": []}]), ["bad.jsonl", "gold"]),
     "inspect-truncated-parquet": (_inspect_with(_truncate), ["predictions.parquet"]),
