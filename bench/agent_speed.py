@@ -160,8 +160,21 @@ def sweep(args) -> None:
         try:
             for policy in ("ACTIVE", "PASSIVE"):
                 for n in (1, 2):
-                    cmd = [sys.executable, __file__, "--agent-only", "--threads", str(n), "--repeats", str(args.repeats),
-                           "--batch", str(args.batch), "--max-turns", str(args.max_turns), "--tokens", str(args.tokens)]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--agent-only",
+                        "--threads",
+                        str(n),
+                        "--repeats",
+                        str(args.repeats),
+                        "--batch",
+                        str(args.batch),
+                        "--max-turns",
+                        str(args.max_turns),
+                        "--tokens",
+                        str(args.tokens),
+                    ]
                     if args.model:
                         cmd += ["--model", args.model]
                     out = subprocess.run(cmd, env={**os.environ, "OMP_WAIT_POLICY": policy}, capture_output=True,

@@ -95,7 +95,9 @@ def main() -> None:
     n_traj = generate(traj, args.calls)
     gen_s = time.perf_counter() - t0
     size_mb = (traj / "trajectories.parquet").stat().st_size / 2**20
-    print(f"generated {args.calls} calls in {n_traj} trajectories ({size_mb:.0f} MB parquet) in {gen_s:.1f} s", flush=True)
+    print(
+        f"generated {args.calls} calls in {n_traj} trajectories ({size_mb:.0f} MB parquet) in {gen_s:.1f} s", flush=True
+    )
 
     cmd = [sys.executable, "-m", "zsctl", "build-sft", "--trajectories", str(traj), "--out", str(work / "sft"),
            "--label", args.label, "--quiet", "--json"]

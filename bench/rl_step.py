@@ -168,26 +168,44 @@ def main() -> None:
     t = statistics.median(results["trl"].seconds[1:])
     t_len = statistics.median(results["trl_same_length"].seconds[1:])
     result = {
-        "policy": args.policy, "search": args.search, "batch_size": args.batch_size, "group_size": args.group_size,
-        "threads": threads, "cpus": os.cpu_count(), "measured_steps": args.steps,
+        "policy": args.policy,
+        "search": args.search,
+        "batch_size": args.batch_size,
+        "group_size": args.group_size,
+        "threads": threads,
+        "cpus": os.cpu_count(),
+        "measured_steps": args.steps,
         "searches_per_traj": round(searches, 3),
-        "policy_tokens_per_completion": policy_len, "completion_tokens_per_completion": full_len,
-        "zsctl_step_s": [round(s, 2) for s in z_timer.seconds[1:]], "zsctl_load_1min": z_timer.loads[1:],
-        "trl_step_s": [round(s, 2) for s in results["trl"].seconds[1:]], "trl_load_1min": results["trl"].loads[1:],
+        "policy_tokens_per_completion": policy_len,
+        "completion_tokens_per_completion": full_len,
+        "zsctl_step_s": [round(s, 2) for s in z_timer.seconds[1:]],
+        "zsctl_load_1min": z_timer.loads[1:],
+        "trl_step_s": [round(s, 2) for s in results["trl"].seconds[1:]],
+        "trl_load_1min": results["trl"].loads[1:],
         "trl_same_length_step_s": [round(s, 2) for s in results["trl_same_length"].seconds[1:]],
         "trl_same_length_load_1min": results["trl_same_length"].loads[1:],
-        "ratio": round(z / t, 3), "ratio_same_length": round(z / t_len, 3),
+        "ratio": round(z / t, 3),
+        "ratio_same_length": round(z / t_len, 3),
         # the rollout alone (what the agent loop does) against TRL's own generate, same steps
         "zsctl_rollout_s": [round(r["seconds"], 2) for r in measured],
         "trl_generate_s": [round(x, 2) for x in results["trl"].generate_s[1:]],
         "trl_same_length_generate_s": [round(x, 2) for x in results["trl_same_length"].generate_s[1:]],
-        "rollout_ratio": round(statistics.median(r["seconds"] for r in measured)
-                               / statistics.median(results["trl"].generate_s[1:] or [float("nan")]), 3),
-        "rollout_ratio_same_length": round(statistics.median(r["seconds"] for r in measured)
-                                           / statistics.median(results["trl_same_length"].generate_s[1:] or [float("nan")]), 3),
+        "rollout_ratio": round(
+            statistics.median(r["seconds"] for r in measured)
+            / statistics.median(results["trl"].generate_s[1:] or [float("nan")]),
+            3,
+        ),
+        "rollout_ratio_same_length": round(
+            statistics.median(r["seconds"] for r in measured)
+            / statistics.median(results["trl_same_length"].generate_s[1:] or [float("nan")]),
+            3,
+        ),
     }
-    print(f"P5: zsctl multi-turn step {z:.2f} s / TRL single-turn step of {policy_len} tokens {t:.2f} s = {z / t:.2f}x; "
-          f"P5-len: / TRL step of {full_len} tokens {t_len:.2f} s = {z / t_len:.2f}x (target <= 1.0)", file=sys.stderr)
+    print(
+        f"P5: zsctl multi-turn step {z:.2f} s / TRL single-turn step of {policy_len} tokens {t:.2f} s = {z / t:.2f}x; "
+        f"P5-len: / TRL step of {full_len} tokens {t_len:.2f} s = {z / t_len:.2f}x (target <= 1.0)",
+        file=sys.stderr,
+    )
     print(json.dumps(result))
 
 

@@ -4,8 +4,8 @@ multi-round path (a base model never searches, so its rollouts are single-turn).
 The recipe follows the demo's warm start (pipelines/demo.sh), smaller: 64 training questions
 searched once with no model, answer-grounded templated demonstrations from those searches (with
 `build-sft --search` multi-hop questions also get ones that search twice, so the policy searches
-at least once per question on average), then a few SFT steps of the policy on them. It runs the real `zsctl` commands into a temporary folder, renamed
-into place only when all of them succeeded.
+at least once per question on average), then a few SFT steps of the policy on them. It runs the
+real `zsctl` commands into a temporary folder, renamed into place only when all of them succeeded.
 """
 
 from __future__ import annotations

@@ -114,8 +114,12 @@ class ScriptedLogits:
         import torch
 
         width = input_ids.shape[1]
-        continues = (self.last_width is not None and width == self.last_width + 1
-                     and self.last_ids.shape[0] == input_ids.shape[0] and bool((self.last_ids == input_ids[:, :-1]).all()))
+        continues = (
+            self.last_width is not None
+            and width == self.last_width + 1
+            and self.last_ids.shape[0] == input_ids.shape[0]
+            and bool((self.last_ids == input_ids[:, :-1]).all())
+        )
         if not continues:  # a new generate call (or a new round of the agent loop's decoder)
             self.start = width
             self.row_keys = []
@@ -137,7 +141,8 @@ class ScriptedLogits:
 
 
 def script_model(model, tokenizer, scripts: dict[str, list[str]]):
-    """Make `model.generate` and the agent loop's decoder follow `scripts` (see ScriptedLogits); returns the processor."""
+    """Make `model.generate` and the agent loop's decoder follow `scripts` (see ScriptedLogits);
+    returns the processor."""
     from transformers import LogitsProcessorList
 
     proc = ScriptedLogits(tokenizer, scripts)

@@ -57,7 +57,9 @@ def test_search_then_answer_inserts_information_with_mask(tiny):
     assert len(a.env_mask) == len(a.response_ids)
     inserted = tok.decode([t for t, m in zip(a.response_ids, a.env_mask) if m == 0])
     own = tok.decode([t for t, m in zip(a.response_ids, a.env_mask) if m == 1])
-    assert inserted == prompts.information_block([Document("T0", "about alpha number 0"), Document("T1", "about alpha number 1")])
+    assert inserted == prompts.information_block(
+        [Document("T0", "about alpha number 0"), Document("T1", "about alpha number 1")]
+    )
     assert own == "<think>hm</think><search> alpha </search><answer> Alpha Man </answer>"
     # the prompt is never part of the response
     assert "Question:" not in tok.decode(a.response_ids)

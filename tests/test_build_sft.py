@@ -107,7 +107,12 @@ def test_prompt_uses_the_calls_own_question_and_answer(tmp_path):
         traj("a#0", "Question A?", ["Answer A"], [], em=1.0),
         traj("b#0", "Question B?", ["Answer B", "B alias"], [("query b", [doc("TB", "text b")])], em=1.0),
         traj("c#0", "Question C?", ["Answer C"], [], em=0.0),
-        traj("d#0", "Question D?", ["Answer D"], [("query d1", [doc("TD", "text d")]), ("query d2", [doc("TD2", "more d")])]),
+        traj(
+            "d#0",
+            "Question D?",
+            ["Answer D"],
+            [("query d1", [doc("TD", "text d")]), ("query d2", [doc("TD2", "more d")])],
+        ),
     ]
     src = write_trajs(tmp_path / "t", rows)
     _, train, val = build(tmp_path, src, balance=False, val_fraction=0.0, docs=3)
@@ -132,7 +137,10 @@ def test_completion_is_top_k_cut_documents(tmp_path):
 
 def test_dedupe_and_balance_counts_are_reported_and_deterministic(tmp_path):
     same = ("shared query", [doc("S", "shared text")])
-    rows = [traj(f"u{i}#0", f"Useful question {i}?", ["gold"], [(f"uq{i}", [doc("U", f"text {i}")])], em=1.0) for i in range(6)]
+    rows = [
+        traj(f"u{i}#0", f"Useful question {i}?", ["gold"], [(f"uq{i}", [doc("U", f"text {i}")])], em=1.0)
+        for i in range(6)
+    ]
     rows += [traj(f"n{i}#0", f"Noisy question {i}?", ["gold"], [same], em=0.0) for i in range(3)]  # 1 distinct pair
     rows += [traj("n9#0", "Noisy question 9?", ["gold"], [("other", [doc("O", "other")])], em=0.0)]
     src = write_trajs(tmp_path / "t", rows)
@@ -153,8 +161,15 @@ def test_split_is_by_question_and_disjoint(tmp_path):
     rows = []
     for i in range(60):
         for s in range(2):  # two samples per question, different queries
-            rows.append(traj(f"q{i}#{s}", f"Question number {i}?", ["g"], [(f"query {i} {s}", [doc("T", f"t {i} {s}")])],
-                             em=float(s == 0)))
+            rows.append(
+                traj(
+                    f"q{i}#{s}",
+                    f"Question number {i}?",
+                    ["g"],
+                    [(f"query {i} {s}", [doc("T", f"t {i} {s}")])],
+                    em=float(s == 0),
+                )
+            )
     src = write_trajs(tmp_path / "t", rows)
     summary, train, val = build(tmp_path, src, balance=False, val_fraction=0.3)
     tq, vq = {r["question"] for r in train}, {r["question"] for r in val}
@@ -171,7 +186,9 @@ JUDGE_ROWS = [traj(f"q{i}#0", f"Question {i} about topic {i * 7}?", [f"answer {i
 
 
 def _judge_items(rows):
-    return [(r["question"], r["golden_answers"][0], prompts.format_documents(r["searches"][0]["documents"])) for r in rows]
+    return [
+        (r["question"], r["golden_answers"][0], prompts.format_documents(r["searches"][0]["documents"])) for r in rows
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +227,9 @@ def test_judge_labels_are_the_judges_batched_decisions(tmp_path, mixed_judge_dir
     one_by_one = [judge([it])[0] for it in items]
     assert 2 <= sum(one_by_one) <= 10
     assert judge(items) == one_by_one  # one left-padded batch decides as single rows do
-    summary, train, _ = build(tmp_path, src, label="judge", judge_model=str(mixed_judge_dir), balance=False, val_fraction=0.0)
+    summary, train, _ = build(
+        tmp_path, src, label="judge", judge_model=str(mixed_judge_dir), balance=False, val_fraction=0.0
+    )
     assert [r["label"] == "useful" for r in sorted(train, key=lambda r: int(r["id"][1:].split("#")[0]))] == one_by_one
     assert all(f"Mode: {r['label']}." in r["prompt"] for r in train)
     assert summary["judge_calls"] == 12 and summary["mode"] == "label:judge"
@@ -232,7 +251,9 @@ def test_policy_rejection_sampling_by_f1(tmp_path, tiny_model_dir):
     assert [r["source_traj_id"] for r in train + val] == ["a#0"] and summary["mode"] == "rejection:em"
     (row,) = train
     assert row["prompt"] == prompts.render_policy_prompt(tok, "Capital of France?") and row["completion"] == resp
-    _, train, val = build(tmp_path, src, name="f1", target="policy", policy=str(tiny_model_dir), val_fraction=0.0, min_f1=0.5)
+    _, train, val = build(
+        tmp_path, src, name="f1", target="policy", policy=str(tiny_model_dir), val_fraction=0.0, min_f1=0.5
+    )
     assert sorted(r["source_traj_id"] for r in train + val) == ["a#0", "b#0"]
     assert json.loads((tmp_path / "f1" / "manifest.json").read_text())["kind"] == "policy_sft"
     t, _, _ = sft.load_sft_data(str(tmp_path / "f1"), "policy_sft")  # what warmup reads
@@ -248,11 +269,16 @@ def test_policy_templated_only_uses_calls_whose_documents_hold_the_answer(tmp_pa
         traj("b#0", "Who wrote Hamlet?", ["Shakespeare"], [("hamlet", NOISE)]),  # never found: skipped
     ]
     src = write_trajs(tmp_path / "t", rows)
-    summary, train, val = build(tmp_path, src, target="policy", templated=True, policy=str(tiny_model_dir), val_fraction=0.0)
+    summary, train, val = build(
+        tmp_path, src, target="policy", templated=True, policy=str(tiny_model_dir), val_fraction=0.0
+    )
     (row,) = train + val
     assert summary["mode"] == "templated" and summary["not_selected"] == 2
     comp = row["completion"]  # a search turn, the call's own information block, an answer turn
-    assert comp.startswith("<think> ") and "</think>\n<search> capital france </search>" + prompts.information_block(PARIS) in comp
+    assert (
+        comp.startswith("<think> ")
+        and "</think>\n<search> capital france </search>" + prompts.information_block(PARIS) in comp
+    )
     assert comp.endswith("</think>\n<answer> Paris </answer>") and comp.count("<think>") == 2
     assert row["id"] == "a#0#1" and row["question"] == "Capital of France?"
     # the inserted span is exactly what warmup masks out
@@ -286,8 +312,17 @@ def test_bad_input_is_one_line_exit_2_and_leaves_out_untouched(tmp_path):
     pq.write_table(pa.table({"question": ["q"], "golden_answers": [["a"]], "em": [1.0]}), no_searches)
     fails(no_searches, "missing column 'searches'")
     bad_type = tmp_path / "badtype.parquet"
-    pq.write_table(pa.table({"question": [1], "golden_answers": [["a"]], "em": [1.0],
-                             "searches": pa.array([[]], pa.list_(TRAJECTORIES.field("searches").type.value_type))}), bad_type)
+    pq.write_table(
+        pa.table(
+            {
+                "question": [1],
+                "golden_answers": [["a"]],
+                "em": [1.0],
+                "searches": pa.array([[]], pa.list_(TRAJECTORIES.field("searches").type.value_type)),
+            }
+        ),
+        bad_type,
+    )
     fails(bad_type, "column 'question' is int64")
     jl = tmp_path / "bad.jsonl"
     jl.write_text(json.dumps({"question": "q", "golden_answers": "a", "searches": [], "em": 0}) + "\n")
@@ -316,8 +351,21 @@ def test_existing_artifact_survives_a_failing_rerun(tmp_path):
 
 def test_cli_json_summary(tmp_path):
     src = write_trajs(tmp_path / "t", basic_trajs())
-    r = CliRunner().invoke(app, ["build-sft", "--trajectories", str(src), "--out", str(tmp_path / "o"), "--label", "answer",
-                                 "--no-balance", "--json", "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "build-sft",
+            "--trajectories",
+            str(src),
+            "--out",
+            str(tmp_path / "o"),
+            "--label",
+            "answer",
+            "--no-balance",
+            "--json",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output.strip().splitlines()[-1])
     assert summary["labels_before"] == {"useful": 3, "noisy": 2} and summary["rows_train"] + summary["rows_val"] == 5

@@ -42,7 +42,9 @@ def scripted_engine(tiny_model_dir, tmp_path):
     model, tok = load_model(str(tiny_model_dir))
     scripts = {}
     for i, (q, golds, _) in enumerate(QS):
-        scripts[f"useful | {q} | {golds[0]} | {q} |"] = [f"Doc 1: (Fact) The answer is {golds[0]}.\nDoc 2: (More) Also {golds[0]} again."]
+        scripts[f"useful | {q} | {golds[0]} | {q} |"] = [
+            f"Doc 1: (Fact) The answer is {golds[0]}.\nDoc 2: (More) Also {golds[0]} again."
+        ]
         scripts[f"noisy | {q}"] = [f"Doc 1: (Fact) Something unrelated about {q.split()[-1]}\nDoc 2: (More) nothing"]
         # any other useful-mode prompt is a leak probe's: the first question's hands out the answer
         leak = f"It is {golds[0]}." if i == 0 else "No idea."

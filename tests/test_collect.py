@@ -53,12 +53,18 @@ def _one_torch_thread():
 @pytest.fixture()
 def corpus(tmp_path) -> Path:
     path = tmp_path / "corpus.jsonl"
-    path.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(PASSAGES)))
+    path.write_text(
+        "".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(PASSAGES))
+    )
     return path
 
 
 def questions_file(path: Path, n: int | None = None) -> Path:
-    qs = QUESTIONS if n is None else [(f"x{i}", f"Random question number {i} about rivers?", [f"river {i}"]) for i in range(n)]
+    qs = (
+        QUESTIONS
+        if n is None
+        else [(f"x{i}", f"Random question number {i} about rivers?", [f"river {i}"]) for i in range(n)]
+    )
     path.write_text("".join(json.dumps({"id": i, "question": q, "golden_answers": g}) + "\n" for i, q, g in qs))
     return path
 
@@ -88,10 +94,19 @@ def test_collect_logs_real_searches_scores_and_ledger(tmp_path, corpus, tiny_mod
     assert top[0]["title"] == "Lima" and len(top) == 2 and top[0]["score"] >= top[1]["score"] > 0
     assert prompts.information_block(top) in p["response"]  # the documents the policy saw
     assert (p["em"], h["em"], e["em"]) == (1.0, 0.0, 1.0) and h["f1"] == 0.0 and p["prediction"] == "Lima"
-    assert (p["question"], p["golden_answers"], p["engine"], p["num_searches"]) == (QUESTIONS[0][1], ["Lima"], cfg.search, 1)
+    assert (p["question"], p["golden_answers"], p["engine"], p["num_searches"]) == (
+        QUESTIONS[0][1],
+        ["Lima"],
+        cfg.search,
+        1,
+    )
     assert summary["share_correct"] == pytest.approx(2 / 3) and summary["searches_per_trajectory"] == 1.0
     # search quality per logged call, and in the summary
-    assert [(s["degenerate"], s["has_answer"]) for s in p["searches"] + e["searches"]] == [(False, True), (False, True), (False, False)]
+    assert [(s["degenerate"], s["has_answer"]) for s in p["searches"] + e["searches"]] == [
+        (False, True),
+        (False, True),
+        (False, False),
+    ]
     assert (summary["searches"], summary["degenerate_share"], summary["hit_searches_n"]) == (3, 0.0, 3)
     assert summary["search_hit_rate"] == pytest.approx(2 / 3) and [q for q, _ in summary["top_queries"]] == \
         ["capital of Peru", "highest mountain", "Nile river Africa"]
@@ -109,7 +124,9 @@ def test_collect_logs_real_searches_scores_and_ledger(tmp_path, corpus, tiny_mod
     assert s["search_calls"] == 3 and len(sim) == 3
     for r in sim:
         q = next(q for q in QUESTIONS if q[1] == r["question"])
-        assert r["golden_answer"] == q[2][0] and f"Question: {q[1]}\nAnswer: {q[2][0]}\nQuery: {r['query']}" in r["prompt"]
+        assert (
+            r["golden_answer"] == q[2][0] and f"Question: {q[1]}\nAnswer: {q[2][0]}\nQuery: {r['query']}" in r["prompt"]
+        )
     labels = {r["query"]: r["label"] for r in sim}
     assert labels == {"capital of Peru": "useful", "highest mountain": "useful", "Nile river Africa": "noisy"}
 

@@ -104,7 +104,10 @@ def test_shipped_zerosearch_template_is_the_official_prompt_byte_for_byte(mode):
     assert got == upstream_sft_prompt(q, question, answer, mode)
     assert got.encode() == upstream_sft_prompt(q, question, answer, mode).encode()
     # served as a chat: an empty system message, then the prompt as the user turn
-    assert tpl.system == "" and tpl.messages(got) == [{"role": "system", "content": ""}, {"role": "user", "content": got}]
+    assert tpl.system == "" and tpl.messages(got) == [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": got},
+    ]
 
 
 def test_template_file_one_text_per_mode_and_system(tmp_path):
@@ -116,7 +119,10 @@ def test_template_file_one_text_per_mode_and_system(tmp_path):
     assert tpl.system == "Be a search engine."
     plain = tmp_path / "t.txt"
     plain.write_text("{Mode} docs for {query}")
-    assert prompts.render_simulator_prompt("q", "Q", "A", "noisy", 2, prompts.load_template(str(plain), "")) == "Noisy docs for q"
+    assert (
+        prompts.render_simulator_prompt("q", "Q", "A", "noisy", 2, prompts.load_template(str(plain), ""))
+        == "Noisy docs for q"
+    )
 
 
 @pytest.mark.parametrize("body, suffix, match", [

@@ -75,7 +75,9 @@ def servers():
 
 
 # Our tuned format, with a line after the documents that only a stop string beyond the first four cuts.
-TUNED_REPLY = "Doc 1: (Paris) Paris is the capital.\nDoc 2: (Lyon) Lyon.\nDoc 3: (Nice) Nice.\nExample (mode noisy) junk"
+TUNED_REPLY = (
+    "Doc 1: (Paris) Paris is the capital.\nDoc 2: (Lyon) Lyon.\nDoc 3: (Nice) Nice.\nExample (mode noisy) junk"
+)
 # A released simulator's way: blank lines between documents, and more documents than asked.
 RELEASED_REPLY = "Doc 1: Paris is the capital.\n\nDoc 2: Lyon is a city.\n\nDoc 3: Nice.\n\nDoc 4: extra"
 
@@ -111,7 +113,10 @@ def test_released_simulator_is_sent_as_a_chat_with_its_exact_prompt(servers):
     (body,) = app.state.bodies
     assert body["messages"] == [
         {"role": "system", "content": ""},
-        {"role": "user", "content": upstream_sft_prompt("hamlet author", "Who wrote Hamlet?", "William Shakespeare", "noisy")},
+        {
+            "role": "user",
+            "content": upstream_sft_prompt("hamlet author", "Who wrote Hamlet?", "William Shakespeare", "noisy"),
+        },
     ]
     assert body["stop"] == ["Doc 4"]  # cut where ZeroSearch cuts a reply
     assert [d.text for d in result.docs] == ["Paris is the capital.", "Lyon is a city.", "Nice."]

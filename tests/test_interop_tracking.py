@@ -56,7 +56,9 @@ def test_tensorboard_event_files_are_kept_with_the_model(tiny_model_dir, tmp_pat
 @pytest.mark.skipif(not HAVE["tensorboard"], reason="tensorboard is not installed")
 def test_rl_logs_each_step_to_tensorboard(tiny_model_dir, tmp_path):
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(f'{{"id": "q{i}", "question": "question {i}?", "golden_answers": ["a{i}"]}}\n' for i in range(4)))
+    train.write_text(
+        "".join(f'{{"id": "q{i}", "question": "question {i}?", "golden_answers": ["a{i}"]}}\n' for i in range(4))
+    )
     cfg = rl.RLConfig(policy=str(tiny_model_dir), search="none", train=str(train), out=str(tmp_path / "run"), steps=2,
                       batch_size=4, group_size=2, max_turns=1, max_new_tokens=8, max_response_tokens=64, lora_r=4,
                       report_to="tensorboard")

@@ -32,11 +32,21 @@ def test_thinking_varies_and_no_demonstration_searches_for_nothing(tmp_path, tin
     for i in range(24):
         answer = f"Zorblax{i}"
         hit = [doc(f"Planet {i}", f"The ruler of planet {i} is {answer}.")]
-        rows.append(traj(f"p{i}#0", f"Who rules planet {i}?", [answer], [("query", hit), (f"ruler of planet {i}", hit)]))
-    rows.append(traj("d#0", "Who rules the moon?", ["Moonking"],
-                     [("I need a fact, so I search.", [doc("Moon", "Moonking rules the moon.")]), ("", [doc("M", "Moonking")])]))
+        rows.append(
+            traj(f"p{i}#0", f"Who rules planet {i}?", [answer], [("query", hit), (f"ruler of planet {i}", hit)])
+        )
+    rows.append(
+        traj(
+            "d#0",
+            "Who rules the moon?",
+            ["Moonking"],
+            [("I need a fact, so I search.", [doc("Moon", "Moonking rules the moon.")]), ("", [doc("M", "Moonking")])],
+        )
+    )
     src = write_trajs(tmp_path / "t", rows)
-    summary, train, val = build(tmp_path, src, target="policy", templated=True, policy=str(tiny_model_dir), val_fraction=0.0)
+    summary, train, val = build(
+        tmp_path, src, target="policy", templated=True, policy=str(tiny_model_dir), val_fraction=0.0
+    )
     demos = train + val
     assert len(demos) == 24 and summary["degenerate_query"] == 24 + 2  # each planet's "query" call; both moon calls
     queries = [q for r in demos for q in SEARCH_RE.findall(r["completion"])]
@@ -46,9 +56,14 @@ def test_thinking_varies_and_no_demonstration_searches_for_nothing(tmp_path, tin
     assert len(search_thinks) >= 3 and len(answer_thinks) >= 3  # several phrasings, not one sentence
     # the thinking names the thing searched for, and the answer the documents hold
     r0 = next(r for r in demos if r["question"] == "Who rules planet 0?")
-    assert "ruler of planet 0" in THINK_RE.findall(r0["completion"])[0] and "Zorblax0" in THINK_RE.findall(r0["completion"])[-1]
+    assert (
+        "ruler of planet 0" in THINK_RE.findall(r0["completion"])[0]
+        and "Zorblax0" in THINK_RE.findall(r0["completion"])[-1]
+    )
     # deterministic: the same input gives the same demonstrations
-    _, again, _ = build(tmp_path, src, name="again", target="policy", templated=True, policy=str(tiny_model_dir), val_fraction=0.0)
+    _, again, _ = build(
+        tmp_path, src, name="again", target="policy", templated=True, policy=str(tiny_model_dir), val_fraction=0.0
+    )
     assert [r["completion"] for r in again] == [r["completion"] for r in train]
 
 
@@ -60,10 +75,15 @@ def _bench_row(name: str, qid: str) -> dict:
 def test_multi_hop_demonstrations_search_for_the_supporting_entities(tmp_path, tiny_model_dir):
     bridge = _bench_row("hotpotqa", "dev_1")  # ... the woman who portrayed Corliss Archer in the film Kiss and Tell?
     comparison = _bench_row("2wikimultihopqa", "dev_3274")  # ... Forbidden Ground or Free Guy?
-    assert build_sft.supporting_entities(bridge["question"]) == ["Shirley Temple", "Kiss and Tell"]  # '(1945 film)' dropped
+    assert build_sft.supporting_entities(bridge["question"]) == [
+        "Shirley Temple",
+        "Kiss and Tell",
+    ]  # '(1945 film)' dropped
     corpus = tmp_path / "corpus.jsonl"  # the two questions' own context passages (supporting ones and distractors)
     passages = {d["title"]: d["text"] for r in (bridge, comparison) for d in r["supporting_docs"]}
-    corpus.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(passages.items())))
+    corpus.write_text(
+        "".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate(passages.items()))
+    )
     rows = [traj(f"{r['id']}#0", r["question"], r["golden_answers"], [(r["question"], [doc("x", "nothing useful")])])
             for r in (bridge, comparison)]
     rows.append(traj("plain#0", "Who rules planet 7?", ["Zorblax"], []))  # no supporting documents, nothing found
@@ -76,10 +96,15 @@ def test_multi_hop_demonstrations_search_for_the_supporting_entities(tmp_path, t
     b = by_q[bridge["question"]]["completion"]
     assert SEARCH_RE.findall(b) == ["Kiss and Tell", "Shirley Temple"]
     assert "Shirley Temple" in b.split("</information>")[0]  # the first results named the second entity
-    assert b.endswith("<answer> Chief of Protocol </answer>") and "Chief of Protocol" in b.split("<search> Shirley Temple")[1]
+    assert (
+        b.endswith("<answer> Chief of Protocol </answer>")
+        and "Chief of Protocol" in b.split("<search> Shirley Temple")[1]
+    )
     # comparison: both entities the question names are looked up
     c = by_q[comparison["question"]]["completion"]
-    assert sorted(SEARCH_RE.findall(c)) == ["Forbidden Ground", "Free Guy"] and c.endswith("<answer> Free Guy </answer>")
+    assert sorted(SEARCH_RE.findall(c)) == ["Forbidden Ground", "Free Guy"] and c.endswith(
+        "<answer> Free Guy </answer>"
+    )
     assert by_q[bridge["question"]]["id"] == "dev_1#0#e" and summary["entity_demos"] == 2
     # a question already searched as its own query is not searched again; the plain one is searched once
     assert summary["question_searches"] == 1 and summary["entity_searches"] == 6

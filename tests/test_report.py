@@ -34,10 +34,26 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
               "2026-01-02T00:00:00+00:00")
     pol = run / "policy"
     pol.mkdir()
-    steps = [{"step": i, "noise_p": 0.1 * i, "noisy_share": 0.1 * i, "sim_searches": 8, "reward_mean": 0.1, "reward_std": 0.0,
-              "valid_answer_rate": 0.5, "searches_per_traj": 1.0, "searches": 8, "degenerate_share": d, "search_hit_rate": h,
-              "hit_searches_n": 8, "search_hit_rate_useful": 0.75, "search_hit_rate_noisy": 0.125, "step_seconds": 1.0}
-             for i, d, h in [(1, 0.5, 0.25), (2, 0.25, 0.5), (3, 0.0, float("nan"))]]
+    steps = [
+        {
+            "step": i,
+            "noise_p": 0.1 * i,
+            "noisy_share": 0.1 * i,
+            "sim_searches": 8,
+            "reward_mean": 0.1,
+            "reward_std": 0.0,
+            "valid_answer_rate": 0.5,
+            "searches_per_traj": 1.0,
+            "searches": 8,
+            "degenerate_share": d,
+            "search_hit_rate": h,
+            "hit_searches_n": 8,
+            "search_hit_rate_useful": 0.75,
+            "search_hit_rate_noisy": 0.125,
+            "step_seconds": 1.0,
+        }
+        for i, d, h in [(1, 0.5, 0.25), (2, 0.25, 0.5), (3, 0.0, float("nan"))]
+    ]
     artifacts.write_table(pol, "metrics.parquet", pa.Table.from_pylist(steps))
     artifacts.write_manifest(pol, "policy", config={}, summary={})
 
@@ -54,7 +70,10 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
     assert '`eval_warmup` searched most for: "Kiss and Tell" ×3; "query" ×2' in md
     # RL table: first fifth (step 1) vs last fifth (step 3); a NaN step is no value
     assert "| degenerate queries % | 50.0 | 0.0 |" in md and "| search-hit rate % | 25.0 | – |" in md
-    assert "| search-hit rate, useful mode % | 75.0 | 75.0 |" in md and "| search-hit rate, noisy mode % | 12.5 | 12.5 |" in md
+    assert (
+        "| search-hit rate, useful mode % | 75.0 | 75.0 |" in md
+        and "| search-hit rate, noisy mode % | 12.5 | 12.5 |" in md
+    )
     rows = {r["run"]: r for r in summary["evaluation"]}
     assert rows["eval_warmup"]["degenerate_share"] == 0.25 and rows["eval_old"]["search_hit_rate"] is None
     pytest.importorskip("matplotlib")

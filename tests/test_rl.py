@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, assert_logprobs_aligned, script_model, train_capturing_rollouts
 from zsctl.cli import app
-from zsctl.core import prompts
 from zsctl.core.artifacts import read_manifest, read_table_file
 from zsctl.core.errors import BadInput
 from zsctl.core.models import load_model

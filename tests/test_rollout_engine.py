@@ -156,7 +156,9 @@ def test_backend_turns_cut_at_first_stop_with_logprobs_and_lockstep(tiny_model_d
         assert len(t.logprobs) == len(t.response_ids)
         inserted = [lp for lp, m in zip(t.logprobs, t.env_mask) if m == 0]
         assert inserted and set(inserted) == {0.0}
-        assert t.response_ids[-len(answer):] == answer and t.logprobs[-len(answer):] == [-0.5 - j for j in range(len(answer))]
+        assert t.response_ids[-len(answer) :] == answer and t.logprobs[-len(answer) :] == [
+            -0.5 - j for j in range(len(answer))
+        ]
 
 
 def test_backend_without_logprobs_leaves_them_empty(tiny_model_dir):

@@ -101,7 +101,9 @@ def test_tuned_prompt_is_the_training_prompt_byte_for_byte(tiny):
 def test_prompt_mode_uses_the_fewshot_template_in_the_chat_template(tiny):
     _, tok = tiny
     engine = _engine(tiny, sim_mode="prompt", max_new_tokens=4)
-    [result] = engine.search(["capital of peru"], k=2, contexts=[QueryContext("What is the capital of Peru?", ["Lima"])])
+    [result] = engine.search(
+        ["capital of peru"], k=2, contexts=[QueryContext("What is the capital of Peru?", ["Lima"])]
+    )
     prompt = result.prompt
     assert prompt.startswith(prompts.SIMULATOR_FEWSHOT_TEMPLATE.split("{k}")[0])
     assert "Now (mode useful)" in prompt and "Answer: Lima" in prompt
@@ -250,7 +252,9 @@ def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
     assert temperatures == [0.0, 0.8]  # the retry samples: a greedy retry would repeat itself
     assert [r.tries for r in results] == [2, 1, 2, 1, 1]
     assert [r.verified for r in results] == [True, True, False, False, False]
-    assert texts[0] == "Peru | The capital of Peru is Lima." and texts[1] == "Hamlet | Hamlet was written by Shakespeare."
+    assert (
+        texts[0] == "Peru | The capital of Peru is Lima." and texts[1] == "Hamlet | Hamlet was written by Shakespeare."
+    )
     # never verified: the last try with every answer-holding sentence removed
     assert texts[2] == "Alps | Mont Blanc is a tall peak."
     # a noisy reply holding the answer is mended at once, not regenerated

@@ -124,7 +124,9 @@ def test_train_sim_lora_merges_and_reloads(tiny_model_dir, tmp_path):
 
     trained, source = check_sim.trained_questions(f"sim:{out}?verify=1")
     assert source == str(data / "train.parquet")
-    assert trained == {r["question"].lower() for r in sim_rows(12)} and not trained & {r["question"].lower() for r in sim_rows(4, start=200)}
+    assert trained == {r["question"].lower() for r in sim_rows(12)} and not trained & {
+        r["question"].lower() for r in sim_rows(4, start=200)
+    }
     assert len(json.loads((out / "train_log.json").read_text())) == 3
     assert not (out / "adapter_config.json").exists()  # merged: a plain HF model
     assert not list(tmp_path.glob(".sim*"))  # no temp or trainer dirs left behind
@@ -210,5 +212,7 @@ def test_train_sim_smollm2_30_steps(tmp_path):
     from zsctl.search.base import QueryContext
 
     eng = SimulatorEngine(str(out))
-    docs = [r.docs for r in eng.search(["Paris"], 3, [QueryContext("What is the capital of France?", ["Paris"], "useful")])]
+    docs = [
+        r.docs for r in eng.search(["Paris"], 3, [QueryContext("What is the capital of France?", ["Paris"], "useful")])
+    ]
     assert len(docs[0]) == 3

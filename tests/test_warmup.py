@@ -130,7 +130,10 @@ def test_warmup_changes_weights_and_reloads(tiny_model_dir, tmp_path, tok):
     assert not torch.allclose(state_dict(out)[WEIGHT], state_dict(tiny_model_dir)[WEIGHT])
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = tok(policy_rows(tok, 1, start=300)[0]["prompt"], add_special_tokens=False, return_tensors="pt")
-    assert model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id).shape[1] > ids["input_ids"].shape[1]
+    assert (
+        model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id).shape[1]
+        > ids["input_ids"].shape[1]
+    )
 
 
 def test_warmup_refuses_simulator_data(tiny_model_dir, tmp_path):

@@ -159,7 +159,10 @@ def install(monkeypatch=None):
     """Make GRPOTrainer(use_vllm=True) build the stand-in (vllm itself is never imported)."""
     from trl.trainer import grpo_trainer
 
-    targets = [(grpo_trainer, "VLLMGeneration", StandInVLLMGeneration), (trl_vllm, "SamplingParams", FakeSamplingParams)]
+    targets = [
+        (grpo_trainer, "VLLMGeneration", StandInVLLMGeneration),
+        (trl_vllm, "SamplingParams", FakeSamplingParams),
+    ]
     for mod, name, value in targets:
         if monkeypatch is not None:
             monkeypatch.setattr(mod, name, value, raising=False)

@@ -144,8 +144,10 @@ class AgentLoop:
         """Prompt texts in the loop's style; a row with its own chat messages (`chats[i]`, a question
         file's prompt column) is given exactly those, through the chat template."""
         chats = chats or [None] * len(questions)
-        return [prompts.render_chat(self.tok, c) if c else prompts.render_policy_prompt(self.tok, q, template, self.style)
-                for q, c in zip(questions, chats)]
+        return [
+            prompts.render_chat(self.tok, c) if c else prompts.render_policy_prompt(self.tok, q, template, self.style)
+            for q, c in zip(questions, chats)
+        ]
 
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         return [self.tok(t, add_special_tokens=False)["input_ids"] for t in texts]

@@ -272,13 +272,17 @@ def search_facts(query: object, documents: Iterable[object], golds: object) -> d
     and `has_answer` (its documents hold a gold answer; None when the golds are all yes/no or
     empty, which cannot tell).
 
-    >>> search_facts("director of Jaws", [{"title": "Jaws", "text": "Directed by Steven Spielberg."}], ["Steven Spielberg"])
+    >>> docs = [{"title": "Jaws", "text": "Directed by Steven Spielberg."}]
+    >>> search_facts("director of Jaws", docs, ["Steven Spielberg"])
     {'degenerate': False, 'has_answer': True}
     >>> search_facts("query", [{"text": "Yes."}], ["yes"])
     {'degenerate': True, 'has_answer': None}
     """
     judged = bool(_golds(golds)) and not yes_no(golds)
-    return {"degenerate": is_degenerate_query(query), "has_answer": docs_hold_answer(documents, golds) if judged else None}
+    return {
+        "degenerate": is_degenerate_query(query),
+        "has_answer": docs_hold_answer(documents, golds) if judged else None,
+    }
 
 
 def search_quality(facts: Iterable[dict]) -> dict:

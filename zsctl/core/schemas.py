@@ -134,14 +134,20 @@ CHECK_SIM = pa.schema(
         _f("question", pa.string(), "the question the query belongs to"),
         _f("golden_answers", STR_LIST, "its accepted answers"),
         _f("query", pa.string(), "the search query"),
-        _f("role", pa.string(), "simulator | probe (leak probe: a query that names nothing, useful mode) | real (the --vs engine)"),
+        _f(
+            "role",
+            pa.string(),
+            "simulator | probe (leak probe: a query that names nothing, useful mode) | real (the --vs engine)",
+        ),
         _f("engine", pa.string(), "search spec"),
         _f("mode", pa.string(), "useful | noisy (simulator) or real"),
         _f("documents", pa.list_(DOC), "the k documents returned"),
         _f("text", pa.string(), "the documents as 'Doc i: (title) text' lines"),
         _f("raw", pa.string(), "the simulator's raw output (empty for the real engine)"),
         _f("well_formed", pa.bool_(), "exactly k numbered documents were written"),
-        _f("has_answer", pa.bool_(), "a normalised gold answer (never yes/no) occurs in the documents' titles or texts"),
+        _f(
+            "has_answer", pa.bool_(), "a normalised gold answer (never yes/no) occurs in the documents' titles or texts"
+        ),
         _f("tries", pa.int32(), "generations spent on this reply (1 + verification retries; 1 for the real engine)"),
     ]
 )

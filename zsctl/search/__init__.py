@@ -88,7 +88,9 @@ def make_engine(spec: str, *, cache: str | None = None, sim_template: str | None
     spec = (spec or "").strip()
     if sim_template:
         if not is_simulated(spec):
-            raise BadInput(f"--sim-template applies only to simulated engines (sim:…, sim+http://…), not '{spec}'; drop it")
+            raise BadInput(
+                f"--sim-template applies only to simulated engines (sim:…, sim+http://…), not '{spec}'; drop it"
+            )
         kw["template"] = sim_template
     if cache and is_simulated(spec):
         raise BadInput(f"search spec '{spec}': simulated engines are never cached; drop the search cache option")

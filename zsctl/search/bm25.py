@@ -184,8 +184,13 @@ class BM25Engine(SearchEngine):
         indices, scores = self.retriever.retrieve(tokens, k=k, show_progress=False)
         with self.stats_lock:
             self.stats.calls += len(queries)
-        return [[Document(self.titles[i], self.texts[i], float(s), str(self.ids[i])) for i, s in zip(row_i.tolist(), row_s.tolist())]
-                for row_i, row_s in zip(indices, scores)]
+        return [
+            [
+                Document(self.titles[i], self.texts[i], float(s), str(self.ids[i]))
+                for i, s in zip(row_i.tolist(), row_s.tolist())
+            ]
+            for row_i, row_s in zip(indices, scores)
+        ]
 
 
 def cache_dir() -> Path:

@@ -218,7 +218,9 @@ class _Simulated(SearchEngine):
         holds = metrics.docs_hold_answer(docs, golds)
         if mode == "noisy":
             return not holds
-        about = set(metrics.content_words(query)) & {w for d in docs for w in metrics.content_words(f"{d['title']} {d['text']}")}
+        about = set(metrics.content_words(query)) & {
+            w for d in docs for w in metrics.content_words(f"{d['title']} {d['text']}")
+        }
         return bool(about) and (holds or not golds)
 
     def _timed_complete(self, texts: list[str], max_new_tokens: int, stop: list[str], sampling: Sampling) -> list[str]:
@@ -366,7 +368,9 @@ class SimulatorHTTPEngine(_Simulated):
 
         super().__init__(**kw)
         if batch_size < 1 or tries < 1 or timeout <= 0 or backoff < 0 or cooldown < 0:
-            raise BadInput("sim+http options need batch_size >= 1, tries >= 1, timeout > 0, backoff >= 0 and cooldown >= 0")
+            raise BadInput(
+                "sim+http options need batch_size >= 1, tries >= 1, timeout > 0, backoff >= 0 and cooldown >= 0"
+            )
         self.api = api or ("chat" if self.template.system is not None else "completions")
         if self.api not in HTTP_APIS:
             raise BadInput(f"sim+http option api={self.api} is not one of {', '.join(HTTP_APIS)}")

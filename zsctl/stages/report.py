@@ -90,18 +90,28 @@ def _check_sim_section(d: Path, s: dict) -> list[str]:
         return []
     rows = [("holds a gold answer %", "has_answer", True), ("format valid %", "format_valid", True),
             ("words / document", "mean_doc_words", False), ("distinct-2", "distinct_2", False)]
-    lines = [f"## Simulator check `{d.name}`: {sim.get('spec', '?')} ({s.get('n_queries', '?')} queries, k={s.get('k', '?')})",
-             "", "| | " + " | ".join(name for name, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    lines = [
+        f"## Simulator check `{d.name}`: {sim.get('spec', '?')} ({s.get('n_queries', '?')} queries, "
+        f"k={s.get('k', '?')})",
+        "",
+        "| | " + " | ".join(name for name, _ in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     lines += [f"| {label} | " + " | ".join(_fmt(c.get(key), pct) for _, c in cols) + " |" for label, key, pct in rows]
-    lines += ["", f"Controllability gap (useful - noisy, holds a gold answer): {_fmt(sim.get('controllability_gap'))} points"]
+    lines += [
+        "",
+        f"Controllability gap (useful - noisy, holds a gold answer): {_fmt(sim.get('controllability_gap'))} points",
+    ]
     if sim.get("gap_ci95"):  # check-sim's held-apart figures (older runs lack them)
         leak, held = sim.get("leak", {}), s.get("held_apart", {})
         lo, hi = sim["gap_ci95"]
-        lines[-1] += (f", 95% interval [{_fmt(lo)}, {_fmt(hi)}] (Newcombe), n = {s.get('n_queries', '?')} held-apart queries "
-                      f"({held.get('excluded_trained', '?')} trained-on and {held.get('excluded_yes_no', '?')} yes/no dropped; "
-                      f"trained questions: {held.get('trained_on', '?')}); format valid {_fmt(sim.get('format_valid'))} %; "
-                      f"leak (useful mode, a query that names nothing): {_fmt(leak.get('has_answer'))} % of {leak.get('n', '?')}"
-                      + (f"; verify={sim['verify']}" if sim.get("verify") else ""))
+        lines[-1] += (
+            f", 95% interval [{_fmt(lo)}, {_fmt(hi)}] (Newcombe), n = {s.get('n_queries', '?')} held-apart queries "
+            f"({held.get('excluded_trained', '?')} trained-on and {held.get('excluded_yes_no', '?')} yes/no dropped; "
+            f"trained questions: {held.get('trained_on', '?')}); format valid {_fmt(sim.get('format_valid'))} %; "
+            f"leak (useful mode, a query that names nothing): {_fmt(leak.get('has_answer'))} % of {leak.get('n', '?')}"
+            + (f"; verify={sim['verify']}" if sim.get("verify") else "")
+        )
     return lines + [""]
 
 
@@ -140,10 +150,13 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
                   "| run | benchmark | n | EM | SubEM | F1 | searches | degenerate queries % | search-hit rate % "
                   "| question-hit rate % |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r} | {b} | {m['n']} | {_fmt(m['em'])} | {_fmt(m['subem'])} | {_fmt(m['f1'])} | "
-                  f"{_fmt(m['avg_searches'], pct=False)} | {_fmt(m.get('degenerate_share'))} | {_fmt(m.get('search_hit_rate'))} | "
-                  f"{_fmt(m.get('question_hit_rate'))} |"
-                  for r, b, m in evals]
+        lines += [
+            f"| {r} | {b} | {m['n']} | {_fmt(m['em'])} | {_fmt(m['subem'])} | {_fmt(m['f1'])} | "
+            f"{_fmt(m['avg_searches'], pct=False)} | {_fmt(m.get('degenerate_share'))} | "
+            f"{_fmt(m.get('search_hit_rate'))} | "
+            f"{_fmt(m.get('question_hit_rate'))} |"
+            for r, b, m in evals
+        ]
         lines += ["", "Degenerate: a query with no content word of its own (empty, a placeholder, instruction words). "
                   "Search-hit rate: searches whose documents hold a gold answer; question-hit rate: questions one of "
                   "whose searches found one (a question that never searched is a miss); both over questions whose "
@@ -161,22 +174,37 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
             return sum(vals) / len(vals) if vals else None
 
         head, tail = mets[:w], mets[-w:]
-        lines += [f"## RL run `{d.name}` ({len(mets)} steps)", "",
-                  f"| mean over | steps {head[0]['step']}–{head[-1]['step']} | steps {tail[0]['step']}–{tail[-1]['step']} |",
-                  "|---|---|---|"]
-        lines += [f"| {label} | {_fmt(avg(head, key), pct)} | {_fmt(avg(tail, key), pct)} |" for label, key, pct in (
-            ("reward", "reward_mean", False), ("valid-answer rate %", "valid_answer_rate", True),
-            ("noise p planned", "noise_p", False), ("noisy share realised", "noisy_share", False),
-            ("searches / trajectory", "searches_per_traj", False), ("degenerate queries %", "degenerate_share", True),
-            ("search-hit rate %", "search_hit_rate", True), ("search-hit rate, useful mode %", "search_hit_rate_useful", True),
-            ("search-hit rate, noisy mode %", "search_hit_rate_noisy", True), ("seconds / step", "step_seconds", False))]
+        lines += [
+            f"## RL run `{d.name}` ({len(mets)} steps)",
+            "",
+            f"| mean over | steps {head[0]['step']}–{head[-1]['step']} | steps {tail[0]['step']}–{tail[-1]['step']} |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {label} | {_fmt(avg(head, key), pct)} | {_fmt(avg(tail, key), pct)} |"
+            for label, key, pct in (
+                ("reward", "reward_mean", False),
+                ("valid-answer rate %", "valid_answer_rate", True),
+                ("noise p planned", "noise_p", False),
+                ("noisy share realised", "noisy_share", False),
+                ("searches / trajectory", "searches_per_traj", False),
+                ("degenerate queries %", "degenerate_share", True),
+                ("search-hit rate %", "search_hit_rate", True),
+                ("search-hit rate, useful mode %", "search_hit_rate_useful", True),
+                ("search-hit rate, noisy mode %", "search_hit_rate_noisy", True),
+                ("seconds / step", "step_seconds", False),
+            )
+        ]
         lines.append("")
     ledger = _ledger(found, cfg.price_per_1k)
-    lines += ["## Search-cost ledger", "",
-              f"- real engine calls (collect + eval): {ledger['real_calls']}",
-              f"- simulated calls (rl): {ledger['simulated_calls']}",
-              f"- at ${cfg.price_per_1k:g} per 1,000 real calls, the simulated calls saved ${ledger['cost_saved_usd']:.2f}",
-              ""]
+    lines += [
+        "## Search-cost ledger",
+        "",
+        f"- real engine calls (collect + eval): {ledger['real_calls']}",
+        f"- simulated calls (rl): {ledger['simulated_calls']}",
+        f"- at ${cfg.price_per_1k:g} per 1,000 real calls, the simulated calls saved ${ledger['cost_saved_usd']:.2f}",
+        "",
+    ]
     for d, m in found.get("check_sim", []):
         lines += _check_sim_section(d, m.get("summary", {}))
 
@@ -193,14 +221,38 @@ def _write_report(cfg, out: Path, stage: Path, found, lines, rl_runs, evals, led
     else:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     (stage / "report.md").write_text("\n".join(lines), encoding="utf-8")
-    summary = {"out": str(out), "report": str(out / "report.md"), "plots": [p.name for p in plots or []],
-               "artifacts": {k: len(v) for k, v in found.items()}, "ledger": ledger,
-               "evaluation": [{"run": r, "benchmark": b, **{k: m[k] for k in ("n", "em", "subem", "f1", "avg_searches")},
-                               **{k: m.get(k) for k in ("degenerate_share", "search_hit_rate", "hit_searches_n",
-                                                         "question_hit_rate", "hit_questions_n")}}
-                              for r, b, m in evals]}
-    artifacts.write_manifest(stage, "report", config=asdict(cfg), inputs=[{"path": str(d)} for v in found.values() for d, _ in v],
-                             summary=summary)
+    summary = {
+        "out": str(out),
+        "report": str(out / "report.md"),
+        "plots": [p.name for p in plots or []],
+        "artifacts": {k: len(v) for k, v in found.items()},
+        "ledger": ledger,
+        "evaluation": [
+            {
+                "run": r,
+                "benchmark": b,
+                **{k: m[k] for k in ("n", "em", "subem", "f1", "avg_searches")},
+                **{
+                    k: m.get(k)
+                    for k in (
+                        "degenerate_share",
+                        "search_hit_rate",
+                        "hit_searches_n",
+                        "question_hit_rate",
+                        "hit_questions_n",
+                    )
+                },
+            }
+            for r, b, m in evals
+        ],
+    }
+    artifacts.write_manifest(
+        stage,
+        "report",
+        config=asdict(cfg),
+        inputs=[{"path": str(d)} for v in found.values() for d, _ in v],
+        summary=summary,
+    )
     return summary
 
 
@@ -228,7 +280,10 @@ def _plots(out: Path, rl_runs, evals, ledger) -> list[Path] | None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         rewards = [m["reward_mean"] for m in mets]
         w = min(5, len(rewards))  # one step's batch is small: a moving average shows the trend
-        smooth = [sum(rewards[max(0, i - w + 1):i + 1]) / len(rewards[max(0, i - w + 1):i + 1]) for i in range(len(rewards))]
+        smooth = [
+            sum(rewards[max(0, i - w + 1) : i + 1]) / len(rewards[max(0, i - w + 1) : i + 1])
+            for i in range(len(rewards))
+        ]
         ax.plot(steps, rewards, alpha=0.35, color="C0", label="reward (batch mean)")
         ax.plot(steps, smooth, color="C0", label=f"reward ({w}-step average)")
         ax.plot(steps, [m["valid_answer_rate"] for m in mets], color="C1", label="valid-answer rate")
