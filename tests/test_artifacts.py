@@ -26,9 +26,14 @@ def _questions(n=3):
 
 def test_round_trip_and_manifest(tmp_path):
     out = tmp_path / "art"
-    m = artifacts.write_artifact(out, "questions", _questions(), config={"x": 1, "api_key": "sekrit", "hf_token": "tok123",
-                                                                            "max_new_tokens": 64}, seed=7,
-                                 summary={"rows": 3})
+    m = artifacts.write_artifact(
+        out,
+        "questions",
+        _questions(),
+        config={"x": 1, "api_key": "sekrit", "hf_token": "tok123", "max_new_tokens": 64},
+        seed=7,
+        summary={"rows": 3},
+    )
     assert (out / "manifest.json").is_file()
     t = artifacts.read_artifact(out, "questions")
     assert t.num_rows == 3 and t.column("id").to_pylist() == ["q0", "q1", "q2"]

@@ -129,7 +129,9 @@ def test_completion_never_exceeds_the_response_budget(tmp_path, train_file, corp
     search_len = mask.index(0)  # the policy's search, then the inserted documents
     answer_start = len(mask) - 1 - mask[:-1][::-1].index(0)  # first token of the answer round
     for budget in (search_len + 3, answer_start + 3):  # inside the documents; inside the answer
-        small = replace(cfg, max_response_tokens=budget, max_new_tokens=min(24, budget), out=str(tmp_path / f"b{budget}"))
+        small = replace(
+            cfg, max_response_tokens=budget, max_new_tokens=min(24, budget), out=str(tmp_path / f"b{budget}")
+        )
         trainer, _, recorder, _ = rl.build_trainer(small, policy=(model, tok))
         script.rounds = {k: -1 for k in script.rounds}  # the script starts over
         out = trainer.rollout_func(["question number 0?"], trainer)
@@ -170,7 +172,9 @@ def test_env_mask_is_zero_exactly_on_inserted_tokens(tmp_path, train_file, corpu
     inserted = tok.decode([t for t, m in zip(ids0, mask0) if m == 0], skip_special_tokens=False)
     own = tok.decode([t for t, m in zip(ids0, mask0) if m == 1])
     assert own == "<search> alpha </search><answer> answer 0 </answer>"
-    assert inserted.startswith("\n\n<information>Doc 1: (Title alpha) alpha answers question alpha\nDoc 2:") and inserted.endswith("</information>\n\n" + tok.eos_token)
+    assert inserted.startswith(
+        "\n\n<information>Doc 1: (Title alpha) alpha answers question alpha\nDoc 2:"
+    ) and inserted.endswith("</information>\n\n" + tok.eos_token)
     assert out["prediction"] == ["answer 0", "nope"]
     assert out["env_mask"][1] == [1] * (len(out["env_mask"][1]) - 1) + [0]  # only the closing EOS is ours
     rows = pq.read_table(next(recorder.rollouts_dir.glob("step-000001-*.parquet"))).to_pylist()
@@ -251,7 +255,11 @@ def test_sigkill_mid_step_then_resume_logs_each_step_once(tmp_path, train_file, 
                 lora_r=16))
     def order(path):
         rows = read_table_file(path / "rollouts.parquet", ROLLOUTS).to_pylist()
-        return [(r["step"], r["question_id"], round(r["noise_p"], 9)) for r in sorted(rows, key=lambda r: (r["step"], r["sample"], r["question_id"]))]
+        return [
+            (r["step"], r["question_id"], round(r["noise_p"], 9))
+            for r in sorted(rows, key=lambda r: (r["step"], r["sample"], r["question_id"]))
+        ]
+
     assert order(out) == order(ref)
 
 
@@ -313,7 +321,9 @@ def test_use_vllm_trains_with_vllm_logprobs(tmp_path, train_file, tiny_model_dir
         assert h["sampling/importance_sampling_ratio/min"] == pytest.approx(1.0, abs=1e-3)
     assert trainer.vllm_generation.generation_kwargs["max_tokens"] == cfg.max_new_tokens  # per round
     mets = [pq.read_table(f).to_pylist()[0] for f in sorted(recorder.metrics_dir.glob("*.parquet"))]
-    assert [m["step"] for m in mets] == [1, 2] and all(m["vllm_is_ratio_min"] == pytest.approx(1.0, abs=1e-3) for m in mets)
+    assert [m["step"] for m in mets] == [1, 2] and all(
+        m["vllm_is_ratio_min"] == pytest.approx(1.0, abs=1e-3) for m in mets
+    )
 
 
 def test_vllm_server_mode_ranks_ending_in_different_rounds_do_not_deadlock(tmp_path, corpus_file, tiny_model_dir):
@@ -401,7 +411,10 @@ def test_two_process_accelerate_launch_on_cpu(tmp_path, train_file, corpus_file,
     assert summary["steps"] == 2 and summary["rollouts"] == 2 * 2 * 4  # steps x ranks x batch
     assert read_manifest(out)["kind"] == "policy"
     rollouts = read_table_file(out / "rollouts.parquet", ROLLOUTS).to_pylist()
-    assert sorted({f.name.split("-r")[-1] for f in (out / "rollouts.steps").glob("*.parquet")}) == ["0.parquet", "1.parquet"]
+    assert sorted({f.name.split("-r")[-1] for f in (out / "rollouts.steps").glob("*.parquet")}) == [
+        "0.parquet",
+        "1.parquet",
+    ]
     assert sorted(r["step"] for r in rollouts) == [1] * 8 + [2] * 8
     mets = pq.read_table(out / "metrics.parquet").to_pylist()
     assert [m["step"] for m in mets] == [1, 2] and all(math.isfinite(m["loss"]) for m in mets)
@@ -425,7 +438,9 @@ def test_two_process_vllm_server_mode_rl_run(tmp_path, train_file, corpus_file, 
     assert r.returncode == 0, r.stderr[-3000:]
     assert read_manifest(out)["kind"] == "policy"
     for rank, searches in ((0, 0), (1, 2)):
-        rows = [row for f in (out / "rollouts.steps").glob(f"*-r{rank}.parquet") for row in pq.read_table(f).to_pylist()]
+        rows = [
+            row for f in (out / "rollouts.steps").glob(f"*-r{rank}.parquet") for row in pq.read_table(f).to_pylist()
+        ]
         assert len(rows) == 2 * 4 and all(row["num_searches"] == searches for row in rows)
     mets = pq.read_table(out / "metrics.parquet").to_pylist()
     assert [m["step"] for m in mets] == [1, 2]

@@ -30,7 +30,9 @@ def test_rollouts_and_step_metrics_carry_search_quality(tmp_path, tiny_model_dir
     corpus.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate([
         ("Lima", "Lima is the capital and largest city of Peru."), ("Peru", "Peru is a country in South America.")])))
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(json.dumps({"id": i, "question": q, "golden_answers": g}) + "\n" for i, q, g, _ in QUESTIONS))
+    train.write_text(
+        "".join(json.dumps({"id": i, "question": q, "golden_answers": g}) + "\n" for i, q, g, _ in QUESTIONS)
+    )
     model, tok = load_model(str(tiny_model_dir))
     script_model(model, tok, {KEYS[i]: s for i, _, _, s in QUESTIONS})
     cfg = rl.RLConfig(policy="scripted", search=f"bm25:{corpus}", train=str(train), out=str(tmp_path / "run"), steps=2,
@@ -65,7 +67,10 @@ def test_rollouts_and_step_metrics_carry_search_quality(tmp_path, tiny_model_dir
 def test_step_metrics_without_searches_are_nan():
     m = rl.search_metrics([])
     assert m["searches"] == 0 and m["hit_searches_n"] == 0
-    assert all(math.isnan(m[k]) for k in ("degenerate_share", "search_hit_rate", "search_hit_rate_useful", "search_hit_rate_noisy"))
+    assert all(
+        math.isnan(m[k])
+        for k in ("degenerate_share", "search_hit_rate", "search_hit_rate_useful", "search_hit_rate_noisy")
+    )
 
 
 def test_validation_reports_search_quality_with_the_real_engine(tmp_path, tiny_model_dir):
@@ -73,15 +78,17 @@ def test_validation_reports_search_quality_with_the_real_engine(tmp_path, tiny_m
     corpus.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate([
         ("Lima", "Lima is the capital and largest city of Peru."), ("Peru", "Peru is a country in South America.")])))
     val = tmp_path / "val.jsonl"
-    val.write_text("".join(json.dumps({"id": i, "question": q, "golden_answers": g}) + "\n" for i, q, g, _ in QUESTIONS))
+    val.write_text(
+        "".join(json.dumps({"id": i, "question": q, "golden_answers": g}) + "\n" for i, q, g, _ in QUESTIONS)
+    )
     model, tok = load_model(str(tiny_model_dir))
     script_model(model, tok, {KEYS[i]: s for i, _, _, s in QUESTIONS})
     cfg = rl.RLConfig(policy="scripted", search=f"bm25:{corpus}", train=str(val), out=str(tmp_path / "run"),
                       val=str(val), val_search=f"bm25:{corpus}", val_every=1, max_turns=2, max_new_tokens=24,
                       max_response_tokens=400, lora=False, topk=2, temperature=0.0)
     scores = rl._make_validator(cfg, tok)(model)
-    # answers Picasso (gold "Pablo Picasso": no exact match) / Lima / yes; searches "query" (degenerate, miss), "capital of
-    # Peru" (a hit), "Lima Peru" (yes/no gold: cannot tell)
+    # answers Picasso (gold "Pablo Picasso": no exact match) / Lima / yes; searches "query" (degenerate,
+    # miss), "capital of Peru" (a hit), "Lima Peru" (yes/no gold: cannot tell)
     assert scores["val_em"] == pytest.approx(2 / 3)
     assert scores["val_degenerate_share"] == pytest.approx(1 / 3)
     assert (scores["val_search_hit_rate"], scores["val_question_hit_rate"]) == (0.5, 0.5)

@@ -97,7 +97,9 @@ def load_sft_data(path: str, kind: str) -> tuple[list[dict], list[dict], dict]:
     manifest = artifacts.read_manifest(path)
     if manifest.get("kind") != kind:
         hint = "build-sft --for policy" if kind == "policy_sft" else "build-sft (simulator data)"
-        raise BadInput(f"'{path}' is a '{manifest.get('kind')}' artifact, expected '{kind}'; pass the output of zsctl {hint}")
+        raise BadInput(
+            f"'{path}' is a '{manifest.get('kind')}' artifact, expected '{kind}'; pass the output of zsctl {hint}"
+        )
     schema = DATA_SCHEMAS[kind]
     splits = []
     for name in SPLITS:
@@ -112,7 +114,9 @@ def load_sft_data(path: str, kind: str) -> tuple[list[dict], list[dict], dict]:
         rows = table.select(["prompt", "completion"]).to_pylist()
         splits.append([r for r in rows if r["prompt"] and r["completion"] is not None])
     if not splits[0]:
-        raise BadInput(f"'{Path(path) / 'train.parquet'}' has no usable rows (prompt and completion set); build a larger corpus")
+        raise BadInput(
+            f"'{Path(path) / 'train.parquet'}' has no usable rows (prompt and completion set); build a larger corpus"
+        )
     return splits[0], splits[1], manifest
 
 
@@ -190,7 +194,9 @@ def _callback(cfg: SFTRunConfig, progress: Progress, losses: list):
         def on_log(self, args, state, control, logs=None, **kw):
             if "loss" in (logs or {}):
                 losses.append({"step": state.global_step, "loss": float(logs["loss"])})
-                if state.is_world_process_zero and (state.global_step % self.every == 0 or state.global_step == state.max_steps):
+                if state.is_world_process_zero and (
+                    state.global_step % self.every == 0 or state.global_step == state.max_steps
+                ):
                     progress.log(f"{cfg.desc} step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}")
 
         def on_train_end(self, args, state, control, **kw):
@@ -228,7 +234,9 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
         raise BadInput(f"every training row's prompt fills --max-length {cfg.max_length}; raise --max-length")
     val, val_stats = build_dataset(tok, val_rows[: cfg.val_limit], cfg)
     if train_stats["truncated"]:
-        progress.log(f"{train_stats['truncated']} of {len(train_rows)} training rows were cut to --max-length {cfg.max_length}")
+        progress.log(
+            f"{train_stats['truncated']} of {len(train_rows)} training rows were cut to --max-length {cfg.max_length}"
+        )
 
     args = SFTConfig(
         output_dir=str(trainer_dir or Path(cfg.out).with_name(f".{Path(cfg.out).name}.trainer")),
@@ -289,7 +297,9 @@ def train_sft(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict], p
         val_after = trainer.evaluate()["eval_loss"] if has_val else None
         losses = info["losses"]
         if not losses or not all(math.isfinite(x["loss"]) for x in losses):
-            raise RunFailure(f"training loss is not finite ({losses[-1]['loss'] if losses else 'never logged'}); lower --lr")
+            raise RunFailure(
+                f"training loss is not finite ({losses[-1]['loss'] if losses else 'never logged'}); lower --lr"
+            )
         summary = _summary(cfg, trainer, info, result, wall, val_before, val_after)
         if trainer.accelerator.is_main_process:
             _save(trainer, cfg, out, trainer_dir, losses)

@@ -79,7 +79,9 @@ def load_queries(cfg: CheckSimConfig) -> list[dict]:
                 rows.append({"id": f"{t['traj_id']}#{j}", "query": s["query"], "question": t["question"],
                              "golden_answers": list(t["golden_answers"])})
         if not rows:
-            raise BadInput(f"trajectories '{cfg.trajectories}' hold no search queries; collect with a real engine first")
+            raise BadInput(
+                f"trajectories '{cfg.trajectories}' hold no search queries; collect with a real engine first"
+            )
     elif cfg.questions:
         rows = []
         for name in [s.strip() for s in cfg.questions.split(",") if s.strip()]:
@@ -208,8 +210,12 @@ def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, v
         texts = [q["query"] for q in batch]
         # both modes and the leak probe of the batch in one simulator call: one generate (or request
         # round) per batch
-        probes = [{**q, "query": prompts.LEAK_PROBES[(start + i) % len(prompts.LEAK_PROBES)]} for i, q in enumerate(batch)]
-        asks = [(q, mode, "simulator") for mode in prompts.SIM_MODES for q in batch] + [(q, "useful", "probe") for q in probes]
+        probes = [
+            {**q, "query": prompts.LEAK_PROBES[(start + i) % len(prompts.LEAK_PROBES)]} for i, q in enumerate(batch)
+        ]
+        asks = [(q, mode, "simulator") for mode in prompts.SIM_MODES for q in batch] + [
+            (q, "useful", "probe") for q in probes
+        ]
         ctxs = [QueryContext(q["question"], q["golden_answers"], mode) for q, mode, _ in asks]
         results = engine.search([q["query"] for q, _, _ in asks], cfg.k, ctxs)
         for (q, mode, role), r in zip(asks, results):
@@ -235,10 +241,16 @@ def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, v
             "verify": getattr(engine, "verify", 0),
             **by_mode,
             "controllability_gap": u["has_answer"] - nz["has_answer"],
-            "gap_ci95": list(gap_interval(round(u["has_answer"] * u["n"]), u["n"], round(nz["has_answer"] * nz["n"]), nz["n"])),
+            "gap_ci95": list(
+                gap_interval(round(u["has_answer"] * u["n"]), u["n"], round(nz["has_answer"] * nz["n"]), nz["n"])
+            ),
             "format_valid": summarize(sim_rows)["format_valid"],
-            "leak": {"n": probe["n"], "has_answer": probe["has_answer"], "has_answer_ci95": probe["has_answer_ci95"],
-                     "probes": list(prompts.LEAK_PROBES)},
+            "leak": {
+                "n": probe["n"],
+                "has_answer": probe["has_answer"],
+                "has_answer_ci95": probe["has_answer_ci95"],
+                "probes": list(prompts.LEAK_PROBES),
+            },
             "generation_s": round(getattr(engine, "generation_s", 0.0), 2),
             "generation_cpu_s": round(getattr(engine, "generation_cpu_s", 0.0), 2),
         },

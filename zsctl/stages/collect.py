@@ -203,7 +203,9 @@ def _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen) -> dict
         prompt_ids = loop.encode_prompts([q["question"] for q in batch], chats=chats)
         expanded = [(q, s, p) for q, p in zip(batch, prompt_ids) for s in range(cfg.samples)]
         try:
-            trajs = loop.run([p for _, _, p in expanded], [QueryContext(q["question"], q["golden_answers"]) for q, _, _ in expanded])
+            trajs = loop.run(
+                [p for _, _, p in expanded], [QueryContext(q["question"], q["golden_answers"]) for q, _, _ in expanded]
+            )
         except RunFailure as e:
             raise RunFailure(f"{e} ({len(done) + start} questions are saved in '{out}'; rerun with --resume)") from e
         writer.write([trajectory_row(cfg, q, s, t) for (q, s, _), t in zip(expanded, trajs)])
@@ -240,7 +242,9 @@ def _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen) -> dict
                              inputs=[{"bench": c["bench"], "split": c["split"], "rows": c["rows"]} for c in chosen],
                              extra={"questions": chosen})
     cost = f", est. ${ledger['estimated_cost_usd']:.2f}" if "estimated_cost_usd" in ledger else ""
-    progress.log(f"collect: search ledger: {ledger['engine_calls']} engine calls, {ledger['cache_hits']} cache hits{cost}")
+    progress.log(
+        f"collect: search ledger: {ledger['engine_calls']} engine calls, {ledger['cache_hits']} cache hits{cost}"
+    )
     return summary
 
 

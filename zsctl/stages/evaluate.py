@@ -80,12 +80,21 @@ def summarize(rows: list[dict]) -> dict:
         n = len(rs)
         mean = lambda k: sum(r[k] for r in rs) / n if n else 0.0  # noqa: E731
         searches = [s for r in rs for s in r.get("searches") or []]
-        return {"n": n, "em": mean("em"), "subem": mean("subem"), "f1": mean("f1"), "avg_searches": mean("num_searches"),
-                # protocol use: an answer in tags, or at least a search or an answer (a small model off
-                # the protocol scores 0 for that reason, not for lack of knowledge)
-                "answer_rate": mean("answered"), "valid_rate": sum(r["answered"] or r["num_searches"] > 0 for r in rs) / n if n else 0.0,
-                # what it searched for: a policy that searches "query" is not searching, whatever its EM
-                **metrics.search_quality(searches), **metrics.question_hits(rs), "top_queries": metrics.top_queries(s["query"] for s in searches)}
+        return {
+            "n": n,
+            "em": mean("em"),
+            "subem": mean("subem"),
+            "f1": mean("f1"),
+            "avg_searches": mean("num_searches"),
+            # protocol use: an answer in tags, or at least a search or an answer (a small model off
+            # the protocol scores 0 for that reason, not for lack of knowledge)
+            "answer_rate": mean("answered"),
+            "valid_rate": sum(r["answered"] or r["num_searches"] > 0 for r in rs) / n if n else 0.0,
+            # what it searched for: a policy that searches "query" is not searching, whatever its EM
+            **metrics.search_quality(searches),
+            **metrics.question_hits(rs),
+            "top_queries": metrics.top_queries(s["query"] for s in searches),
+        }
 
     by: dict[str, list[dict]] = {}
     for r in rows:

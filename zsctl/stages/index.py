@@ -23,7 +23,9 @@ def run(cfg: IndexConfig, progress: Progress | None = None) -> dict:
 
     progress = progress or Progress()
     if not Path(cfg.corpus).is_file():
-        raise BadInput(f"corpus '{cfg.corpus}' is not a file; pass a .jsonl (id,title,text or id,contents) or .parquet corpus")
+        raise BadInput(
+            f"corpus '{cfg.corpus}' is not a file; pass a .jsonl (id,title,text or id,contents) or .parquet corpus"
+        )
     out = artifacts.check_out(cfg.out, "bm25_index", [cfg.corpus])
     t0 = time.perf_counter()
     engine = BM25Engine.from_corpus(cfg.corpus)

@@ -204,7 +204,11 @@ class Recorder:
         def cat(d: Path, schema=None) -> pa.Table:
             files = sorted(d.glob("step-*.parquet"))
             tables = [pq.read_table(f) for f in files]
-            return pa.concat_tables(tables, promote_options="default") if tables else (schema or pa.schema([])).empty_table()
+            return (
+                pa.concat_tables(tables, promote_options="default")
+                if tables
+                else (schema or pa.schema([])).empty_table()
+            )
 
         rollouts, mets = cat(self.rollouts_dir, ROLLOUTS), cat(self.metrics_dir)
         artifacts.write_table(out, "rollouts.parquet", rollouts)
@@ -221,8 +225,11 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
         temperature=cfg.temperature, prompt_style=cfg.prompt_style,
     )
     # prompt_from_data: each question's own chat messages, found by its text as the golds are
-    chats_by_question = dict(zip(golds_by_question, prompts.chats_from_data(list(golds_by_question.values()), cfg.train))
-                             ) if cfg.prompt_from_data else {}
+    chats_by_question = (
+        dict(zip(golds_by_question, prompts.chats_from_data(list(golds_by_question.values()), cfg.train)))
+        if cfg.prompt_from_data
+        else {}
+    )
 
     def rollout_func(prompts: list[str], trainer) -> dict:
         import torch
@@ -261,8 +268,17 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
 
         g = cfg.group_size
         # search quality per call (metrics.search_facts); the documents are the simulator's
-        searches = [[{"query": s["query"], "documents": s["documents"], **metrics.search_facts(s["query"], s["documents"], gold)}
-                     for s in t.searches] for t, gold in zip(trajs, golds)]
+        searches = [
+            [
+                {
+                    "query": s["query"],
+                    "documents": s["documents"],
+                    **metrics.search_facts(s["query"], s["documents"], gold),
+                }
+                for s in t.searches
+            ]
+            for t, gold in zip(trajs, golds)
+        ]
         recorder.rollouts(step, [
             {"step": step, "noise_p": p, "question_id": golds_by_question[q]["id"], "sample": i % g,
              "response": t.response, "prediction": pred, "reward": float(r), "num_searches": t.num_searches,
@@ -323,7 +339,9 @@ def search_metrics(facts: list[dict]) -> dict:
     useful documents should hold the answer and noisy ones not, whatever the query. NaN: nothing to count."""
     row = metrics.search_quality(facts)
     for mode in ("useful", "noisy"):
-        row[f"search_hit_rate_{mode}"] = metrics.search_quality(f for f in facts if f.get("mode") == mode)["search_hit_rate"]
+        row[f"search_hit_rate_{mode}"] = metrics.search_quality(f for f in facts if f.get("mode") == mode)[
+            "search_hit_rate"
+        ]
     return {k: float("nan") if v is None else v for k, v in row.items()}
 
 
@@ -518,7 +536,9 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     if cfg.resume:
         run_file = out / RUN_FILE
         if not run_file.is_file():
-            raise BadInput(f"--resume: '{out}' holds no zsctl rl run ({RUN_FILE} missing); drop --resume or pass the run's --out")
+            raise BadInput(
+                f"--resume: '{out}' holds no zsctl rl run ({RUN_FILE} missing); drop --resume or pass the run's --out"
+            )
         then, now = json.loads(run_file.read_text()), _run_identity(cfg)
         if then != now:
             diff = "; ".join(f"{k}: {then.get(k)} then, {now[k]} now" for k in now if then.get(k) != now[k])

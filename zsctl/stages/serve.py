@@ -232,9 +232,16 @@ def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name:
             used = sum(g.tokens for g in gens)
             prompt_tokens = sum(len(x) for x in ids)
             return {
-                "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": served, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used},
+                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": served,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": used,
+                    "total_tokens": prompt_tokens + used,
+                },
             }
 
     return app
