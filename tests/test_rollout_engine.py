@@ -100,6 +100,8 @@ def test_greedy_equals_static_generate_and_feeds_each_token_once(varied):
     assert new.shared_prefix_tokens >= (len(QUESTIONS) - 1) * len(tok(prompts.POLICY_SYSTEM)["input_ids"])
     fed = new.prefill_tokens + new.shared_prefix_tokens + new.decode_steps - sum(calls)
     assert fed == sum(len(t.prompt_ids) + len(t.response_ids) - 1 for t in got)
+    # the time breakdown: prefills and decode steps ran; no turn here was a search
+    assert new.seconds["prefill"] > 0 and new.seconds["decode"] > 0 and new.seconds["search"] == 0
 
 
 def _own_turns(t) -> list[list[int]]:

@@ -21,6 +21,7 @@ Another backend (e.g. vLLM) plugs in as `generate_fn`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from zsctl.core import prompts
@@ -132,6 +133,8 @@ class AgentLoop:
         self.decode_steps = 0  # tokens the backend produced (HF: rows x forward passes that sampled)
         self.prefill_tokens = 0  # HF: tokens fed through the model to build or extend caches
         self.shared_prefix_tokens = 0  # HF: prompt tokens not fed again, their keys/values copied
+        # wall seconds by kind of work: where a rollout's time goes (bench/agent_speed.py prints it)
+        self.seconds = {"prefill": 0.0, "decode": 0.0, "search": 0.0}
         self._note_cache: dict[str, list[int]] = {}
 
     def _encode_note(self, text: str) -> list[int]:
@@ -216,9 +219,11 @@ class AgentLoop:
     def _search(self, trajs: list[Trajectory], searches: list[tuple[int, str]], contexts: list[QueryContext],
                 noise: Noise | None) -> None:
         idx = [i for i, _ in searches]
+        t0 = time.perf_counter()
         results = self.engine.search(
             [q for _, q in searches], self.cfg.topk, [contexts[i] for i in idx] if contexts else None, noise
         )
+        self.seconds["search"] += time.perf_counter() - t0
         for (i, query), result in zip(searches, results):
             docs = _trim(result.docs, self.doc_words)
             trajs[i].searches.append(
@@ -285,6 +290,7 @@ class AgentLoop:
 
         model = self.model
         device = next(model.parameters()).device
+        t0 = time.perf_counter()
         n = len(seqs)
         old = [caches.get(i) for i in rows]
         if n > 1 and not any(old):  # fresh prompts: their shared head (instruction, template) once
@@ -330,6 +336,8 @@ class AgentLoop:
 
         with torch.no_grad():
             logits = forward(ids, pos)
+            t1 = time.perf_counter()
+            self.seconds["prefill"] += t1 - t0  # the batch cache built, inserted tokens fed
             alive = list(range(n))  # batch row -> row of this round
             base = [c + len(p) for c, p in zip(cached, pending)]  # position of each row's first new token
             gen: list[list[int]] = [[] for _ in range(n)]
@@ -380,6 +388,7 @@ class AgentLoop:
                 mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
                 positions = torch.tensor([[base[r] + len(gen[r]) - 1] for r in alive])
                 logits = forward(choice[:, None], positions)
+        self.seconds["decode"] += time.perf_counter() - t1
         return [_Turn(gen[r], lps[r], eos_hit[r]) for r in range(n)]
 
     def _prefill_one(self, ids: list[int]) -> _RowCache:
