@@ -433,7 +433,29 @@ READERS = {
         "predictions",
     ),
     "inspect-incomplete": (_index_incomplete, lambda e, d, o: ("inspect", d), "incomplete"),
+    "eval-model-is-a-bm25-index": (
+        lambda e, tmp: copy(e.index, tmp / "idx"),
+        lambda e, d, o: eval_args(e, o, model=d),
+        "bm25_index",
+    ),
+    "build-sft-from-incomplete-collect": (
+        lambda e, tmp: _mark_incomplete(copy(e.trajs, tmp / "q")),
+        lambda e, d, o: ("build-sft", "--trajectories", d, "--out", o, "--label", "docs"),
+        "incomplete",
+    ),
+    "warmup-from-incomplete-sft-data": (
+        lambda e, tmp: _mark_incomplete(copy(e.sft, tmp / "sft")),
+        lambda e, d, o: ("warmup", "--data", d, "--policy", e.model, "--out", o, "--max-steps", "1"),
+        "incomplete",
+    ),
 }
+
+
+def _mark_incomplete(d: Path) -> Path:
+    """What `prepare_out` leaves while a resumable stage works (and after it is killed)."""
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, "complete": False}))
+    return d
 
 
 @pytest.mark.parametrize("case", list(READERS))
@@ -670,6 +692,15 @@ def _truncated_safetensors(e, tmp):
     return eval_args(e, tmp / "o", model=d)
 
 
+def _corrupt_ledger_with(text: str):
+    def make(e, tmp):
+        args = _corrupt_ledger(e, tmp)
+        (tmp / "c" / "trajectories.shards" / "ledger.json").write_text(text)
+        return args
+
+    return make
+
+
 def _corrupt_ledger(e, tmp):
     d = copy(e.trajs, tmp / "c")
     (d / "trajectories.shards").mkdir()
@@ -744,6 +775,29 @@ BAD = {
     "report-corrupt-metrics": (_report_with(lambda d, tmp: (d / "metrics.json").write_text("{}")), ["metrics.json"]),
     "report-out-is-a-file": (_report_with(lambda d, tmp: None, out=_file_out), ["afile"]),
     "collect-resume-corrupt-ledger": (_corrupt_ledger, ["ledger.json"]),
+    "collect-resume-ledger-not-counts": (_corrupt_ledger_with('{"engine_calls": "many"}'), ["ledger.json"]),
+    "inspect-files-not-a-mapping": (
+        _inspect_with(
+            lambda d, tmp: (d / "manifest.json").write_text(json.dumps({"kind": "predictions", "files": []}))
+        ),
+        ["manifest.json"],
+    ),
+    "rl-train-file-with-empty-golds": (
+        lambda e, tmp: (
+            "rl",
+            "--policy",
+            e.model,
+            "--search",
+            f"bm25:{e.index}",
+            "--out",
+            tmp / "o",
+            "--steps",
+            "1",
+            "--train",
+            write_jsonl(tmp / "bad.jsonl", [{"question": "who?", "golden_answers": []}]),
+        ),
+        ["bad.jsonl", "golden_answers"],
+    ),
     "serve-port-out-of-range": (lambda e, tmp: ("serve", "--search", f"bm25:{e.index}", "--port", "70000"), ["70000"]),
     "serve-port-negative": (lambda e, tmp: ("serve", "--search", f"bm25:{e.index}", "--port", "-1"), ["-1"]),
     "index-out-is-a-file": (lambda e, tmp: ("index", e.corpus, "--out", _file_out(tmp)), ["afile"]),
@@ -815,3 +869,30 @@ def test_usage_errors_are_one_line(args):
     assert p.returncode == 2
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+
+
+def test_report_skips_an_artifact_still_being_written(env, tmp_path):
+    run = tmp_path / "run"
+    copy(env.evaldir, run / "ev")
+    _mark_incomplete(copy(env.trajs, run / "collecting"))
+    r = cli("report", run, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["artifacts"] == {"predictions": 1}
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        ("http://me:pw1@h:1/retrieve", "http://me:***@h:1/retrieve"),
+        ("https://tok123@h/x", "https://***@h/x"),
+        ("http://h/retrieve?api_key=k1&topk=3", "http://h/retrieve?api_key=***&topk=3"),
+        ("sim+http://h/v1?access_token=t;key=k", "sim+http://h/v1?access_token=***;key=***"),
+        ("sim:runs/sim?verify=2&max_new_tokens=64", "sim:runs/sim?verify=2&max_new_tokens=64"),  # counts stay
+        ("error: retriever http://u:p@h failed (HTTP 500)", "error: retriever http://u:***@h failed (HTTP 500)"),
+        ("write to me@example.org", "write to me@example.org"),
+    ],
+)
+def test_redact_hides_credentials_and_nothing_else(text, shown):
+    from zsctl.core.errors import redact
+
+    assert redact(text) == shown
