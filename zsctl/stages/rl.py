@@ -72,7 +72,7 @@ class RLConfig(Options):
     train: str = option(help="Training questions: bundled name(s) (train split) or a FlashRAG jsonl / ZeroSearch "
                         "parquet.")
     out: str = option(help="Output artifact directory.")
-    algo: str = option("grpo", "grpo | dapo | dr_grpo | reinforce++", choices=tuple(ALGOS))
+    algo: str = option("grpo", "grpo | dapo | dr_grpo | reinforce++", choices=ALGOS)
     steps: int = option(50, "Optimizer steps.", ge=1)
     batch_size: int = option(8, "Completions per step and process (prompts x group size).", ge=1)
     grad_accum: int = option(1, "Micro-batches the step's batch is split into.", ge=1)
@@ -92,7 +92,7 @@ class RLConfig(Options):
     max_doc_words: int = option(40, "Each document is cut to this many words (zsctl prompt style only: a CPU pays "
                                 "for every inserted token; upstream styles insert whole documents).", ge=1)
     temperature: float = option(1.0, "Sampling temperature of the rollouts (0 = greedy).", ge=0)
-    reward: str = option("f1", "f1 | em | f1+format", choices=tuple(REWARDS))
+    reward: str = option("f1", "f1 | em | f1+format", choices=REWARDS)
     save_every: int = option(0, "Checkpoint every K steps (0 = only the end).", ge=0)
     resume: bool = option(False, "Continue from the last complete checkpoint in --out.")
     report_to: str = option("none", REPORT_TO_HELP, choices=REPORT_TO)
