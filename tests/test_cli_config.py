@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from zsctl.cli import _CONFIGS, app, expand_argv
-from zsctl.core.config import flag_of
+from zsctl.core.config import flag_of, range_of
 
 runner = CliRunner()
 FIELDS = [(name, f) for name, cls in _CONFIGS.items() for f in dataclasses.fields(cls)]
@@ -81,6 +81,8 @@ def test_every_config_field_is_a_documented_flag(name):
         assert shown in r.output.split(), f"{name}: {shown} missing from --help"
         for alias in f.metadata.get("aliases", ()):
             assert "--" + alias not in r.output.split()  # old spellings work but are not advertised
+    bounded = [f for f in dataclasses.fields(_CONFIGS[name]) if range_of(f)]
+    assert all(f"[{range_of(f)}]" in r.output for f in bounded)  # the allowed range is in the help too
 
 
 @pytest.mark.parametrize("way", ["flag", "yaml", "override"])

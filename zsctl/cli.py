@@ -23,7 +23,7 @@ from typing import Optional
 import typer
 from typer.core import TyperGroup
 
-from zsctl.core.config import Options, flag_of, to_flags
+from zsctl.core.config import Options, flag_of, range_of, to_flags
 from zsctl.core.errors import BadInput, RunFailure, redact
 
 _state = {"debug": False, "dry_run": False}
@@ -126,7 +126,8 @@ def command(name: str, module: str, config: str, doc: str) -> None:
     params = []
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        help_text = f.metadata.get("help", "") + (" [required]" if required else "")
+        bounds = range_of(f)
+        help_text = " ".join([f.metadata.get("help", "")] + ["[required]"] * required + [f"[{bounds}]"] * bool(bounds))
         typ = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
         default = None if required else f.default
         if f.metadata.get("positional"):

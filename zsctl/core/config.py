@@ -53,6 +53,16 @@ class Options:
             check_value(f, getattr(self, f.name))
 
 
+def range_of(f: Field) -> str:
+    """The field's bounds as click shows a range: `x>=1`, `x>0`, `0<=x<1` ('' when it has none)."""
+    m = f.metadata
+    low = f"{m['ge']}<=" if "ge" in m else f"{m['gt']}<" if "gt" in m else ""
+    high = f"<={m['le']}" if "le" in m else f"<{m['lt']}" if "lt" in m else ""
+    if not high and low:  # one-sided: x>=1, x>0
+        return "x" + (f">={m['ge']}" if "ge" in m else f">{m['gt']}")
+    return f"{low}x{high}" if low or high else ""
+
+
 def check_value(f: Field, value: Any) -> None:
     m = f.metadata
     if value is None:
