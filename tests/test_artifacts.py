@@ -68,12 +68,17 @@ def test_wrong_kind_and_missing_columns_are_named(tmp_path):
     assert "missing column 'searches'" in msg and "column 'question' is int64" in msg and "bad.parquet" in msg
 
 
-def test_in_place_rerun_marks_the_folder_incomplete_first(tmp_path):
+def test_in_place_rerun_keeps_the_old_artifact_until_it_marks_it(tmp_path):
     out = tmp_path / "art"
     artifacts.write_artifact(out, "questions", _questions(), config={})
-    artifacts.prepare_out(out, "questions")
+    artifacts.prepare_out(out, "questions")  # its files are not touched yet: still valid
+    assert artifacts.read_artifact(out, "questions").num_rows == 3
+    artifacts.mark_incomplete(out, "questions")  # just before they are replaced
     with pytest.raises(BadInput, match="incomplete artifact"):
         artifacts.read_artifact(out, "questions")
+    fresh = artifacts.prepare_out(tmp_path / "new", "questions")  # nothing valid there: incomplete at once
+    with pytest.raises(BadInput, match="incomplete artifact"):
+        artifacts.read_manifest(fresh)
 
 
 def test_kill_during_write_leaves_no_manifest(tmp_path):

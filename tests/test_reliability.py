@@ -351,6 +351,54 @@ def test_failed_rerun_keeps_the_old_artifact_readable(env, tmp_path):
     assert cli("inspect", d).exit_code == 0
 
 
+def test_collect_rerun_that_fails_midway_keeps_the_old_collection_then_resumes(env, tmp_path):
+    """The engine dies after the first batch: exit 1, the old collection is still whole and readable,
+    and --resume finishes the new run from its shards."""
+    from zsctl.core.errors import RunFailure
+    from zsctl.search import make_engine
+    from zsctl.stages.serve import make_app, start_in_thread
+
+    engine = make_engine(f"bm25:{env.index}")
+    search, calls = engine._search, []
+
+    def flaky(*args, **kw):  # the client's probe and the first batch get answers, then the backend is gone
+        calls.append(1)
+        if len(calls) > 2 and not getattr(engine, "healed", False):
+            raise RunFailure("backend down")
+        return search(*args, **kw)
+
+    engine._search = flaky
+    server, url = start_in_thread(make_app(engine))
+    try:
+        d = copy(env.trajs, tmp_path / "q")
+        before = digest(d)
+        args = (
+            "collect",
+            "--questions",
+            env.questions,
+            "--model",
+            "none",
+            "--search",
+            f"{url}/retrieve",
+            "--out",
+            d,
+            "--batch-size",
+            "1",
+            "--quiet",
+        )
+        r = cli(*args)
+        assert r.exit_code == 1 and "--resume" in r.output, r.output
+        assert {k: v for k, v in digest(d).items() if not k.startswith("trajectories.shards")} == before
+        assert cli("inspect", d).exit_code == 0
+        engine.healed = True
+        r = cli(*args, "--resume", "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout.strip().splitlines()[-1])["trajectories"] == len(WORDS)
+        assert json.loads((d / "manifest.json").read_text())["config"]["search"] == f"{url}/retrieve"
+    finally:
+        server.should_exit = True
+
+
 # --- 5: every reader checks the manifest ---------------------------------------------------------------
 
 

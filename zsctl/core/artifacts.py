@@ -3,8 +3,9 @@
 Where a stage may write (`check_out`, before any work): a new folder, an empty one, or an artifact
 of the stage's own kind; never an input or a folder holding one. How it writes: one-shot stages
 fill a private staging folder beside --out and swap it in whole at the end (`staging`), so the old
-artifact stays valid until the new one is complete; resumable stages (collect, rl) work in place
-and first mark the folder incomplete (`prepare_out`). Inside a folder: data to a temp name →
+artifact stays valid until the new one is complete; resumable stages (collect, rl) work in place,
+in subfolders, and mark the folder incomplete before they replace its files (`prepare_out`,
+`mark_incomplete`). Inside a folder: data to a temp name →
 rename → manifest.json last (also via temp + rename). Readers refuse a folder whose manifest is
 missing, unreadable or says incomplete, and check required columns and types; model folders of
 ours (`check_model_dir`) likewise, while a plain HF model folder (no zsctl files) is not ours.
@@ -156,15 +157,27 @@ def staging(out: str | Path):
 
 
 def prepare_out(out: str | Path, kind: str) -> Path:
-    """For stages that work in place (resumable ones): create `out` and mark it incomplete, so a run
-    that dies midway never leaves the previous manifest vouching for new, partial data."""
+    """For stages that work in place (resumable ones), keeping their working state in subfolders:
+    create `out`. A complete artifact of `kind` already there stays valid, since its files are not
+    touched until `mark_incomplete` just before the end; any other folder is marked incomplete at
+    once, so a killed run leaves a folder that is recognisably ours and unfinished."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out '{out}' exists and is not a directory; pass a directory path")
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        complete = read_manifest(out).get("kind") == kind
+    except BadInput:
+        complete = False
+    if not complete:
+        mark_incomplete(out, kind)
+    return out
+
+
+def mark_incomplete(out: Path, kind: str) -> None:
+    """Say so in the manifest before an in-place stage replaces the artifact's own files."""
     write_json(out, MANIFEST, {"kind": kind, "complete": False, "schema_version": SCHEMA_VERSION,
                                "started_at": _now(), "pid": os.getpid()})
-    return out
 
 
 def _now() -> str:

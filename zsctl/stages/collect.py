@@ -20,6 +20,7 @@ set to your plan's price; 15.0 by default). Counts add up over resumed runs (sha
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import zlib
@@ -179,13 +180,15 @@ def _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen) -> dict
     loop = QuestionAsQuery(engine, agent_cfg) if policy is None else AgentLoop(*policy, engine, agent_cfg)
 
     # Setup done: only now does --out change.
-    out = artifacts.prepare_out(out, "trajectories")  # in place: the shards let a killed run resume
+    # In place: the shards let a killed run resume; an older collection in --out stays valid until
+    # the merge at the end.
+    out = artifacts.prepare_out(out, "trajectories")
     shard_dir = out / SHARDS
     if not cfg.resume:
         shutil.rmtree(shard_dir, ignore_errors=True)
     elif not shard_dir.is_dir() and (out / DATA).is_file():
         shard_dir.mkdir()
-        (out / DATA).replace(shard_dir / "part-00000.parquet")  # the finished run becomes shard 0
+        _link_or_copy(out / DATA, shard_dir / "part-00000.parquet")  # the finished run becomes shard 0
     writer = artifacts.ShardWriter(out, "trajectories", TRAJECTORIES)
     artifacts.write_json(shard_dir, LEDGER, ledger0)
 
@@ -215,6 +218,7 @@ def _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen) -> dict
     progress.stop()
     wall = time.perf_counter() - t0
 
+    artifacts.mark_incomplete(out, "trajectories")  # the data file is replaced next
     rows, stats = merge_shards(writer.dir, out / DATA)
     shutil.rmtree(shard_dir, ignore_errors=True)
     ledger = {"engine": redact(cfg.search), **_ledger(ledger0, engine), "logged_searches": stats["searches"]}
@@ -246,6 +250,13 @@ def _collect(cfg, progress, engine, policy, todo, done, ledger0, chosen) -> dict
         f"collect: search ledger: {ledger['engine_calls']} engine calls, {ledger['cache_hits']} cache hits{cost}"
     )
     return summary
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        os.link(src, dest)
+    except OSError:  # another file system, or links not allowed
+        shutil.copyfile(src, dest)
 
 
 def trajectory_row(cfg: CollectConfig, q: dict, sample: int, t) -> dict:

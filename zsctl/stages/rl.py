@@ -554,7 +554,9 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     on_gpu = torch.cuda.is_available()
     model, tok = policy or load_model(cfg.policy, dtype="bfloat16" if on_gpu else "float32")
 
-    out = artifacts.prepare_out(out, "policy")  # in place: its checkpoints let a killed run resume
+    # In place: its checkpoints let a killed run resume; an older policy in --out stays valid until
+    # the final save.
+    out = artifacts.prepare_out(out, "policy")
     for p in ckpt_dir.glob("checkpoint-*"):
         # a new run drops an earlier run's checkpoints (a later --resume must not take them, and TRL
         # must not save into a directory that still says "complete"); a resumed run drops the one
@@ -636,6 +638,7 @@ def run(cfg: RLConfig, progress: Progress | None = None) -> dict:
         final = trainer.model
         if cfg.lora:
             final = final.merge_and_unload()
+        artifacts.mark_incomplete(out, "policy")  # the model files are replaced next
         final.save_pretrained(out)
         trainer.processing_class.save_pretrained(out)
         n_roll, n_met = recorder.merge(out)
