@@ -602,9 +602,24 @@ def test_credentials_in_a_spec_never_reach_disk_or_rows(env, tmp_path):
         host = url.split("://", 1)[1]
         spec = f"http://user:{SECRET}@{host}/retrieve?api_key={SECRET2}&topic=x"
         out = tmp_path / "c"
-        r = cli("collect", "--questions", env.questions, "--model", "none", "--search", spec, "--out", out, "--json")
+        cache = tmp_path / "cache.sqlite"
+        r = cli(
+            "collect",
+            "--questions",
+            env.questions,
+            "--model",
+            "none",
+            "--search",
+            spec,
+            "--out",
+            out,
+            "--json",
+            "--search-cache",
+            cache,
+        )
         assert r.exit_code == 0, r.output
         assert SECRET not in r.output and SECRET2 not in r.output
+        assert SECRET.encode() not in cache.read_bytes() and SECRET2.encode() not in cache.read_bytes()
         for p in out.rglob("*"):
             if p.is_file():
                 assert SECRET.encode() not in p.read_bytes() and SECRET2.encode() not in p.read_bytes(), p

@@ -11,7 +11,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from zsctl.core.errors import BadInput
+from zsctl.core.errors import BadInput, redact
 from zsctl.search.base import Document, SearchEngine
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS docs (
@@ -29,7 +29,8 @@ class CachedEngine(SearchEngine):
         super().__init__()
         self.engine = engine
         self.name, self.spec = engine.name, engine.spec
-        self.key = getattr(engine, "cache_id", None) or engine.spec or engine.name
+        # the key is stored in the file: a spec's credentials never are (same results with any key)
+        self.key = redact(getattr(engine, "cache_id", None) or engine.spec or engine.name)
         path = Path(path)
         if path.is_dir():
             path = path / "search_cache.sqlite"
