@@ -204,9 +204,9 @@ def test_request_caps_and_validation(corpus, tiny_model_dir):
         cases = [
             ("/retrieve", {"queries": ["a", "b", "c"]}, 413, "at most 2"),
             ("/retrieve", {"queries": ["x" * 21]}, 413, "20 characters"),
-            ("/retrieve", {"queries": ["a"], "topk": 0}, 400, "topk"),
+            ("/retrieve", {"queries": ["a"], "topk": -1}, 400, "topk"),  # 0 or null: the default
             ("/retrieve", {"queries": ["a"], "golden_answers": [["x"], ["y"]]}, 400, "golden_answers"),
-            ("/retrieve", {"topk": 3}, 422, "queries"),
+            ("/retrieve", {"topk": 3}, 400, "queries"),
             ("/retrieve", {"queries": "not a list"}, 422, "queries"),
             ("/retrieve", {"queries": ["a"] * 2000}, 413, "bytes"),
             ("/v1/completions", {"prompt": "hi", "max_tokens": 9}, 400, "max_tokens"),

@@ -4,13 +4,20 @@ completions endpoint for a local HF model.
 POST /retrieve      {"queries": [...], "topk": k, "return_scores": bool, "noise": p | "useful" | "noisy",
                      "questions": [...], "golden_answers": [[...], ...]}
                     → {"result": [[{"document": {"id", "contents"}, "score"}, ...], ...]}
-                    (items are the bare document dicts when return_scores is false). `noise` and the
-                    per-query question/answer lists only mean something to simulated engines.
-POST /v1/completions, GET /v1/models   (with --model) so `sim+http://` works without vLLM.
+                    Search-R1's API: items are the bare document dicts when return_scores is false;
+                    `topk` null, 0 or absent means the server's --topk; `id` is the corpus id where
+                    the engine has one. `noise` and the per-query question/answer lists only mean
+                    something to simulated engines (without them a simulator writes blind: warned once).
+POST /retrieve      {"query": "...", "top_k": k}  → [{"id", "title", "text", "contents", "score"}, ...]
+                    ZeroSearch's wiki retriever API (one query; its client reads `text`).
+POST /v1/completions, POST /v1/chat/completions, GET /v1/models   (with --model) so `sim+http://`
+                    and ZeroSearch's simulator client work without vLLM.
 GET /health
 
 Binds 127.0.0.1 by default. Every request is capped (query count and length, prompt count and
-length, tokens, body size); bad requests get a 4xx with a message, engine failures a 502.
+length, tokens, body size), the caps sized for a whole rollout batch in one request (Search-R1's
+512 prompts × 5 samples = 2,560 queries); bad requests get a 4xx with a JSON `detail`, engine
+failures a 502.
 /retrieve requests run concurrently (engines keep no per-call state; a `sim+http://` backend gets
 them in parallel); model calls are serialised (HF `generate` is not thread-safe).
 """
@@ -30,6 +37,7 @@ from pydantic import BaseModel
 
 from zsctl.core.config import Options, option
 from zsctl.core.errors import BadInput, RunFailure, redact
+from zsctl.core import prompts
 from zsctl.core.progress import Progress
 from zsctl.search.base import Noise, QueryContext
 from zsctl.search.simulator import SIM_STYLES
@@ -37,12 +45,14 @@ from zsctl.search.simulator import SIM_STYLES
 
 @dataclass
 class Caps:
-    max_queries: int = 64  # queries per /retrieve request (also prompts per /v1/completions request)
+    # queries per /retrieve request (also prompts per /v1/completions request): Search-R1 posts a whole
+    # rollout batch at once, 512 prompts x 5 samples = 2,560 queries, with room to spare
+    max_queries: int = 4096
     max_query_chars: int = 512
     max_topk: int = 50
     max_prompt_chars: int = 16000
     max_tokens: int = 2048  # completion tokens per prompt
-    max_body_bytes: int = 4 << 20
+    max_body_bytes: int = 16 << 20  # 4,096 queries of 512 characters with their questions and answers
 
 
 @dataclass(kw_only=True)
@@ -51,21 +61,28 @@ class ServeConfig(Options):
     host: str = option("127.0.0.1", "Interface to bind (0.0.0.0 exposes it to the network).")
     port: int = option(8000, "TCP port (0 = any free port).", ge=0, le=65535)
     model: str | None = option(None, "Also serve this model at /v1/completions (for sim+http://).")
-    max_queries: int = option(64, "Queries (or prompts) per request.", ge=1, le=100_000)
+    max_queries: int = option(4096, "Queries (or prompts) per request (a Search-R1 rollout batch of 512 prompts x 5 "
+                              "samples is 2,560).", ge=1, le=100_000)
+    topk: int = option(3, "Documents per query when a request gives none (topk null or 0), as Search-R1's retrieval "
+                       "server's --topk.", ge=1)
     max_query_chars: int = option(512, "Characters per query.", ge=1, le=1_000_000)
     sim_mode: str = option("tuned", "For sim: engines: tuned (a train-sim model) | prompt (untuned instruct model, "
                                 "few-shot).", flag="sim-style", aliases=("sim-mode",), choices=SIM_STYLES)
-    sim_template: str | None = option(None, "Simulator prompt template file (fields {query} {question} {answer} "
-                                        "{mode} {k}).")
+    sim_template: str | None = option(None, "Simulator prompt template: a file (fields {query} {question} {answer} "
+                                        "{mode} {Mode} {k}; YAML for one text per mode and a system message) or "
+                                        "zerosearch-sft.")
     noise_p: float = option(0.0, "Simulators: share of noisy answers when a request names no noise.", ge=0, le=1)
     seed: int = option(0, "Random seed.", ge=0)
 
 
 class RetrieveRequest(BaseModel):
-    """Search-R1's request, plus optional simulator fields."""
+    """Search-R1's request (`queries`, `topk`) or ZeroSearch's wiki request (`query`, `top_k`), plus
+    optional simulator fields."""
 
-    queries: list[str]
-    topk: int = 3
+    queries: Optional[list[str]] = None
+    topk: Optional[int] = None  # None or 0: the server's default, as Search-R1's server reads it
+    query: Optional[str] = None
+    top_k: Optional[int] = None
     return_scores: bool = False
     noise: Optional[Union[float, Literal["useful", "noisy"]]] = None
     questions: Optional[list[str]] = None
@@ -83,6 +100,25 @@ class CompletionRequest(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     n: int = 1
     seed: Optional[int] = None
+    no_repeat_ngram_size: Optional[int] = None  # an extension: no n-gram of this many tokens repeats (default 4)
+
+
+class ChatRequest(CompletionRequest):
+    """The part of OpenAI's /v1/chat/completions request we honour: `messages` instead of `prompt`,
+    a message's content a string or a list of text parts."""
+
+    prompt: Optional[str] = None
+    messages: list[dict]
+    max_tokens: int = 512
+
+
+def message_text(content) -> str:
+    """A chat message's text: the string itself, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
 
 
 def contents(title: str, text: str) -> str:
@@ -126,8 +162,9 @@ class BodyCap:
         await self.app(scope, capped_receive, send)
 
 
-def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name: str | None = None):
-    """The FastAPI app over `engine` (and `model`/`tok` for /v1/completions when given)."""
+def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name: str | None = None,
+             default_topk: int = 3):
+    """The FastAPI app over `engine` (and `model`/`tok` for the OpenAI routes when given)."""
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.responses import JSONResponse
 
@@ -157,14 +194,21 @@ def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name:
 
     @app.post("/retrieve")
     def retrieve(req: RetrieveRequest):
-        n = len(req.queries)
+        if (req.queries is None) == (req.query is None):
+            raise HTTPException(400, "give either 'queries' (a list: Search-R1's API) or 'query' (one: ZeroSearch's "
+                                     "wiki API)")
+        wiki = req.query is not None
+        queries = [req.query] if wiki else req.queries
+        k = (req.top_k if wiki else req.topk) or default_topk  # null or 0: the default, as Search-R1 reads it
+        n = len(queries)
         if n > caps.max_queries:
             raise HTTPException(413, f"{n} queries in one request; at most {caps.max_queries}")
-        long = [i for i, q in enumerate(req.queries) if len(q) > caps.max_query_chars]
+        long = [i for i, q in enumerate(queries) if len(q) > caps.max_query_chars]
         if long:
             raise HTTPException(413, f"query {long[0]} is over {caps.max_query_chars} characters")
-        if not 1 <= req.topk <= caps.max_topk:
-            raise HTTPException(400, f"topk must be between 1 and {caps.max_topk}")
+        if not 1 <= k <= caps.max_topk:
+            raise HTTPException(400, f"topk must be between 1 and {caps.max_topk} (null or 0: the default, "
+                                     f"{default_topk})")
         for field in ("questions", "golden_answers"):
             given = getattr(req, field)
             if given is not None and len(given) != n:
@@ -173,15 +217,21 @@ def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name:
             raise HTTPException(400, "'noise' applies only to simulated engines (sim:…, sim+http://…)")
         if isinstance(req.noise, float) and not 0.0 <= req.noise <= 1.0:
             raise HTTPException(400, "'noise' must be a probability in [0, 1], 'useful' or 'noisy'")
-        contexts, noise = _contexts(req, engine) if simulated else (None, None)
-        results = engine.search(req.queries, req.topk, contexts, noise)
+        if simulated and req.questions is None:
+            prompts.warn_once("a /retrieve request to this simulated engine has no 'questions'/'golden_answers': "
+                              "the simulator then writes without the question and its answer; send them per query")
+        contexts, noise = _contexts(req, queries, engine) if simulated else (None, None)
+        results = engine.search(queries, k, contexts, noise)
         with count_lock:
             app.state.requests["retrieve"] += 1
+        if wiki:  # ZeroSearch's wiki client reads each document's `text`
+            return [{"id": d.id or doc_id(d.title, d.text), "title": d.title, "text": d.text,
+                     "contents": contents(d.title, d.text), "score": float(d.score)} for d in results[0].docs]
         out = []
         for r in results:
             items = []
             for d in r.docs:
-                doc = {"id": doc_id(d.title, d.text), "contents": contents(d.title, d.text)}
+                doc = {"id": d.id or doc_id(d.title, d.text), "contents": contents(d.title, d.text)}
                 items.append({"document": doc, "score": float(d.score)} if req.return_scores else doc)
             out.append(items)
         body = {"result": out}
@@ -196,18 +246,15 @@ def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name:
         def models():
             return {"object": "list", "data": [{"id": served, "object": "model", "owned_by": "zsctl"}]}
 
-        @app.post("/v1/completions")
-        def completions(req: CompletionRequest):
-            from zsctl.core.generation import Sampling, generate_batch
+        def generate(req: CompletionRequest, texts: list[str], special_tokens: bool):
+            """Checks shared by both routes, then one batched generate; (gens, usage)."""
+            from zsctl.core.generation import NO_REPEAT_NGRAM, Sampling, generate_batch
 
-            if req.model not in (None, served):
+            if req.model not in (None, "", served):  # ZeroSearch's client sends model ''
                 raise HTTPException(404, f"model '{req.model}' is not served here; this server has '{served}'")
-            prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
-            if not prompts:
-                raise HTTPException(400, "'prompt' is empty")
-            if len(prompts) > caps.max_queries:
-                raise HTTPException(413, f"{len(prompts)} prompts in one request; at most {caps.max_queries}")
-            if any(len(p) > caps.max_prompt_chars for p in prompts):
+            if len(texts) > caps.max_queries:
+                raise HTTPException(413, f"{len(texts)} prompts in one request; at most {caps.max_queries}")
+            if any(len(p) > caps.max_prompt_chars for p in texts):
                 raise HTTPException(413, f"a prompt is over {caps.max_prompt_chars} characters")
             if not 1 <= req.max_tokens <= caps.max_tokens:
                 raise HTTPException(400, f"max_tokens must be between 1 and {caps.max_tokens}")
@@ -215,42 +262,55 @@ def make_app(engine, model=None, tok=None, caps: Caps | None = None, model_name:
                 raise HTTPException(400, "only n=1 is supported")
             if req.temperature < 0 or not 0 < req.top_p <= 1:
                 raise HTTPException(400, "temperature must be >= 0 and top_p in (0, 1]")
+            if req.no_repeat_ngram_size is not None and req.no_repeat_ngram_size < 0:
+                raise HTTPException(400, "no_repeat_ngram_size must be 0 (off) or more")
             stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-            ids = [tok(p)["input_ids"] for p in prompts]  # special tokens added, as vLLM does
-            if not all(ids):
+            ids = [tok(p, add_special_tokens=special_tokens)["input_ids"] for p in texts]
+            if not texts or not all(ids):
                 raise HTTPException(400, "a prompt is empty")
+            no_repeat = NO_REPEAT_NGRAM if req.no_repeat_ngram_size is None else req.no_repeat_ngram_size
             with model_lock:
                 if req.seed is not None:
                     import torch
 
                     torch.manual_seed(req.seed)
                 gens = generate_batch(model, tok, ids, req.max_tokens, sampling=Sampling(req.temperature, req.top_p),
-                                      stop=stop)
+                                      stop=stop, no_repeat=no_repeat)
                 app.state.requests["completions"] += 1
+            used, prompt_tokens = sum(g.tokens for g in gens), sum(len(x) for x in ids)
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": used, "total_tokens": prompt_tokens + used}
+            return gens, usage
+
+        @app.post("/v1/completions")
+        def completions(req: CompletionRequest):
+            texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+            gens, usage = generate(req, texts, special_tokens=True)  # special tokens added, as vLLM does
             choices = [{"index": i, "text": g.text, "finish_reason": g.finish, "logprobs": None}
                        for i, g in enumerate(gens)]
-            used = sum(g.tokens for g in gens)
-            prompt_tokens = sum(len(x) for x in ids)
-            return {
-                "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": served,
-                "choices": choices,
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": used,
-                    "total_tokens": prompt_tokens + used,
-                },
-            }
+            return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                    "model": served, "choices": choices, "usage": usage}
+
+        @app.post("/v1/chat/completions")
+        def chat_completions(req: ChatRequest):
+            messages = [{"role": str(m.get("role", "user")), "content": message_text(m.get("content"))}
+                        for m in req.messages if isinstance(m, dict)]
+            if not messages:
+                raise HTTPException(400, "'messages' holds no message")
+            # the model's chat template (said once if it has none); its text already holds the special tokens
+            text = prompts.render_chat(tok, messages, who=f"served model {served}")
+            gens, usage = generate(req, [text], special_tokens=not getattr(tok, "chat_template", None))
+            choice = {"index": 0, "message": {"role": "assistant", "content": gens[0].text},
+                      "finish_reason": gens[0].finish, "logprobs": None}
+            return {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion",
+                    "created": int(time.time()), "model": served, "choices": [choice], "usage": usage}
 
     return app
 
 
-def _contexts(req, engine) -> tuple[list[QueryContext], Noise | None]:
+def _contexts(req, queries: list[str], engine) -> tuple[list[QueryContext], Noise | None]:
     """Per-query contexts, and the noise for this request only: a mode fixes every query's, a
     probability is drawn from the engine's seeded generator (None: the engine's own setting)."""
-    n = len(req.queries)
+    n = len(queries)
     questions = req.questions or [""] * n
     golds = [[g] if isinstance(g, str) else list(g) for g in (req.golden_answers or [[]] * n)]
     mode = req.noise if isinstance(req.noise, str) else None
@@ -332,7 +392,7 @@ def run(cfg: ServeConfig, progress: Progress | None = None) -> dict:
         model, tok = load_model(cfg.model)
     engine = build_engine(cfg, model, tok)
     caps = Caps(max_queries=cfg.max_queries, max_query_chars=cfg.max_query_chars)
-    app = make_app(engine, model, tok, caps, model_name=cfg.model)
+    app = make_app(engine, model, tok, caps, model_name=cfg.model, default_topk=cfg.topk)
     url = f"http://{cfg.host}:{sock.getsockname()[1]}"
     progress.log(f"serving {redact(engine.spec or engine.name)} on {url}/retrieve"
                  + (f" and {cfg.model} on {url}/v1/completions" if model is not None else "")
