@@ -223,7 +223,7 @@ def test_threads_option_reaches_torch_and_bad_counts_exit_2(monkeypatch):
     probe = "import sys; from zsctl.cli import main; sys.argv = ['zsctl', 'inspect', '--threads', '0', 'x']; main()"
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert res.returncode == 2 and "threads '0' is not a positive whole number" in res.stderr
-    probe = ("import os, sys; from zsctl.cli import _root; _root(False, 2); import torch; "
+    probe = ("import os, sys; from zsctl.cli import _root; _root(debug=False, dry_run=False, threads=2); import torch; "
              "print(os.environ['OMP_WAIT_POLICY'], os.environ['OMP_NUM_THREADS'], torch.get_num_threads())")
     env = {k: v for k, v in os.environ.items() if k not in ("ZSCTL_THREADS", "OMP_WAIT_POLICY")}
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
