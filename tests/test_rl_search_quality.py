@@ -25,16 +25,22 @@ QUESTIONS = [
 KEYS = {"g": "Guernica", "c": "capital of Peru", "l": "Lima in Peru"}
 
 
-def test_rollouts_and_step_metrics_carry_search_quality(tmp_path, tiny_model_dir):
+def _scripted(tmp_path, tiny_model_dir):
+    """A two-passage corpus, QUESTIONS as a question file, and the tiny model scripted to their turns."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate([
         ("Lima", "Lima is the capital and largest city of Peru."), ("Peru", "Peru is a country in South America.")])))
-    train = tmp_path / "train.jsonl"
-    train.write_text(
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
         "".join(json.dumps({"id": i, "question": q, "golden_answers": g}) + "\n" for i, q, g, _ in QUESTIONS)
     )
     model, tok = load_model(str(tiny_model_dir))
     script_model(model, tok, {KEYS[i]: s for i, _, _, s in QUESTIONS})
+    return corpus, questions, model, tok
+
+
+def test_rollouts_and_step_metrics_carry_search_quality(tmp_path, tiny_model_dir):
+    corpus, train, model, tok = _scripted(tmp_path, tiny_model_dir)
     cfg = rl.RLConfig(policy="scripted", search=f"bm25:{corpus}", train=str(train), out=str(tmp_path / "run"), steps=2,
                       batch_size=4, group_size=2, max_turns=2, max_new_tokens=24, max_response_tokens=400, lora=False,
                       topk=2, temperature=0.0)
@@ -74,15 +80,7 @@ def test_step_metrics_without_searches_are_nan():
 
 
 def test_validation_reports_search_quality_with_the_real_engine(tmp_path, tiny_model_dir):
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n" for i, (t, x) in enumerate([
-        ("Lima", "Lima is the capital and largest city of Peru."), ("Peru", "Peru is a country in South America.")])))
-    val = tmp_path / "val.jsonl"
-    val.write_text(
-        "".join(json.dumps({"id": i, "question": q, "golden_answers": g}) + "\n" for i, q, g, _ in QUESTIONS)
-    )
-    model, tok = load_model(str(tiny_model_dir))
-    script_model(model, tok, {KEYS[i]: s for i, _, _, s in QUESTIONS})
+    corpus, val, model, tok = _scripted(tmp_path, tiny_model_dir)
     cfg = rl.RLConfig(policy="scripted", search=f"bm25:{corpus}", train=str(val), out=str(tmp_path / "run"),
                       val=str(val), val_search=f"bm25:{corpus}", val_every=1, max_turns=2, max_new_tokens=24,
                       max_response_tokens=400, lora=False, topk=2, temperature=0.0)
