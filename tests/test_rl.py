@@ -153,6 +153,11 @@ def test_rewards_on_crafted_completions():
     assert f1_reward(completions, golds) == [1.0, 0.0, 0.0, pytest.approx(2 * (1 / 3) / (1 / 3 + 1))]
     assert em_reward(completions, golds) == [1.0, 0.0, 0.0, 0.0]
     assert f1_format_reward(completions, golds)[1:3] == [0.1, 0.0]
+    # a search that names nothing forfeits the format credit, not the F1
+    queries = [["Paris"], ["I will look it up."], [], ["capital of France", "query"]]
+    assert f1_format_reward(completions, golds, queries=queries) == [
+        1.0, 0.0, 0.0, pytest.approx(2 * (1 / 3) / (1 / 3 + 1))]
+    assert f1_format_reward(completions[1:2], golds[1:2], queries=[["Lyon mayor"]]) == [0.1]
     # the rollout's own prediction wins over text extraction (prompt example never counted)
     assert f1_reward(["<answer>Paris</answer>"], [["Paris"]], prediction=[""]) == [0.0]
 
@@ -175,7 +180,7 @@ def test_env_mask_is_zero_exactly_on_inserted_tokens(tmp_path, train_file, corpu
     assert inserted.startswith(
         "\n\n<information>Doc 1: (Title alpha) alpha answers question alpha\nDoc 2:"
     ) and inserted.endswith("</information>\n\n" + tok.eos_token)
-    assert out["prediction"] == ["answer 0", "nope"]
+    assert out["prediction"] == ["answer 0", "nope"] and out["queries"] == [["alpha"], []]  # reward kwargs
     assert out["env_mask"][1] == [1] * (len(out["env_mask"][1]) - 1) + [0]  # only the closing EOS is ours
     rows = pq.read_table(next(recorder.rollouts_dir.glob("step-000001-*.parquet"))).to_pylist()
     assert [r["reward"] for r in rows] == [1.0, 0.0] and rows[0]["num_searches"] == 1

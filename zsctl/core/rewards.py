@@ -4,7 +4,8 @@ for training and evaluation).
 TRL calls each with `completions=[...]` plus every dataset column and every extra key the rollout
 function returned, as lists aligned with the completions. Our rollout function returns `prediction`
 (the last <answer> of the policy's own turns), so the prompt's example answer never counts; when
-it is absent (plain TRL generation) the answer is extracted from the completion text.
+it is absent (plain TRL generation) the answer is extracted from the completion text. It also returns
+`queries` (each trajectory's search queries), which the format credit checks.
 """
 
 from __future__ import annotations
@@ -34,13 +35,19 @@ def em_reward(completions, golden_answers, prediction=None, **_) -> list[float]:
 FORMAT_CREDIT = 0.1
 
 
-def f1_format_reward(completions, golden_answers, prediction=None, **_) -> list[float]:
-    """F1, but a well-formed answer earns at least FORMAT_CREDIT: a small signal for small models
-    that have not yet learnt the protocol. No answer → 0."""
+def f1_format_reward(completions, golden_answers, prediction=None, queries=None, **_) -> list[float]:
+    """F1, but a well-formed trajectory earns at least FORMAT_CREDIT: a small signal for small models
+    that have not yet learnt the protocol. Well-formed: it gave an answer, and every query it searched
+    names something (metrics.is_degenerate_query is false for each). Without the second condition a
+    policy can copy its thinking ("I will look it up.") into <search> at no cost; RL then drifts into
+    such searches, whose results cannot help. `queries` (each trajectory's queries) comes from the
+    rollout; plain single-turn generation has none. No answer → 0."""
     preds = _predictions(completions, prediction)
+    queries = queries if queries is not None else [()] * len(preds)
     return [
-        max(metrics.f1_score(p, g), FORMAT_CREDIT) if p is not None else 0.0
-        for p, g in zip(preds, golden_answers)
+        (max(metrics.f1_score(p, g), FORMAT_CREDIT) if not any(map(metrics.is_degenerate_query, qs))
+         else metrics.f1_score(p, g)) if p is not None else 0.0
+        for p, g, qs in zip(preds, golden_answers, queries)
     ]
 
 

@@ -264,7 +264,9 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
         completion_ids, env_mask, logprobs = zip(*[_completion(t, tok, cfg.max_response_tokens) for t in trajs])
         predictions = [t.prediction or "" for t in trajs]
         golds = [golds_by_question[q]["golden_answers"] for q in prompts]
-        rewards = reward_fn(completions=[t.response for t in trajs], golden_answers=golds, prediction=predictions)
+        queries = [[s["query"] for s in t.searches] for t in trajs]
+        rewards = reward_fn(completions=[t.response for t in trajs], golden_answers=golds, prediction=predictions,
+                            queries=queries)
 
         g = cfg.group_size
         # search quality per call (metrics.search_facts); the documents are the simulator's
@@ -328,6 +330,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             "logprobs": list(logprobs) if all(lp is not None for lp in logprobs) else None,
             "env_mask": list(env_mask),
             "prediction": predictions,
+            "queries": queries,
             "num_searches": [t.num_searches for t in trajs],
         }
 
