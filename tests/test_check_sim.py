@@ -191,6 +191,20 @@ def test_questions_the_simulator_trained_on_are_never_checked(questions_file, sc
     assert questions == {QS[1][0], QS[2][0]}
 
 
+def test_a_moved_run_folder_still_finds_the_simulator_training_data(tmp_path):
+    import shutil
+
+    (tmp_path / "run").mkdir()
+    _simulator_trained_on(tmp_path / "run", ["who wrote hamlet?"])
+    moved = tmp_path / "elsewhere"
+    shutil.move(tmp_path / "run", moved)  # the manifest still names run/sim_sft
+    trained, source = check_sim.trained_questions(f"sim:{moved / 'simulator'}")
+    assert trained == {"who wrote hamlet?"} and source == str(moved / "sim_sft" / "train.parquet")
+    # a same-named folder that is not the recorded artifact is not taken for it
+    artifacts.write_manifest(moved / "sim_sft", "sim_sft", config={"other": 1})
+    assert check_sim.trained_questions(f"sim:{moved / 'simulator'}")[0] is None
+
+
 def test_nothing_held_apart_is_bad_input(questions_file, tiny_model_dir, tmp_path):
     spec = _simulator_trained_on(tmp_path, [q for q, _, _ in QS])
     out = tmp_path / "never"

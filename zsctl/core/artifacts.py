@@ -273,6 +273,20 @@ def input_ref(path: str | Path) -> dict:
     return ref
 
 
+def find_input(ref: dict, manifest_dir: str | Path) -> Path | None:
+    """Where an input named by `ref` (input_ref) is now: its path as recorded (relative paths are
+    relative to where the stage ran), else a folder of that name beside the artifact whose manifest
+    names it (a run folder moved or run from elsewhere). A recorded manifest hash must match."""
+    given = Path(ref.get("path", ""))
+    for p in (given, Path(manifest_dir).parent / given.name):
+        if not str(p) or not p.exists():
+            continue
+        want = ref.get("manifest_sha256")
+        if want is None or ((p / MANIFEST).is_file() and sha256_file(p / MANIFEST) == want):
+            return p
+    return None
+
+
 def write_manifest(
     out: Path,
     kind: str,

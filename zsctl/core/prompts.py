@@ -233,11 +233,14 @@ def warn_once(message: str) -> None:
 # The mode keyword is one word (useful | noisy) so one fine-tuned model serves both.
 SIM_MODES = ("useful", "noisy")
 
+# The mode comes last, just before the documents are written: with it early in the instruction, a
+# LoRA-tuned 135M simulator wrote the answer equally often in both modes (useful 48 %, noisy 48 %
+# on 120 held-apart queries), copying it from the prompt whatever the mode said.
 SIMULATOR_TEMPLATE = (
     "You are a search engine. Write {k} short documents for the query, as 'Doc 1: ...', "
-    "'Doc 2: ...'. Mode: {mode}. In useful mode the documents help answer the question; "
+    "'Doc 2: ...'. In useful mode the documents help answer the question; "
     "in noisy mode they look relevant but do not contain the answer.\n"
-    "Question: {question}\nAnswer: {answer}\nQuery: {query}\n"
+    "Question: {question}\nAnswer: {answer}\nQuery: {query}\nMode: {mode}.\n"
 )
 
 # For an untuned instruct model (the paper's prompt-based baseline): one example per mode.

@@ -103,8 +103,9 @@ def trained_questions(search: str) -> tuple[set[str] | None, str]:
     if not (model_dir / artifacts.MANIFEST).is_file():
         return None, f"unknown: {model_dir} has no zsctl manifest"
     for ref in artifacts.read_manifest(model_dir).get("inputs") or []:
-        train = Path(ref.get("path", "")) / "train.parquet"
-        if train.is_file():
+        found = artifacts.find_input(ref, model_dir)
+        train = found / "train.parquet" if found else None
+        if train and train.is_file():
             questions = pq.read_table(train, columns=["question"]).column("question").to_pylist()
             return {_norm(q) for q in questions}, str(train)
     return None, f"unknown: the training data named in {model_dir / artifacts.MANIFEST} is not there"
