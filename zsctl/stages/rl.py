@@ -315,6 +315,10 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             "searches_per_traj": sum(s for part in parts for s in part["searches"]) / n,
             "generated_tokens": model_tokens,
             "gen_tokens_per_s": model_tokens / gen_s if gen_s > 0 else float("nan"),
+            # where this process's rollout time went: engine calls (a simulator's generation and
+            # verification included) vs the policy's own prefill and decoding
+            "rollout_seconds": gen_s,
+            "search_seconds": loop.seconds["search"],
             **search_metrics([f for part in parts for f in part["facts"]]),
         }
         progress.log(
