@@ -2,7 +2,7 @@
 
 Same model, prompts and batch size, greedy. The agent loop runs multi-round rollouts against the
 real BM25 engine with a policy that searches: a warm-started one, built and cached on first use
-when --model is not given (bench/warm_policy.py). Searches, inserted documents and every round
+when --policy is not given (bench/warm_policy.py). Searches, inserted documents and every round
 are in its time. Plain `generate` then writes, for the same prompts in one call, exactly as many
 tokens per row as the loop's trajectories hold policy tokens on average (min = max new tokens: no
 row stops early, no step is wasted): the single-turn ideal. P1 = loop ÷ ideal (target >= 0.9).
@@ -38,7 +38,8 @@ def load() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None, help="policy; default: the cached warm-started smollm2-135m")
+    ap.add_argument("--policy", "--model", dest="policy", default=None,
+                    help="policy; default: the cached warm-started smollm2-135m")
     ap.add_argument("--search", default=f"bm25:{ROOT / 'data' / 'corpus' / 'wiki_sample.jsonl'}")
     ap.add_argument("--bench", default="hotpotqa")
     ap.add_argument("--batch", type=int, default=16)
@@ -66,14 +67,14 @@ def main() -> None:
     from zsctl.core.data import load_questions
     from zsctl.search import make_engine
 
-    if args.model is None:
+    if args.policy is None:
         sys.path.insert(0, str(Path(__file__).parent))
         from warm_policy import warm_policy
 
-        args.model = warm_policy()
+        args.policy = warm_policy()
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.policy)
     questions = load_questions(args.bench, split="eval", limit=args.batch).column("question").to_pylist()
     engine = make_engine(args.search)
     cfg = AgentConfig(max_turns=args.max_turns, max_new_tokens=args.tokens, topk=args.topk)
@@ -123,7 +124,7 @@ def main() -> None:
     a, p = statistics.median(agent_rates), statistics.median(plain_rates)
     inserted = sum(len(t.response_ids) - sum(t.env_mask) for t in trajs)
     result = {
-        "model": args.model, "batch": args.batch, "max_turns": args.max_turns, "max_new_tokens": args.tokens,
+        "model": args.policy, "batch": args.batch, "max_turns": args.max_turns, "max_new_tokens": args.tokens,
         "threads": threads, "cpus": os.cpu_count(), "load_1min": loads + [load()],
         "searches_per_traj": round(sum(t.num_searches for t in trajs) / len(trajs), 3),
         "policy_tokens_per_traj": round(loop.generated_tokens / len(trajs), 1),
@@ -177,8 +178,8 @@ def sweep(args) -> None:
                         "--tokens",
                         str(args.tokens),
                     ]
-                    if args.model:
-                        cmd += ["--model", args.model]
+                    if args.policy:
+                        cmd += ["--policy", args.policy]
                     out = subprocess.run(cmd, env={**os.environ, "OMP_WAIT_POLICY": policy}, capture_output=True,
                                          text=True, check=True).stdout
                     rows.append({**json.loads(out.strip().splitlines()[-1]), "competing_process": competing})

@@ -33,10 +33,10 @@ def warm_policy(model: str = "smollm2-135m", steps: int = 12, questions: int = 6
     tmp.mkdir(parents=True)
     q = ["--quiet"] if quiet else []
     commands = [
-        ["collect", "--questions", "hotpotqa", "--model", "none", "--search", SEARCH, "--out", f"{tmp}/searches",
+        ["collect", "--questions", "hotpotqa", "--policy", "none", "--search", SEARCH, "--out", f"{tmp}/searches",
          "--limit", str(questions), "--topk", "2"],
         ["build-sft", "--for", "policy", "--templated", "--trajectories", f"{tmp}/searches", "--out", f"{tmp}/sft",
-         "--policy", model, "--docs", "2", "--doc-words", "40", "--search", SEARCH],
+         "--policy", model, "--topk", "2", "--max-doc-words", "40", "--search", SEARCH],
         ["warmup", "--data", f"{tmp}/sft", "--policy", model, "--out", f"{tmp}/policy", "--max-steps", str(steps),
          "--batch-size", "2", "--grad-accum", "2", "--max-length", "384", "--lr", "5e-4", "--val-limit", "8"],
     ]

@@ -42,7 +42,7 @@ RL_OPTS=(--policy "$FROM/warmup" --train "$TRAIN" --steps "$STEPS" --batch-size 
 # policy exists, beside the next RL run.
 export ZSCTL_THREADS=${ZSCTL_THREADS:-1}
 evaluate() {  # arm model
-  zsctl eval --bench "$EVAL" --model "$2" --search "$REAL" --out "$RUN/eval_$1" --limit "$N_EVAL" \
+  zsctl eval --bench "$EVAL" --policy "$2" --search "$REAL" --out "$RUN/eval_$1" --limit "$N_EVAL" \
     --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --batch-size 16 --seed "$SEED" $Q \
     > "$RUN/eval_$1.log" 2>&1 || { echo "compare_cpu: eval of $1 failed; see $RUN/eval_$1.log" >&2; return 1; }
   echo "== eval $1 with the real engine done  [$(( $(date +%s) - t0 )) s]"

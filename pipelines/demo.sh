@@ -67,16 +67,16 @@ zsctl index "$CORPUS" --out "$RUN/index" $Q
 SEARCH="bm25:$RUN/index"
 
 step "2/8 real searches: each training question searched once, the question as query (no model)"
-zsctl collect --questions "$TRAIN" --model none --search "$SEARCH" --out "$RUN/question_searches" \
+zsctl collect --questions "$TRAIN" --policy none --search "$SEARCH" --out "$RUN/question_searches" \
   --topk "$DEPTH" --batch-size 256 $Q
 
 step "3/8 warm-start demonstrations: real queries (the question, or the supporting entities) whose results hold the answer"
 zsctl build-sft --for policy --templated --trajectories "$RUN/question_searches" --search "$SEARCH" \
-  --out "$RUN/policy_sft" --policy "$MODEL" --docs "$TOPK" --doc-words 30 $Q
+  --out "$RUN/policy_sft" --policy "$MODEL" --topk "$TOPK" --max-doc-words 30 $Q
 
 step "4/8 simulator corpus: a useful and a noisy row from ONE real search (only the mode word differs)"
 zsctl build-sft --trajectories "$RUN/question_searches" --search "$SEARCH" --out "$RUN/sim_sft" --label docs \
-  --pairs-per-search 3 --docs "$TOPK" --doc-words 30 $Q
+  --pairs-per-search 3 --topk "$TOPK" --max-doc-words 30 $Q
 
 step "5/8 warmup of the policy (<information> tokens get no loss) | train-sim (LoRA) + check-sim on held-apart queries (verify=$VERIFY)"
 bg warmup zsctl warmup --data "$RUN/policy_sft" --policy "$MODEL" --out "$RUN/warmup" --max-steps "$WARM_STEPS" \
@@ -84,7 +84,7 @@ bg warmup zsctl warmup --data "$RUN/policy_sft" --policy "$MODEL" --out "$RUN/wa
 simulator() {
   zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$SIM_STEPS" \
     --batch-size 4 --grad-accum 2 --max-length 256 --lr 5e-4 --val-limit 8 $Q &&
-  zsctl check-sim --search "sim:$RUN/simulator?verify=$VERIFY" --questions "$EVAL" --limit "$N_CHECK" --k "$TOPK" \
+  zsctl check-sim --search "sim:$RUN/simulator?verify=$VERIFY" --questions "$EVAL" --limit "$N_CHECK" --topk "$TOPK" \
     --out "$RUN/check_sim" --vs "$SEARCH" $Q
 }
 bg simulator simulator
@@ -92,7 +92,7 @@ join warmup
 join simulator
 
 evaluate() {  # NAME MODEL: with the REAL engine, on held-apart questions
-  zsctl eval --bench "$EVAL" --model "$2" --search "$SEARCH" --out "$RUN/eval_$1" --limit "$N_EVAL" \
+  zsctl eval --bench "$EVAL" --policy "$2" --search "$SEARCH" --out "$RUN/eval_$1" --limit "$N_EVAL" \
     --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --batch-size 12 $Q
 }
 step "6/8 rl: GRPO with the simulated engine (verified replies) and the noise curriculum | eval of base and warm start with the REAL engine on held-apart questions"

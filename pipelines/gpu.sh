@@ -16,7 +16,7 @@ z() { if [ -n "${DRY_RUN:-}" ]; then zsctl --dry-run "$@"; else zsctl "$@"; fi; 
 
 z index data/corpus/wiki_sample.jsonl --out "$RUN/index"
 z collect --config $CFG/gpu_collect.yaml
-z build-sft --trajectories "$RUN/trajectories" --out "$RUN/sim_sft" --label answer --docs 5
+z build-sft --trajectories "$RUN/trajectories" --out "$RUN/sim_sft" --label answer --topk 5
 z train-sim --config $CFG/gpu_train_sim.yaml
 
 # The simulator gets a quarter of the GPU; the policy's colocated vLLM and training get the rest.

@@ -101,14 +101,14 @@ fi
 
 step "4/6 simulator: BM25 index, question searches, simulator corpus, train-sim"
 z index data/corpus/wiki_sample.jsonl --out "$RUN/index" --quiet
-z collect --questions hotpotqa --model none --search "bm25:$RUN/index" --out "$RUN/qsearch" --limit 128 --topk 3 --quiet
-z build-sft --trajectories "$RUN/qsearch" --out "$RUN/sim_sft" --label answer --docs 3 --doc-words 30 --quiet
+z collect --questions hotpotqa --policy none --search "bm25:$RUN/index" --out "$RUN/qsearch" --limit 128 --topk 3 --quiet
+z build-sft --trajectories "$RUN/qsearch" --out "$RUN/sim_sft" --label answer --topk 3 --max-doc-words 30 --quiet
 keep train_sim z train-sim --data "$RUN/sim_sft" --base "$MODEL_DIR" --out "$RUN/simulator" --max-steps 30 \
   --batch-size 8 --max-length 384 --lr 5e-4 --json
 
 step "5/6 vllm serve the simulator; check-sim through sim+http"
 [ -n "$DRY" ] || serve_simulator
-keep check_sim z check-sim --search "sim+$SIM_URL" --trajectories "$RUN/qsearch" --limit 32 --k 3 \
+keep check_sim z check-sim --search "sim+$SIM_URL" --trajectories "$RUN/qsearch" --limit 32 --topk 3 \
   --out "$RUN/check_sim" --vs "bm25:$RUN/index" --json || failed+=("check-sim")
 
 step "6/6 rl --use-vllm: 5 steps, colocated vLLM, searches answered by the served simulator"

@@ -36,7 +36,7 @@ echo "rl finished after $(( $(date +%s) - t0 )) s"
 
 for name in base warmup policy; do
   model=$MODEL; [ "$name" = warmup ] && model="$FROM/warmup"; [ "$name" = policy ] && model="$RUN/policy"
-  zsctl eval --bench "$EVAL" --model "$model" --search "$SEARCH" --out "$RUN/eval_$name" --limit "$N_EVAL" \
+  zsctl eval --bench "$EVAL" --policy "$model" --search "$SEARCH" --out "$RUN/eval_$name" --limit "$N_EVAL" \
     --max-turns 2 --max-new-tokens 48 --topk "$TOPK" --batch-size 12 $Q
 done
 zsctl report "$RUN" $Q

@@ -3,7 +3,7 @@
 # training-split question of all bundled benchmarks, a LoRA fine-tune of SmolLM2-135M-Instruct on it,
 # then check-sim on held-apart queries (evaluation-split questions, never trained on) without and with
 # verified generation, side by side; `zsctl report` prints the check-sim tables.
-#   index → collect --model none (each training question searched once, top 20) → build-sft --label docs
+#   index → collect --policy none (each training question searched once, top 20) → build-sft --label docs
 #   (a useful and a noisy row from ONE search; supporting entities of multi-hop questions searched too)
 #   → train-sim → check-sim (verify=0) → check-sim (verify=2) → report
 # Hardware: 2 CPU cores, ~6 GB RAM. Expected time: about 60 minutes on 2 quiet cores (see README).
@@ -32,12 +32,12 @@ zsctl index "$CORPUS" --out "$RUN/index" $Q
 SEARCH="bm25:$RUN/index"
 
 step "real searches: every training question, the question as query, top $DEPTH"
-zsctl collect --questions "$BENCH" --model none --search "$SEARCH" --out "$RUN/question_searches" \
+zsctl collect --questions "$BENCH" --policy none --search "$SEARCH" --out "$RUN/question_searches" \
   --topk "$DEPTH" --batch-size 256 $Q
 
 step "build-sft --label docs: useful/noisy pairs that differ only in the mode word"
 zsctl build-sft --trajectories "$RUN/question_searches" --out "$RUN/sim_sft" --label docs --pairs-per-search 3 \
-  --search "$SEARCH" --docs "$K" --doc-words "$DOC_WORDS" $Q
+  --search "$SEARCH" --topk "$K" --max-doc-words "$DOC_WORDS" $Q
 
 step "train-sim: $STEPS steps (LoRA, completion-only loss)"
 zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$STEPS" \
@@ -45,7 +45,7 @@ zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --m
 
 for v in 0 2; do
   step "check-sim on $N_CHECK held-apart queries, verify=$v"
-  zsctl check-sim --search "sim:$RUN/simulator?verify=$v" --questions "$CHECK" --limit "$N_CHECK" --k "$K" \
+  zsctl check-sim --search "sim:$RUN/simulator?verify=$v" --questions "$CHECK" --limit "$N_CHECK" --topk "$K" \
     --vs "$SEARCH" --out "$RUN/check_sim_verify$v" $Q
 done
 

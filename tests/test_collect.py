@@ -154,7 +154,7 @@ def test_resume_extends_without_repeating_and_matches_an_unbroken_run(tmp_path, 
         [r["response"] for r in rows]  # seeded per batch: resuming draws what one run draws
     with pytest.raises(BadInput, match="not --samples 3"):
         collect.run(cfg_for(tmp_path, corpus, qfile, tiny_model_dir, resume=True, **{**kw, "samples": 3}))
-    with pytest.raises(BadInput, match="same --model/--search"):
+    with pytest.raises(BadInput, match="same --policy/--search"):
         collect.run(cfg_for(tmp_path, corpus, qfile, "smollm2-135m", resume=True, **kw))
 
 

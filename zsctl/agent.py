@@ -425,7 +425,7 @@ class AgentLoop:
 
 
 class QuestionAsQuery:
-    """No policy at all (`--model none`): each question is searched once, the question as query.
+    """No policy at all (`collect --policy none`): each question is searched once, the question as query.
 
     The same interface as AgentLoop, so collect can log real search calls without a model: cheap
     material for the simulator corpus and for answer-grounded warm-start demonstrations.

@@ -29,7 +29,7 @@ documents as `Doc i: (title) text`. Labels:
   rows then come from DIFFERENT queries, so the model can learn query → documents rather than
   mode → documents; prefer docs.
 - outcome: calls of trajectories that ended correct (em == 1) are useful, the others noisy. Needs
-  trajectories of a policy that answers: question-as-query searches (collect --model none) never
+  trajectories of a policy that answers: question-as-query searches (collect --policy none) never
   answer, so all their calls would be noisy; they are counted and warned about (an error when
   nothing else is there).
 - judge: an LLM (`--judge-model`) is asked whether the documents suffice (batched, yes vs no).
@@ -665,7 +665,7 @@ def _one_class_message(cfg, before: dict, stats: dict) -> str:
         "docs": "collect more questions",  # pairs always hold both; kept for completeness
     }[cfg.label]
     if cfg.label == "outcome" and stats.get("question_as_query"):
-        fix = (f"{stats['question_as_query']} trajectories are question-as-query searches (collect --model none), "
+        fix = (f"{stats['question_as_query']} trajectories are question-as-query searches (collect --policy none), "
                "which never answer; use --label docs for them")
     return (f"--label {cfg.label} gave {before['useful']} useful and {before['noisy']} noisy search calls; "
             f"the simulator needs both: {fix}")
@@ -736,7 +736,7 @@ def golds_of(t: dict) -> list[str]:
 
 
 def _question_as_query(t: dict) -> bool:
-    """A trajectory whose every search is its own question (collect --model none): it never answers."""
+    """A trajectory whose every search is its own question (collect --policy none): it never answers."""
     question = " ".join(t["question"].split())
     searches = t.get("searches") or []
     return bool(searches) and all(" ".join((s.get("query") or "").split()) == question for s in searches)

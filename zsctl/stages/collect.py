@@ -53,7 +53,7 @@ class CollectConfig(Options):
     questions: str = option(help="NAME[,NAME...] (bundled benchmarks, training split only) or a FlashRAG jsonl / "
                             "parquet path.")
     model: str = option(DEFAULT_MODEL, "Policy: HF model dir, hub id, smollm2-135m, or none (search each question "
-                        "once, the question as query).")
+                        "once, the question as query).", flag="policy", aliases=("model",))
     search: str = option(help="A real engine: bm25:PATH | http://HOST:PORT/retrieve | serpapi")
     out: str = option(help="Output artifact directory.")
     limit: int | None = option(None, "At most N questions per benchmark.", ge=1)
@@ -118,7 +118,7 @@ def previous_state(out: Path, cfg: CollectConfig) -> tuple[set, dict]:
         models, engines = set(t.column("model").to_pylist()), set(t.column("engine").to_pylist())
         if models - {cfg.model} or engines - {redact(cfg.search)}:
             raise BadInput(f"--resume: '{f}' was collected with model {sorted(models)} and engine {sorted(engines)}; "
-                           f"pass the same --model/--search, or drop --resume to start over")
+                           f"pass the same --policy/--search, or drop --resume to start over")
         for ds, qid in zip(t.column("data_source").to_pylist(), t.column("question_id").to_pylist()):
             counts[(ds, qid)] = counts.get((ds, qid), 0) + 1
     odd = [k for k, n in counts.items() if n != cfg.samples]

@@ -33,7 +33,8 @@ from zsctl.search.base import QueryContext
 class EvalConfig(Options):
     bench: str = option(help="NAME[,NAME...]: nq triviaqa popqa hotpotqa 2wikimultihopqa musique bamboogle, or "
                         "a FlashRAG jsonl / ZeroSearch parquet path.")
-    model: str = option(DEFAULT_MODEL, "Policy: HF model dir, hub id, or smollm2-135m.")
+    model: str = option(DEFAULT_MODEL, "Policy: HF model dir, hub id, or smollm2-135m.", flag="policy",
+                        aliases=("model",))
     search: str = option(help="bm25:PATH | http://HOST:PORT/retrieve | serpapi | sim:MODEL | "
                          "sim+http://HOST:PORT/v1 | none")
     out: str = option(help="Output artifact directory.")
