@@ -233,9 +233,10 @@ def warn_once(message: str) -> None:
 # The mode keyword is one word (useful | noisy) so one fine-tuned model serves both.
 SIM_MODES = ("useful", "noisy")
 
-# The mode comes last, just before the documents are written: with it early in the instruction, a
-# LoRA-tuned 135M simulator wrote the answer equally often in both modes (useful 48 %, noisy 48 %
-# on 120 held-apart queries), copying it from the prompt whatever the mode said.
+# The mode comes last, just before the documents are written, where a small model's attention is
+# strongest. (At 135M with LoRA it is obeyed little either way: useful/noisy replies held a gold
+# answer 48/48 % with the mode early in the instruction, 52.5/48.3 % with it last; verification
+# (`?verify=N`) is what makes the modes differ there.)
 SIMULATOR_TEMPLATE = (
     "You are a search engine. Write {k} short documents for the query, as 'Doc 1: ...', "
     "'Doc 2: ...'. In useful mode the documents help answer the question; "

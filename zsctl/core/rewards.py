@@ -43,12 +43,12 @@ def f1_format_reward(completions, golden_answers, prediction=None, queries=None,
     such searches, whose results cannot help. `queries` (each trajectory's queries) comes from the
     rollout; plain single-turn generation has none. No answer → 0."""
     preds = _predictions(completions, prediction)
-    queries = queries if queries is not None else [()] * len(preds)
-    return [
-        (max(metrics.f1_score(p, g), FORMAT_CREDIT) if not any(map(metrics.is_degenerate_query, qs))
-         else metrics.f1_score(p, g)) if p is not None else 0.0
-        for p, g, qs in zip(preds, golden_answers, queries)
-    ]
+    rewards = []
+    for p, g, qs in zip(preds, golden_answers, queries if queries is not None else [()] * len(preds)):
+        f1 = metrics.f1_score(p, g) if p is not None else 0.0
+        well_formed = p is not None and not any(map(metrics.is_degenerate_query, qs))
+        rewards.append(max(f1, FORMAT_CREDIT) if well_formed else f1)
+    return rewards
 
 
 REWARDS = {"f1": f1_reward, "em": em_reward, "f1+format": f1_format_reward}
