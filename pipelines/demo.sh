@@ -7,8 +7,8 @@
 #   → eval of base / warm start / RL with the REAL engine on held-apart questions → report.
 # Training stages only read the training split of the bundled benchmarks; every eval and check-sim
 # reads the evaluation split (no question is in both).
-# Independent stages run two at a time, one torch thread each (warmup beside train-sim + check-sim;
-# the base and warm-start evals beside the RL policy's); rl runs alone on both cores.
+# Independent stages run two at a time (warmup beside train-sim + check-sim; the base and warm-start
+# evals beside rl), one torch thread each.
 # Hardware: 2 CPU cores, 8 GB RAM. Expected time: see the README for the measured figure (set-up not
 # included). Everything is under $RUN (stage logs of the parallel parts in $RUN/logs); rerunning
 # overwrites it. Knobs (environment): RUN (output folder), MODEL, the sizes below, ZSCTL_THREADS (for
@@ -95,19 +95,16 @@ evaluate() {  # NAME MODEL: with the REAL engine, on held-apart questions
   zsctl eval --bench "$EVAL" --policy "$2" --search "$SEARCH" --out "$RUN/eval_$1" --limit "$N_EVAL" \
     --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --batch-size 12 $Q
 }
-# rl is the longest stage: it runs alone on both cores (beside it, evals finished within 3 minutes
-# and left a core idle for the rest of rl); the three evals then run two at a time.
-step "6/8 rl: GRPO with the simulated engine (verified replies) and the noise curriculum"
-zsctl rl --policy "$RUN/warmup" --search "sim:$RUN/simulator?verify=$VERIFY" --train "$RL_TRAIN" \
-  --out "$RUN/policy" --steps "$RL_STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 \
-  --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --noise-start 0 --noise-end 0.5 --reward f1+format $Q
-
-step "7/8 eval of base, warm start and RL policy with the REAL engine on the same held-apart questions"
+step "6/8 rl: GRPO with the simulated engine (verified replies) and the noise curriculum | eval of base and warm start with the REAL engine on held-apart questions"
 before_rl() { evaluate base "$MODEL" && evaluate warmup "$RUN/warmup"; }
 bg before before_rl
-bg after evaluate policy "$RUN/policy"
+ZSCTL_THREADS=1 zsctl rl --policy "$RUN/warmup" --search "sim:$RUN/simulator?verify=$VERIFY" --train "$RL_TRAIN" \
+  --out "$RUN/policy" --steps "$RL_STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 \
+  --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --noise-start 0 --noise-end 0.5 --reward f1+format $Q
 join before
-join after
+
+step "7/8 eval of the RL policy with the REAL engine on the same held-apart questions"
+evaluate policy "$RUN/policy"
 
 step "8/8 report"
 zsctl report "$RUN" $Q   # prints the before/after table; report.md and the plots land in $RUN/report
