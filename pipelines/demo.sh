@@ -98,8 +98,8 @@ evaluate() {  # NAME MODEL: with the REAL engine, on held-apart questions
 step "6/8 rl: GRPO with the simulated engine (verified replies) and the noise curriculum | eval of base and warm start with the REAL engine on held-apart questions"
 before_rl() { evaluate base "$MODEL" && evaluate warmup "$RUN/warmup"; }
 bg before before_rl
-# one thread even after the evals are done: on 2 quiet cores two threads made rl's steps slower
-# (3 steps 600 s vs 460 s); most of a step is the simulator writing and verifying small batches
+# one thread even after the evals are done: two threads did not make rl faster on 2 quiet cores
+# (see the README); most of a step is the simulator writing and verifying small batches
 ZSCTL_THREADS=1 zsctl rl --policy "$RUN/warmup" --search "sim:$RUN/simulator?verify=$VERIFY" --train "$RL_TRAIN" \
   --out "$RUN/policy" --steps "$RL_STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 \
   --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --noise-start 0 --noise-end 0.5 --reward f1+format $Q
