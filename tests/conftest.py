@@ -6,6 +6,7 @@ templates, the model a 2-layer Llama with random weights (SFT/GRPO steps take ~0
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -175,3 +176,16 @@ def assert_logprobs_aligned(outputs: list[dict], max_len: int, policy_below: flo
             assert len(ids) == len(lps) == len(mask) <= max_len
             assert all(lp == 0.0 for lp, m in zip(lps, mask) if not m)
             assert all(lp < policy_below for lp, m in zip(lps, mask) if m)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """`zsctl serve`'s app on a real 127.0.0.1 port for the duration; yields its base URL."""
+    from zsctl.stages.serve import start_in_thread
+
+    server, url = start_in_thread(app)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        server.thread.join(timeout=10)

@@ -9,13 +9,12 @@ with an empty system message and the prompt as a list of text parts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import httpx
 import pytest
 
-from conftest import script_model
+from conftest import script_model, serving
 from test_interop_prompts import search_r1_passages, upstream_sft_prompt
 from test_interop_sim_http import vllm_like_app
 from zsctl.core import prompts
@@ -27,16 +26,6 @@ from zsctl.stages.serve import Caps, make_app, start_in_thread
 
 ROLLOUT_BATCH = 512 * 5  # Search-R1's default: 512 prompts, 5 responses each, searched in one request
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
-
-
-@contextlib.contextmanager
-def serving(app):
-    server, url = start_in_thread(app)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        server.thread.join(timeout=10)
 
 
 @pytest.fixture()
@@ -135,7 +124,8 @@ def servers_sim():
         server.thread.join(timeout=10)
 
 
-def test_a_simulated_request_without_questions_is_warned_about_once(servers_sim, capsys):
+def test_a_simulated_request_without_questions_is_warned_about_once(servers_sim, capsys, monkeypatch):
+    monkeypatch.setattr(prompts, "_warned", set())  # an earlier test in this process may have warned already
     _, url = servers_sim
     for _ in range(2):
         assert httpx.post(f"{url}/retrieve", json={"queries": ["q"], "topk": 3}, timeout=60).status_code == 200

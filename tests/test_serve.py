@@ -3,7 +3,6 @@ OpenAI-style completions endpoint, `sim+http://` against it (two endpoints), cap
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import ROOT, script_model
+from conftest import ROOT, script_model, serving
 from zsctl.core.errors import BadInput, RunFailure
 from zsctl.core.models import load_model
 from zsctl.search import make_engine
@@ -42,16 +41,6 @@ QUESTIONS = {  # question -> (query, gold)
 def _script(question: str) -> str:
     query, gold = QUESTIONS[question]
     return f"Doc 1: ({query}) It is {gold}.\nDoc 2: (Other) Not {gold} here."
-
-
-@contextlib.contextmanager
-def serving(app):
-    server, url = start_in_thread(app)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        server.thread.join(timeout=10)
 
 
 @pytest.fixture()
