@@ -189,3 +189,29 @@ def serving(app):
     finally:
         server.should_exit = True
         server.thread.join(timeout=10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(proc, url: str, seconds: float = 60) -> None:
+    """Wait for a `zsctl serve` process to answer GET {url}/health; fail with its stderr if it dies."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "zsctl serve did not come up"
+        time.sleep(0.2)

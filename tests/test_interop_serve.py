@@ -14,7 +14,7 @@ import json
 import httpx
 import pytest
 
-from conftest import script_model, serving
+from conftest import free_port, script_model, serving, wait_until_healthy
 from test_interop_prompts import search_r1_passages, upstream_sft_prompt
 from test_interop_sim_http import vllm_like_app
 from zsctl.core import prompts
@@ -164,30 +164,17 @@ def test_the_zsctl_serve_command_with_both_clients(corpus, tmp_path):
     """The command itself, in its own process, with its default caps and --topk."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
-    import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "ZSCTL_CACHE_DIR": str(tmp_path / "cache")}
     command = [sys.executable, "-m", "zsctl.cli", "serve", "--search", f"bm25:{corpus}", "--port", str(port),
                "--topk", "2", "--quiet"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "zsctl serve did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(proc, url)
         queries = [f"{WORDS[i % len(WORDS)]} question {i}" for i in range(ROLLOUT_BATCH)]
         result = searchr1_batch_search(f"{url}/retrieve", queries, None)
         assert len(result) == ROLLOUT_BATCH and {len(items) for items in result} == {2}

@@ -6,17 +6,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from conftest import ROOT, script_model, serving
+from conftest import ROOT, free_port, script_model, serving, wait_until_healthy
 from zsctl.core.errors import BadInput, RunFailure
 from zsctl.core.models import load_model
 from zsctl.search import make_engine
@@ -57,12 +55,6 @@ def _tiny(tiny_model_dir, scripted=True, extra=None):
     if scripted:
         script_model(model, tok, {**{q: [_script(q)] for q in QUESTIONS}, **(extra or {})})
     return model, tok
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_retrieve_over_bm25(corpus):
@@ -213,7 +205,7 @@ def test_request_caps_and_validation(corpus, tiny_model_dir):
 
 
 def test_endpoint_down_is_bad_input_naming_the_url():
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(BadInput, match=url.replace(".", r"\.")):
         make_sim_http(f"sim+{url}")
     with pytest.raises(BadInput, match="sim\\+http://HOST"):
@@ -237,23 +229,14 @@ def test_endpoint_dying_mid_run_fails_after_retries_and_serve_says_502(tiny_mode
 
 
 def test_serve_command_end_to_end(corpus):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "zsctl.cli", "serve", "--search", f"bm25:{corpus}", "--port", str(port), "--quiet"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(proc, f"http://127.0.0.1:{port}")
         r = httpx.post(f"http://127.0.0.1:{port}/retrieve", json={"queries": ["highest mountain"], "topk": 1})
         assert r.json()["result"][0][0]["contents"].startswith('"Mount Everest"')
         # a second server on the same port: one line, exit 2
