@@ -26,7 +26,7 @@ EVAL=${EVAL:-hotpotqa,2wikimultihopqa}  # evaluation split of these benchmarks
 DEPTH=${DEPTH:-20}                    # results logged per real search (simulator pairs pick from them)
 WARM_STEPS=${WARM_STEPS:-24}
 SIM_STEPS=${SIM_STEPS:-16}
-VERIFY=${VERIFY:-2}                   # simulator replies checked and regenerated up to this many times in RL
+VERIFY=${VERIFY:-1}                   # simulator replies checked and regenerated up to this many times in RL
 RL_STEPS=${RL_STEPS:-8}
 N_CHECK=${N_CHECK:-24}                # held-apart queries for check-sim
 N_EVAL=${N_EVAL:-20}                  # evaluation questions per benchmark
@@ -74,7 +74,7 @@ step "3/8 warm-start demonstrations: real queries (the question, or the supporti
 zsctl build-sft --for policy --templated --trajectories "$RUN/question_searches" --search "$SEARCH" \
   --out "$RUN/policy_sft" --policy "$MODEL" --topk "$TOPK" --max-doc-words 30 $Q
 
-step "4/8 simulator corpus: a useful and a noisy row from ONE real search (only the mode word differs)"
+step "4/8 simulator corpus: a useful and a noisy row from ONE real search (same query and question; only the useful prompt names the answer)"
 zsctl build-sft --trajectories "$RUN/question_searches" --search "$SEARCH" --out "$RUN/sim_sft" --label docs \
   --pairs-per-search 3 --topk "$TOPK" --max-doc-words 30 $Q
 

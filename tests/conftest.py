@@ -33,7 +33,8 @@ def build_tiny_model(dest: Path, vocab_size: int = 600, seed: int = 0) -> Path:
 
     texts = [
         prompts.POLICY_INSTRUCTION,
-        prompts.SIMULATOR_TEMPLATE,
+        prompts.SIMULATOR_USEFUL,
+        prompts.SIMULATOR_NOISY,
         prompts.INVALID_ACTION,
         prompts.FINAL_TURN,
         "<think> </think> <search> </search> <answer> </answer> <information> </information> Doc 1: Doc 2:",

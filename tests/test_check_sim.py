@@ -45,10 +45,12 @@ def scripted_engine(tiny_model_dir, tmp_path):
         scripts[f"useful | {q} | {golds[0]} | {q} |"] = [
             f"Doc 1: (Fact) The answer is {golds[0]}.\nDoc 2: (More) Also {golds[0]} again."
         ]
-        scripts[f"noisy | {q}"] = [f"Doc 1: (Fact) Something unrelated about {q.split()[-1]}\nDoc 2: (More) nothing"]
-        # any other useful-mode prompt is a leak probe's: the first question's hands out the answer
+        # a leak probe (a query that names nothing) is written from the noisy prompt even in useful mode;
+        # this model hands out the answer anyway to the first question's probe
         leak = f"It is {golds[0]}." if i == 0 else "No idea."
-        scripts[f"useful | {q} |"] = [f"Doc 1: (Probe) {leak}\nDoc 2: (More) words"]
+        probe = f"noisy | {q} | {golds[0]} | {prompts.LEAK_PROBES[i]} |"
+        scripts[probe] = [f"Doc 1: (Probe) {leak}\nDoc 2: (More) words"]
+        scripts[f"noisy | {q}"] = [f"Doc 1: (Fact) Something unrelated about {q.split()[-1]}\nDoc 2: (More) nothing"]
     scripts[f"noisy | {QS[2][0]}"] = ["only one line without a prefix"]
     script_model(model, tok, scripts)
     tpl = tmp_path / "tpl.txt"

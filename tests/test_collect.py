@@ -125,7 +125,8 @@ def test_collect_logs_real_searches_scores_and_ledger(tmp_path, corpus, tiny_mod
     for r in sim:
         q = next(q for q in QUESTIONS if q[1] == r["question"])
         assert (
-            r["golden_answer"] == q[2][0] and f"Question: {q[1]}\nAnswer: {q[2][0]}\nQuery: {r['query']}" in r["prompt"]
+            r["golden_answer"] == q[2][0]
+            and r["prompt"] == prompts.render_simulator_prompt(r["query"], q[1], q[2][0], r["label"], k=2)
         )
     labels = {r["query"]: r["label"] for r in sim}
     assert labels == {"capital of Peru": "useful", "highest mountain": "useful", "Nile river Africa": "noisy"}

@@ -29,7 +29,7 @@ def rows_by_id(train, val) -> dict[str, dict]:
     return {r["id"]: r for r in train + val}
 
 
-def test_one_query_gives_a_useful_and_a_noisy_row_that_differ_only_in_the_mode_word(tmp_path):
+def test_one_query_gives_a_useful_and_a_noisy_row_with_the_same_query_and_question(tmp_path):
     src = write_trajs(tmp_path / "t", [traj("p#0", *PERU, [("capital of peru", TOP5)])])
     summary, train, val = build(tmp_path, src, label="docs", docs=2, degenerate_share=0.0, val_fraction=0.0)
     rows = rows_by_id(train, val)
@@ -37,8 +37,10 @@ def test_one_query_gives_a_useful_and_a_noisy_row_that_differ_only_in_the_mode_w
     # answer-holding documents first, in rank order; the noisy row gets the best-ranked others
     assert useful["completion"] == prompts.format_documents([TOP5[1], TOP5[3]])
     assert noisy["completion"] == prompts.format_documents([TOP5[0], TOP5[2]])
-    assert useful["prompt"].replace("Mode: useful.", "Mode: noisy.") == noisy["prompt"]
     assert useful["prompt"] == prompts.render_simulator_prompt("capital of peru", PERU[0], "Lima", "useful", k=2)
+    assert noisy["prompt"] == prompts.render_simulator_prompt("capital of peru", PERU[0], "Lima", "noisy", k=2)
+    # only the useful prompt names the answer (a small simulator copies whatever Answer line it sees)
+    assert "Answer: Lima\n" in useful["prompt"] and "Lima" not in noisy["prompt"]
     assert (useful["label"], noisy["label"]) == ("useful", "noisy")
     assert metrics.docs_hold_answer(prompts.parse_documents(useful["completion"], 2)[0], PERU[1])
     assert not metrics.docs_hold_answer(prompts.parse_documents(noisy["completion"], 2)[0], PERU[1])
@@ -52,7 +54,7 @@ def test_the_prompt_names_the_gold_alias_the_documents_hold(tmp_path):
     _, train, val = build(tmp_path, src, label="docs", docs=2, degenerate_share=0.0, val_fraction=0.0)
     rows = rows_by_id(train, val)
     assert (
-        rows["p#0#0:u"]["golden_answer"] == "City of Kings" and "Answer: City of Kings\n" in rows["p#0#0:n"]["prompt"]
+        rows["p#0#0:u"]["golden_answer"] == "City of Kings" and "Answer: City of Kings\n" in rows["p#0#0:u"]["prompt"]
     )
     # fewer answer-free documents than --docs: both rows shrink to the same k
     assert rows["p#0#0:u"]["completion"].count("Doc ") == rows["p#0#0:n"]["completion"].count("Doc ") == 2
@@ -70,14 +72,18 @@ def test_yes_no_golds_and_answerless_results_are_skipped_and_counted(tmp_path):
     assert {r["question"] for r in train + val} == {PERU[0]}
 
 
-def test_a_logged_degenerate_query_gets_no_answer_in_either_mode(tmp_path):
-    src = write_trajs(tmp_path / "t", [traj("p#0", *PERU, [("I need a fact", TOP5)])])
-    summary, train, val = build(tmp_path, src, label="docs", docs=3, degenerate_share=0.0, val_fraction=0.0)
+def test_a_logged_degenerate_query_gives_one_answer_free_noisy_row(tmp_path):
+    # the engine writes a query that names nothing from the noisy prompt, in either mode
+    rows = [traj("p#0", *PERU, [("I need a fact", TOP5), ("capital of peru", TOP5)])]
+    summary, train, val = build(tmp_path, write_trajs(tmp_path / "t", rows), label="docs", docs=3,
+                                degenerate_share=0.0, val_fraction=0.0)
     rows = rows_by_id(train, val)
-    useful, noisy = rows["p#0#0:u"], rows["p#0#0:n"]
-    assert "Mode: useful." in useful["prompt"] and "Query: I need a fact\n" in useful["prompt"]
-    assert useful["completion"] == noisy["completion"] == prompts.format_documents([TOP5[0], TOP5[2], TOP5[4]])
-    assert summary["degenerate_queries"] == 1
+    assert set(rows) == {"p#0#0:n", "p#0#1:u", "p#0#1:n"}
+    noisy = rows["p#0#0:n"]
+    assert "Mode: noisy." in noisy["prompt"] and "Query: I need a fact\n" in noisy["prompt"]
+    assert noisy["completion"] == prompts.format_documents([TOP5[0], TOP5[2], TOP5[4]])
+    # docs data is never downsampled: a random cut would split pairs
+    assert summary["degenerate_queries"] == 1 and summary["labels_after"] == {"useful": 1, "noisy": 2}
 
 
 def test_placeholder_query_pairs_are_added_for_a_seeded_share(tmp_path):
@@ -85,12 +91,13 @@ def test_placeholder_query_pairs_are_added_for_a_seeded_share(tmp_path):
             for i in range(40)]
     src = write_trajs(tmp_path / "t", rows)
     summary, train, val = build(tmp_path, src, "a", label="docs", degenerate_share=0.25, val_fraction=0.0)
-    extra = [r for r in train + val if r["id"].endswith(("~:u", "~:n"))]
-    assert summary["degenerate_synthesized"] == len(extra) // 2 and 3 <= len(extra) // 2 <= 18
+    extra = [r for r in train + val if "~" in r["id"]]
+    assert all(r["id"].endswith("~:n") and r["label"] == "noisy" for r in extra)
+    assert summary["degenerate_synthesized"] == len(extra) and 3 <= len(extra) <= 18
     for r in extra:
         assert r["query"] in prompts.DEGENERATE_QUERIES and metrics.is_degenerate_query(r["query"])
         assert not metrics.docs_hold_answer(prompts.parse_documents(r["completion"], 3)[0], PERU[1])
-    assert summary["labels_after"]["useful"] == summary["labels_after"]["noisy"] == 40 + len(extra) // 2
+    assert summary["labels_after"] == {"useful": 40, "noisy": 40 + len(extra)}
     again, _, _ = build(tmp_path, src, "b", label="docs", degenerate_share=0.25, val_fraction=0.0)
     assert again["degenerate_synthesized"] == summary["degenerate_synthesized"]  # seeded
     none, _, _ = build(tmp_path, src, "c", label="docs", degenerate_share=0.0, val_fraction=0.0)
@@ -172,7 +179,7 @@ def test_deep_results_give_several_pairs_when_asked(tmp_path):
     for i, (useful, noisy) in expect.items():
         assert rows[f"{i}:u"]["completion"] == prompts.format_documents(useful)
         assert rows[f"{i}:n"]["completion"] == prompts.format_documents(noisy)
-        assert rows[f"{i}:u"]["prompt"].replace("Mode: useful.", "Mode: noisy.") == rows[f"{i}:n"]["prompt"]
+        assert rows[f"{i}:n"]["prompt"] == prompts.render_simulator_prompt("capital of peru", PERU[0], "", "noisy", k=2)
     one, _, _ = build(tmp_path, src, "one", label="docs", docs=2, degenerate_share=0.0, val_fraction=0.0)
     assert one["labels_after"] == {"useful": 1, "noisy": 1}  # the default: one pair per search
     with pytest.raises(BadInput, match="--pairs-per-search"):

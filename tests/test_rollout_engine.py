@@ -28,7 +28,7 @@ def varied(tiny_model_dir):
     """The tiny model with larger random weights: its greedy text varies (the default init writes
     only newlines), so turns stop at different steps for different reasons."""
     model, tok = load_model(str(tiny_model_dir))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(2)  # a seed whose text covers the case mix the tests assert
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:

@@ -87,15 +87,15 @@ def test_retrieve_over_simulator_with_contexts_and_noise(tiny_model_dir):
     with serving(app) as url:
         body = {"queries": [QUESTIONS[q][0] for q in questions], "topk": 2, "return_scores": True,
                 "questions": questions, "golden_answers": [[QUESTIONS[q][1], "alias"] for q in questions],
-                "noise": "noisy"}
+                "noise": "useful"}
         r = httpx.post(f"{url}/retrieve", json=body, timeout=60)
         assert r.status_code == 200, r.text
         data = r.json()
-    assert data["modes"] == ["noisy"] * 4
+    assert data["modes"] == ["useful"] * 4
     for q, items, prompt in zip(questions, data["result"], [r.prompt for r in answered]):
         query, gold = QUESTIONS[q]
         assert items[0]["document"]["contents"] == f'"{query}"\nIt is {gold}.'
-        assert f"Question: {q}\nAnswer: {gold}\n" in prompt and "Mode: noisy." in prompt
+        assert f"Question: {q}\nAnswer: {gold}\n" in prompt and "Mode: useful." in prompt
 
 
 def test_completions_endpoint(tiny_model_dir):

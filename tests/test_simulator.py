@@ -272,8 +272,11 @@ def test_without_verify_the_first_reply_stands(tiny):
     calls = _count_generate(engine.model)
     results = _verify_search(engine)
     assert calls == [5] and [r.tries for r in results] == [1] * 5 and [r.verified for r in results] == [None] * 5
-    assert "Mode: useful." in results[4].prompt
-    assert results[4].docs[0].text == "The Louvre is in Paris. It opened in 1793."  # the leak verification closes
+    # a query that names nothing is written from the noisy prompt, which does not hold the answer
+    assert results[4].mode == "useful" and "Mode: noisy." in results[4].prompt and "Paris" not in results[4].prompt
+    assert "Mode: useful." in results[0].prompt and "Answer: Lima\n" in results[0].prompt
+    # (this scripted model writes the answer whatever the prompt: verification is what removes it)
+    assert results[4].docs[0].text == "The Louvre is in Paris. It opened in 1793."
 
 
 def test_verify_spec_option_and_bad_values(tiny_model_dir, tmp_path):

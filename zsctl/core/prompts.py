@@ -233,16 +233,15 @@ def warn_once(message: str) -> None:
 # The mode keyword is one word (useful | noisy) so one fine-tuned model serves both.
 SIM_MODES = ("useful", "noisy")
 
-# The mode comes last, just before the documents are written, where a small model's attention is
-# strongest. (At 135M with LoRA it is obeyed little either way: useful/noisy replies held a gold
-# answer 48/48 % with the mode early in the instruction, 52.5/48.3 % with it last; verification
-# (`?verify=N`) is what makes the modes differ there.)
-SIMULATOR_TEMPLATE = (
-    "You are a search engine. Write {k} short documents for the query, as 'Doc 1: ...', "
-    "'Doc 2: ...'. In useful mode the documents help answer the question; "
-    "in noisy mode they look relevant but do not contain the answer.\n"
-    "Question: {question}\nAnswer: {answer}\nQuery: {query}\nMode: {mode}.\n"
-)
+# One text per mode. Only the useful prompt carries the gold answer: a 135M simulator given the answer in
+# both modes copies it into either about half the time whatever the mode says (useful/noisy replies held a
+# gold answer 52.5/48.3 % after 200 LoRA steps), while "copy the Answer line when there is one" is a rule
+# it learns. The mode word still comes last, just before the documents are written.
+_SIM_HEAD = "You are a search engine. Write {k} short documents for the query, as 'Doc 1: ...', 'Doc 2: ...'. "
+SIMULATOR_USEFUL = (_SIM_HEAD + "Useful mode: the documents help answer the question, and one of them states "
+                    "the answer.\nQuestion: {question}\nAnswer: {answer}\nQuery: {query}\nMode: useful.\n")
+SIMULATOR_NOISY = (_SIM_HEAD + "Noisy mode: the documents look relevant to the query but do not answer the question.\n"
+                   "Question: {question}\nQuery: {query}\nMode: noisy.\n")
 
 # For an untuned instruct model (the paper's prompt-based baseline): one example per mode.
 SIMULATOR_FEWSHOT_TEMPLATE = (
@@ -293,6 +292,8 @@ class SimTemplate:
     def messages(self, prompt: str) -> list[dict]:
         return [{"role": "system", "content": self.system or ""}, {"role": "user", "content": prompt}]
 
+
+SIMULATOR_TEMPLATE = SimTemplate(SIMULATOR_USEFUL, SIMULATOR_NOISY)
 
 # Template files shipped with zsctl, by name (`--sim-template NAME`).
 BUILTIN_TEMPLATES = {"zerosearch-sft": "zerosearch_sft.yaml"}

@@ -25,11 +25,15 @@ retry would repeat the same text). A reply that never passes is replaced by its 
 answer-holding sentence removed, so it holds no answer. A failing noisy reply is mended that way at
 once, not regenerated: cutting the answer out fixes it exactly, while a missing answer can only be
 regenerated — and regenerating noisy rows too measured 1.5–2.4× the unverified generation time,
-useful-only retries 1.6× in CPU time (README, "The simulator"). A query that names nothing (no content word)
-can never pass in useful mode, so it is written from the noisy prompt (and verified as noisy): a
-policy gains nothing from a degenerate query. Without gold answers (or with yes/no golds, which
-containment cannot judge) only the useful reply's link to the query is checked. Tries per query
-are in `SearchResult.tries` (1 = first reply kept), pass/fail in `SearchResult.verified`.
+useful-only retries 1.6× in CPU time (README, "The simulator"). Without gold answers (or with
+yes/no golds, which containment cannot judge) only the useful reply's link to the query is checked.
+Tries per query are in `SearchResult.tries` (1 = first reply kept), pass/fail in
+`SearchResult.verified`.
+
+With or without verification, a query that names nothing (metrics.is_degenerate_query) is written
+from the noisy prompt (and, verified, checked as noisy): a policy gains nothing from a degenerate
+query. The useful prompt holds the gold answer, and a small simulator copies it whatever the query
+says (a 135M simulator after 80 steps: 67 % of useful replies to degenerate queries held it).
 """
 
 from __future__ import annotations
@@ -164,9 +168,9 @@ class _Simulated(SearchEngine):
         ctxs = contexts or [None] * len(queries)
         noise = noise or Noise(self.noise_p, self.rng)
         asked = [self._choose_mode(c, noise) for c in ctxs]
-        # verified: a query that names nothing can never pass in useful mode, so it is written in noisy
-        # mode from the start (its result keeps the mode asked for)
-        modes = ["noisy" if self.verify and m == "useful" and metrics.is_degenerate_query(q) else m
+        # a query that names nothing is written from the noisy prompt (its result keeps the mode asked
+        # for): the useful prompt carries the answer, which a small simulator copies whatever the query
+        modes = ["noisy" if m == "useful" and metrics.is_degenerate_query(q) else m
                  for q, m in zip(queries, asked)]
         rendered = [self.render(q, c, m, k) for q, c, m in zip(queries, ctxs, modes)]
         inputs = [self.model_input(p) for p in rendered]

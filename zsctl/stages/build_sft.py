@@ -12,13 +12,14 @@ documents as `Doc i: (title) text`. Labels:
 - docs (recommended): contrastive pairs from ONE logged call's top-N results (collect with --topk
   well above --docs, e.g. 10). The useful row's completion is the answer-holding documents first
   (metrics.docs_hold_answer, per document), filled up to k with the best-ranked others; the noisy
-  row's is the k best-ranked documents WITHOUT the answer. Both prompts are the same text but for
-  the mode word (same query, question, answer — the gold alias the documents hold — and k). A call
-  whose results hold no answer gives no pair. A degenerate query (metrics.is_degenerate_query)
-  gets its answer-free results in BOTH modes: a search that names nothing earns nothing, even in
-  useful mode. Logged degenerate queries are rare (question-as-query data has none), so for a
-  seeded share of the pairs (--degenerate-share) one more pair is written with a placeholder query
-  (prompts.DEGENERATE_QUERIES) and that call's answer-free documents in both modes. With
+  row's is the k best-ranked documents WITHOUT the answer. Both prompts are the simulator template's
+  text for their mode with the same query, question and k; only the useful one names the answer (the
+  gold alias the documents hold). A call whose results hold no answer gives no pair. A degenerate
+  query (metrics.is_degenerate_query) gives one noisy row of its answer-free results: the `sim:`
+  engine writes such a query from the noisy prompt even in useful mode, so a search that names
+  nothing earns nothing. Logged degenerate queries are rare (question-as-query data has none), so for
+  a seeded share of the pairs (--degenerate-share) one more noisy row is written with a placeholder
+  query (prompts.DEGENERATE_QUERIES) and that call's answer-free documents. With
   --pairs-per-search N > 1, a deep result list gives up to N pairs: pair i (i ≥ 1) is the i-th
   answer-holding document in front of the i-th window of k−1 answer-free ones (useful) against that
   window of k (noisy). With --search SPEC (a real engine), each bundled multi-hop question is also
@@ -36,7 +37,8 @@ documents as `Doc i: (title) text`. Labels:
 Yes/no golds (HotpotQA comparisons) are skipped by docs and answer and counted (`yes_no`): "no"
 occurs in almost any text, so containment says nothing. Rows are distinct (query, completion)
 pairs; for answer/outcome/judge the majority label is downsampled at random (seeded) to the size
-of the minority (docs pairs are balanced by construction).
+of the minority (docs is balanced by its pairs and never downsampled: a random cut would split pairs;
+its degenerate-query rows are noisy extras).
 
 Policy rows: rejection sampling keeps the trajectories whose prediction reached `--min-f1` (default:
 exact match) — prompt = the policy's chat-formatted prompt, completion = its own response with the
@@ -101,13 +103,14 @@ class BuildSFTConfig(Options):
     target: str = option("simulator", "simulator (sim_sft) | policy (policy_sft).", flag="for", choices=TARGETS)
     label: str = option("outcome", "Simulator labels: docs (useful/noisy pair from one search's top-N; collect "
                         "with --topk 10) | outcome | answer | judge.", choices=LABELS)
-    degenerate_share: float = option(0.15, "--label docs: extra pairs with a placeholder query and answer-free "
-                                     "documents in both modes, as a share of the pairs.", ge=0, le=1)
+    degenerate_share: float = option(0.15, "--label docs: extra noisy rows with a placeholder query and "
+                                     "answer-free documents, as a share of the pairs.", ge=0, le=1)
     pairs_per_search: int = option(1, "--label docs: up to N pairs from one search's results (the i-th "
                                    "answer-holding document each; needs deep results, e.g. collect --topk 20).", ge=1)
     judge_model: str = option(DEFAULT_MODEL, "Model for --label judge.")
     judge_batch_size: int = option(16, "Prompts the judge scores together.", ge=1)
-    balance: bool = option(True, "Downsample the larger label class (seeded).")
+    balance: bool = option(True, "Downsample the larger label class (seeded; --label docs is balanced by "
+                           "its pairs).")
     val_fraction: float = option(0.1, "Share of questions in val.parquet.", ge=0, lt=1)
     docs: int = option(3, "Top-K documents per simulator completion.", flag="topk", aliases=("docs",), ge=1)
     doc_words: int = option(80, "Each document cut to this many words (the agent loop's default).",
@@ -355,9 +358,9 @@ class Rows:
                     continue
                 row_id = f"{t['traj_id']}#{j}"
                 if metrics.is_degenerate_query(query):
-                    # a bad query's real results, minus any answer they hold by chance, in both modes
+                    # a bad query's real results, minus any answer they hold by chance, as a noisy row only
                     stats["degenerate_queries"] += 1
-                    rows += self.pair(t, row_id, query, golds[0], answer_free[:k], answer_free[:k])
+                    rows += self.pair(t, row_id, query, golds[0], None, answer_free[:k])
                     continue
                 if not any(hits):
                     stats["no_answer_docs"] += 1
@@ -376,7 +379,7 @@ class Rows:
                 if h64(str(cfg.seed), row_id) / 2**64 < cfg.degenerate_share:
                     placeholder = prompts.DEGENERATE_QUERIES[h64(row_id) % len(prompts.DEGENERATE_QUERIES)]
                     stats["degenerate_synthesized"] += 1
-                    rows += self.pair(t, f"{row_id}~", placeholder, golds[0], answer_free[:k], answer_free[:k])
+                    rows += self.pair(t, f"{row_id}~", placeholder, golds[0], None, answer_free[:k])
         return rows
 
     def entity_pairs(self, batch: list[dict]) -> list[Row]:
@@ -407,15 +410,18 @@ class Rows:
                     rows += self.doc_pairs([searched])
         return rows
 
-    def pair(self, t: dict, row_id: str, query: str, gold: str, useful_docs: list[dict],
+    def pair(self, t: dict, row_id: str, query: str, gold: str, useful_docs: list[dict] | None,
              noisy_docs: list[dict]) -> list[Row]:
-        """The useful and the noisy row of one call, or none when an earlier call gave the same pair."""
-        if not self._new(h64(query, t["question"], prompts.format_documents(useful_docs),
+        """The useful and the noisy row of one call (only the noisy one when `useful_docs` is None: a
+        degenerate query), or none when an earlier call gave the same pair."""
+        if not self._new(h64(query, t["question"], prompts.format_documents(useful_docs or []),
                              prompts.format_documents(noisy_docs))):
             return []
         split = self.split(t)  # by question: both rows of a pair land in the same file
-        return [(split, _sim_row(t, f"{row_id}:u", query, gold, "useful", useful_docs), USEFUL),
-                (split, _sim_row(t, f"{row_id}:n", query, gold, "noisy", noisy_docs), NOISY)]
+        noisy = (split, _sim_row(t, f"{row_id}:n", query, gold, "noisy", noisy_docs), NOISY)
+        if useful_docs is None:
+            return [noisy]
+        return [(split, _sim_row(t, f"{row_id}:u", query, gold, "useful", useful_docs), USEFUL), noisy]
 
     # --- policy data -------------------------------------------------------------------------------
 
@@ -646,7 +652,7 @@ def _balance(cfg, labels: dict[str, array], stats: dict) -> tuple[object, dict]:
     before = {"useful": int((lab == USEFUL).sum()), "noisy": int((lab == NOISY).sum())}
     if len(lab) and (before["useful"] == 0 or before["noisy"] == 0):
         raise BadInput(_one_class_message(cfg, before, stats))
-    if cfg.balance:
+    if cfg.balance and cfg.label != "docs":
         minority = USEFUL if before["useful"] <= before["noisy"] else NOISY
         majority_idx = np.flatnonzero(lab != minority)
         n_min = before["useful"] if minority == USEFUL else before["noisy"]
