@@ -224,3 +224,52 @@ def test_supporting_entities_are_searched_on_the_real_engine(tmp_path, monkeypat
     assert again["entity_searches"] == 2  # once per question, however many trajectories ask it
     with pytest.raises(BadInput, match="--search is only used"):
         build(tmp_path, src, "bad", label="answer", search=f"bm25:{corpus}")
+
+
+def test_the_simulator_template_travels_from_build_sft_through_train_sim_to_the_engine(tiny_model_dir, tmp_path):
+    """build-sft --sim-template records the template; train-sim trains on its chat-wrapped prompts and
+    records it again; `sim:` then feeds the model exactly the text it was trained on."""
+    from zsctl import sft
+    from zsctl.core.models import load_tokenizer
+    from zsctl.search.base import QueryContext
+    from zsctl.search.simulator import SimulatorEngine
+    from zsctl.stages import train_sim
+
+    src = write_trajs(tmp_path / "t", [traj(f"p{i}#0", f"{PERU[0]} ({i})", PERU[1], [("capital of peru", TOP5)])
+                                       for i in range(4)])
+    _, train, val = build(tmp_path, src, label="docs", docs=2, degenerate_share=0.0, val_fraction=0.0,
+                          sim_template="zerosearch-sft")
+    zs = prompts.load_template("zerosearch-sft", prompts.SIMULATOR_TEMPLATE)
+    row = rows_by_id(train, val)["p0#0#0:u"]
+    assert row["prompt"] == prompts.render_simulator_prompt("capital of peru", f"{PERU[0]} (0)", "Lima", "useful", 2,
+                                                            zs)
+    assert "Useful Output:" in row["prompt"]
+    data_manifest = json.loads((tmp_path / "sft" / "manifest.json").read_text())
+    assert prompts.SimTemplate.recorded(data_manifest) == prompts.SimTemplate(zs.useful, zs.noisy, "", zs.source)
+
+    out = tmp_path / "sim"
+    train_sim.run(train_sim.TrainSimConfig(data=str(tmp_path / "sft"), base=str(tiny_model_dir), out=str(out),
+                                           max_steps=1, batch_size=2, val_limit=0))
+    engine = SimulatorEngine(str(out))
+    assert engine.template.useful == zs.useful and engine.template.system == ""
+    ctx = QueryContext(f"{PERU[0]} (0)", PERU[1], "useful")
+    rendered = engine.render("capital of peru", ctx, "useful", 2)
+    assert rendered == row["prompt"]
+    # what the engine feeds the model is, token for token, the prompt part train-sim trained on
+    tok = load_tokenizer(str(tiny_model_dir))
+    chat, special = train_sim.as_chat([row], prompts.SimTemplate.recorded(data_manifest), str(tiny_model_dir))
+    assert not special and chat[0]["prompt"].startswith("<|im_start|>system")
+    trained = sft.encode_example(tok, chat[0]["prompt"], row["completion"], mask_env=False,
+                                 prompt_special_tokens=special)
+    assert engine.encode(engine.model_input(rendered)) == trained["input_ids"][: trained["prompt_len"]]
+    # a simulator whose manifest recorded no template falls back to the built-in one
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["sim_template"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert SimulatorEngine(str(out)).template == prompts.SIMULATOR_TEMPLATE
+
+
+def test_sim_template_with_policy_data_is_bad_input(tmp_path):
+    src = write_trajs(tmp_path / "t", [traj("p#0", *PERU, [("capital of peru", TOP5)])])
+    with pytest.raises(BadInput, match="--sim-template"):
+        build(tmp_path, src, target="policy", sim_template="zerosearch-sft")

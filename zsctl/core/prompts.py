@@ -292,6 +292,18 @@ class SimTemplate:
     def messages(self, prompt: str) -> list[dict]:
         return [{"role": "system", "content": self.system or ""}, {"role": "user", "content": prompt}]
 
+    def as_dict(self) -> dict:
+        """The texts, as build-sft and train-sim record them in their manifests (see `recorded`)."""
+        return {"useful": self.useful, "noisy": self.noisy, "system": self.system, "source": self.source}
+
+    @classmethod
+    def recorded(cls, manifest: dict) -> SimTemplate | None:
+        """The template a build-sft or train-sim manifest recorded, if any (older ones recorded none)."""
+        t = manifest.get("sim_template")
+        if not isinstance(t, dict):
+            return None
+        return cls(t["useful"], t["noisy"], t.get("system"), t.get("source", "recorded"))
+
 
 SIMULATOR_TEMPLATE = SimTemplate(SIMULATOR_USEFUL, SIMULATOR_NOISY)
 
@@ -299,7 +311,12 @@ SIMULATOR_TEMPLATE = SimTemplate(SIMULATOR_USEFUL, SIMULATOR_NOISY)
 BUILTIN_TEMPLATES = {"zerosearch-sft": "zerosearch_sft.yaml"}
 
 
-def load_template(path: str | None, default: str | SimTemplate) -> SimTemplate:
+# --sim-template, on every stage that renders simulator prompts
+SIM_TEMPLATE_HELP = ("Simulator prompt template: a file (fields {query} {question} {answer} {mode} {Mode} {k}; YAML "
+                     "for one text per mode and a system message) or zerosearch-sft.")
+
+
+def load_template(path: str | SimTemplate | None, default: str | SimTemplate) -> SimTemplate:
     """The simulator template of `path`, or `default`.
 
     A .yaml/.yml/.json file is a mapping: `template` (both modes) or `useful` and `noisy`, and
@@ -307,6 +324,8 @@ def load_template(path: str | None, default: str | SimTemplate) -> SimTemplate:
     fields: query, question, answer, mode, Mode (capitalised), k. A name of BUILTIN_TEMPLATES loads
     the file shipped with zsctl.
     """
+    if isinstance(path, SimTemplate):
+        return path
     if not path:
         return default if isinstance(default, SimTemplate) else SimTemplate(default, default)
     if path in BUILTIN_TEMPLATES:

@@ -13,9 +13,10 @@ curriculum's p_i each step; by default the engine's own `noise_p` and seeded gen
 query's `SearchResult` carries the mode, the reply, its format and verification. All queries of one
 `search()` call go through one batched generate (in-process) or one round of batched requests (HTTP).
 
-Two prompt styles (`sim_mode`): `tuned` feeds the raw `SIMULATOR_TEMPLATE` text, byte for byte what
-train-sim trains on; `prompt` wraps the few-shot template in the tokenizer's chat template, for an
-untuned instruct model (the paper's prompt-based baseline).
+Two prompt styles (`sim_mode`): `tuned` feeds the template a train-sim simulator was trained on
+(recorded in its manifest; else the built-in `SIMULATOR_TEMPLATE`), byte for byte as it was trained;
+`prompt` wraps the few-shot template in the tokenizer's chat template, for an untuned instruct model
+(the paper's prompt-based baseline).
 
 Verified generation (`?verify=N`, beyond the paper, whose simulator output is used as written): a
 useful reply must hold a gold answer (metrics.docs_hold_answer) AND share a content word with the
@@ -259,15 +260,14 @@ def _without_answer(docs: list[dict], golds: list[str]) -> list[dict]:
     return out
 
 
-def trained_tokens_per_doc(model_dir: str) -> int | None:
-    """The per-document budget train-sim measured on its corpus (None for other models)."""
+def train_sim_manifest(model_dir: str) -> dict:
+    """The manifest train-sim wrote beside a simulator ({} for other models)."""
     mf = Path(model_dir) / "manifest.json"
-    if not mf.is_file():
-        return None
     try:
-        return json.loads(mf.read_text(encoding="utf-8")).get("tokens_per_doc")
-    except (ValueError, AttributeError):  # not a zsctl manifest: fall back to the default budget
-        return None
+        manifest = json.loads(mf.read_text(encoding="utf-8")) if mf.is_file() else {}
+    except ValueError:  # not a zsctl manifest: the defaults apply
+        return {}
+    return manifest if isinstance(manifest, dict) and manifest.get("kind") == "simulator" else {}
 
 
 class SimulatorEngine(_Simulated):
@@ -276,13 +276,16 @@ class SimulatorEngine(_Simulated):
     name = "sim"
 
     def __init__(self, model_spec: str, *, model=None, tokenizer=None, **kw):
+        trained = train_sim_manifest(model_spec) if model is None else {}
+        if kw.get("template") is None and kw.get("sim_mode", "tuned") == "tuned":
+            kw["template"] = prompts.SimTemplate.recorded(trained)  # the prompt it was trained on, if recorded
         super().__init__(**kw)
         self.spec = f"sim:{model_spec}"
         if model is None:
             from zsctl.core.models import load_model
 
             model, tokenizer = load_model(model_spec)
-            self.tokens_per_doc = trained_tokens_per_doc(model_spec) or self.tokens_per_doc
+            self.tokens_per_doc = trained.get("tokens_per_doc") or self.tokens_per_doc
         self.model, self.tok = model, tokenizer
         self.lock = threading.Lock()  # generate is not thread-safe (serve answers from threads)
         self.generate_calls = 0

@@ -6,9 +6,11 @@ Both files have one schema: SIM_SFT for kind "sim_sft" (default, `--for simulato
 kind "policy_sft" (`--for policy`). val.parquet always exists (it may hold 0 rows). Rows are split by
 question: a hash of the question text decides, so one question never lands in both files.
 
-Simulator rows: `prompt` is the simulator template filled with the call's query, ITS OWN
-trajectory's question and a gold answer, and the label as mode keyword; `completion` is real
-documents as `Doc i: (title) text`. Labels:
+Simulator rows: `prompt` is the simulator template's text for the row's mode (`--sim-template`, else
+the built-in one; the texts are recorded in the manifest) filled with the call's query, ITS OWN
+trajectory's question and a gold answer; `completion` is real documents as `Doc i: (title) text`.
+With a template that has a system message, `prompt` is the user turn: train-sim wraps it in the base
+model's chat template, as the `sim:` engine will. Labels:
 - docs (recommended): contrastive pairs from ONE logged call's top-N results (collect with --topk
   well above --docs, e.g. 10). The useful row's completion is the answer-holding documents first
   (metrics.docs_hold_answer, per document), filled up to k with the best-ranked others; the noisy
@@ -124,6 +126,8 @@ class BuildSFTConfig(Options):
                                 "searched. With --label docs: each bundled multi-hop question's supporting entities "
                                 "are searched (as deep as its logged searches) and make pairs too.")
     search_topk: int = option(3, "--templated: documents per search of --search.", ge=1)
+    sim_template: str | None = option(None, prompts.SIM_TEMPLATE_HELP + " Simulator data only; recorded in the "
+                                      "manifest, then by train-sim in the simulator's, whose sim: engine uses it.")
     seed: int = option(0, "Random seed.", ge=0)
     read_batch: int = option(2048, "Trajectories read per record batch.", ge=1)
 
@@ -132,6 +136,8 @@ class BuildSFTConfig(Options):
         if self.search and not ((self.target == "policy" and self.templated)
                                 or (self.target == "simulator" and self.label == "docs")):
             raise BadInput("--search is only used with --for policy --templated or --label docs; drop it")
+        if self.sim_template and self.target != "simulator":
+            raise BadInput("--sim-template shapes simulator prompts; drop it with --for policy")
 
 
 # --- the run --------------------------------------------------------------------------------------
@@ -164,6 +170,7 @@ def run(cfg: BuildSFTConfig, progress: Progress | None = None) -> dict:
         policy_tok = load_tokenizer(cfg.policy)
     if cfg.target == "simulator" and cfg.label == "judge":
         judge = Judge(cfg.judge_model, cfg.judge_batch_size)
+    template = prompts.load_template(cfg.sim_template, prompts.SIMULATOR_TEMPLATE)
     if cfg.search:
         from zsctl.search import make_engine
 
@@ -173,7 +180,7 @@ def run(cfg: BuildSFTConfig, progress: Progress | None = None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        return _build(cfg, files, cols, out, work, Rows(cfg, policy_tok, judge, engine), progress)
+        return _build(cfg, files, cols, out, work, Rows(cfg, policy_tok, judge, engine, template), progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if engine is not None:
@@ -243,7 +250,8 @@ def _build(cfg, files, cols, out: Path, work: Path, rows: Rows, progress) -> dic
             stage, _kind(cfg), config=asdict(cfg),
             inputs=[artifacts.input_ref(p.parent if p.name == "trajectories.parquet" else p) for p in files],
             summary=summary, seed=cfg.seed,
-            extra={"layout": {"train": "train.parquet", "val": "val.parquet"}, "mode": _mode(cfg)},
+            extra={"layout": {"train": "train.parquet", "val": "val.parquet"}, "mode": _mode(cfg),
+                   **({"sim_template": rows.template.as_dict()} if cfg.target == "simulator" else {})},
         )
     progress.log(f"build-sft: {summary['rows_train']} train / {summary['rows_val']} val rows in {summary['wall_s']} s")
     return summary
@@ -256,8 +264,10 @@ class Rows:
     """The row makers of one run: each turns trajectories into `Row`s, counting what it skipped in
     `stats` and keeping only pairs no earlier row had (`seen`: 64-bit hashes)."""
 
-    def __init__(self, cfg: BuildSFTConfig, policy_tok=None, judge: Judge | None = None, engine=None):
+    def __init__(self, cfg: BuildSFTConfig, policy_tok=None, judge: Judge | None = None, engine=None,
+                 template: prompts.SimTemplate = prompts.SIMULATOR_TEMPLATE):
         self.cfg, self.policy_tok, self.judge, self.engine = cfg, policy_tok, judge, engine
+        self.template = template  # simulator prompts
         self.seen: set[int] = set()
         # --templated --search: question hash → the trajectory still to serve (None once served)
         self.unserved: dict[int, dict | None] = {}
@@ -326,7 +336,7 @@ class Rows:
         for (t, j, query, docs, completion), ok in zip(calls, useful):
             label = "useful" if ok else "noisy"
             # this call's own trajectory: never a neighbour's question or answer
-            row = _sim_row(t, f"{t['traj_id']}#{j}", query, golds_of(t)[0], label, docs)
+            row = _sim_row(t, f"{t['traj_id']}#{j}", query, golds_of(t)[0], label, docs, self.template)
             rows.append((self.split(t), row, USEFUL if ok else NOISY))
         return rows
 
@@ -418,10 +428,11 @@ class Rows:
                              prompts.format_documents(noisy_docs))):
             return []
         split = self.split(t)  # by question: both rows of a pair land in the same file
-        noisy = (split, _sim_row(t, f"{row_id}:n", query, gold, "noisy", noisy_docs), NOISY)
+        noisy = (split, _sim_row(t, f"{row_id}:n", query, gold, "noisy", noisy_docs, self.template), NOISY)
         if useful_docs is None:
             return [noisy]
-        return [(split, _sim_row(t, f"{row_id}:u", query, gold, "useful", useful_docs), USEFUL), noisy]
+        return [(split, _sim_row(t, f"{row_id}:u", query, gold, "useful", useful_docs, self.template), USEFUL),
+                noisy]
 
     # --- policy data -------------------------------------------------------------------------------
 
@@ -753,10 +764,11 @@ def _held_gold(docs: list[dict], golds: list[str]) -> str:
     return metrics.find_answer([x for d in docs for x in (d["title"], d["text"])], golds) or golds[0]
 
 
-def _sim_row(t: dict, row_id: str, query: str, gold: str, label: str, docs: list[dict]) -> dict:
+def _sim_row(t: dict, row_id: str, query: str, gold: str, label: str, docs: list[dict],
+             template: prompts.SimTemplate) -> dict:
     return {
         "id": row_id,
-        "prompt": prompts.render_simulator_prompt(query, t["question"], gold, label, k=len(docs)),
+        "prompt": prompts.render_simulator_prompt(query, t["question"], gold, label, k=len(docs), template=template),
         "completion": prompts.format_documents(docs),
         "label": label,
         "query": query,

@@ -55,9 +55,7 @@ class CheckSimConfig(Options):
     k: int = option(3, "Documents per query.", flag="topk", aliases=("k",), ge=1)
     sim_mode: str = option("tuned", "For sim: engines: tuned (a train-sim model) | prompt (untuned instruct model, "
                                 "few-shot).", flag="sim-style", aliases=("sim-mode",), choices=SIM_STYLES)
-    sim_template: str | None = option(None, "Simulator prompt template: a file (fields {query} {question} {answer} "
-                                        "{mode} {Mode} {k}; YAML for one text per mode and a system message) or "
-                                        "zerosearch-sft.")
+    sim_template: str | None = option(None, prompts.SIM_TEMPLATE_HELP)
     max_new_tokens: int | None = option(None, "Simulator tokens per query (default 40 x --topk).", ge=1)
     batch_size: int = option(16, "Queries per simulator call (each in both modes: twice as many generations).",
                              ge=1)

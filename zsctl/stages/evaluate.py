@@ -55,9 +55,7 @@ class EvalConfig(Options):
                                "own).", choices=prompts.PROMPT_STYLES)
     prompt_from_data: bool = option(False, "Give the policy each question's own 'prompt' column (a ZeroSearch/"
                                     "Search-R1 parquet) verbatim; documents and notes still follow --prompt-style.")
-    sim_template: str | None = option(None, "Simulator prompt template (simulated --search only): a file (fields "
-                                      "{query} {question} {answer} {mode} {Mode} {k}; YAML for one text per mode and "
-                                      "a system message) or zerosearch-sft.")
+    sim_template: str | None = option(None, prompts.SIM_TEMPLATE_HELP)
 
 
 def load_benchmarks(spec: str, split: str, limit: int | None) -> tuple[list[pa.Table], list[dict]]:

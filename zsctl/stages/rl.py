@@ -109,9 +109,7 @@ class RLConfig(Options):
                                "the policy is trained with.", choices=prompts.PROMPT_STYLES)
     prompt_from_data: bool = option(False, "Give the policy each training question's own 'prompt' column (a "
                                     "ZeroSearch/Search-R1 parquet) verbatim.")
-    sim_template: str | None = option(None, "Simulator prompt template: a file (fields {query} {question} {answer} "
-                                      "{mode} {Mode} {k}; YAML for one text per mode and a system message) or "
-                                      "zerosearch-sft.")
+    sim_template: str | None = option(None, prompts.SIM_TEMPLATE_HELP)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -68,9 +68,7 @@ class ServeConfig(Options):
     max_query_chars: int = option(512, "Characters per query.", ge=1, le=1_000_000)
     sim_mode: str = option("tuned", "For sim: engines: tuned (a train-sim model) | prompt (untuned instruct model, "
                                 "few-shot).", flag="sim-style", aliases=("sim-mode",), choices=SIM_STYLES)
-    sim_template: str | None = option(None, "Simulator prompt template: a file (fields {query} {question} {answer} "
-                                        "{mode} {Mode} {k}; YAML for one text per mode and a system message) or "
-                                        "zerosearch-sft.")
+    sim_template: str | None = option(None, prompts.SIM_TEMPLATE_HELP)
     noise_p: float = option(0.0, "Simulators: share of noisy answers when a request names no noise.", ge=0, le=1)
     seed: int = option(0, "Random seed.", ge=0)
 

@@ -1,8 +1,10 @@
 """`zsctl train-sim`: fine-tune the simulator on build-sft's prompt/completion corpus.
 
 setup (data, output dir, base model) → SFT in zsctl/sft.py (completion-only loss, LoRA merged or
-full) → HF model directory + manifest.json (last). The prompt is the raw simulator template text,
-tokenised exactly as the `sim:` engine feeds it at inference; no chat template is applied.
+full) → HF model directory + manifest.json (last). The prompt is the simulator template text build-sft
+rendered, tokenised exactly as the `sim:` engine feeds it at inference: raw text, or, for a template
+with a system message (e.g. `build-sft --sim-template zerosearch-sft`), the user turn in the base
+model's chat template. The template is recorded in the simulator's manifest, and `sim:` uses it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from zsctl import sft
-from zsctl.core import artifacts
+from zsctl.core import artifacts, prompts
 from zsctl.core.config import DEFAULT_MODEL, option
 from zsctl.core.progress import Progress
 
@@ -34,14 +36,32 @@ def tokens_per_doc(rows: list[dict], data_manifest: dict, base: str) -> int:
     return math.ceil(lengths[int(0.95 * (len(lengths) - 1))] / k * 1.1) + 4
 
 
+def as_chat(rows: list[dict], template: prompts.SimTemplate, base: str) -> tuple[list[dict], bool]:
+    """Rows whose prompt is the user turn of a chat, wrapped as the `sim:` engine wraps it, and whether
+    the prompt is then tokenised with special tokens (only without a chat template, as the engine)."""
+    from zsctl.core.models import load_tokenizer
+
+    tok = load_tokenizer(base)
+    wrap = [{**r, "prompt": prompts.render_chat(tok, template.messages(r["prompt"]), who=f"base model {base}")}
+            for r in rows]
+    return wrap, not getattr(tok, "chat_template", None)
+
+
 def run(cfg: TrainSimConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
     train, val, data_manifest = sft.load_sft_data(cfg.data, "sim_sft")
     artifacts.check_out(cfg.out, "simulator", [cfg.data, cfg.base])
+    template = prompts.SimTemplate.recorded(data_manifest)  # None: data from before templates were recorded
+    special = True
+    if template is not None and template.system is not None:
+        (train, special), (val, _) = as_chat(train, template, cfg.base), as_chat(val, template, cfg.base)
     run_cfg = sft.SFTRunConfig(
-        base=cfg.base, out=cfg.out, mask_env=False, prompt_special_tokens=True, **cfg.options(),
+        base=cfg.base, out=cfg.out, mask_env=False, prompt_special_tokens=special, **cfg.options(),
         desc="train-sim",
     )
+    extra = {"base_model": cfg.base, "tokens_per_doc": tokens_per_doc(train, data_manifest, cfg.base)}
+    if template is not None:
+        extra["sim_template"] = template.as_dict()
     manifest = {"kind": "simulator", "config": asdict(cfg), "inputs": [artifacts.input_ref(cfg.data)],
-                "extra": {"base_model": cfg.base, "tokens_per_doc": tokens_per_doc(train, data_manifest, cfg.base)}}
+                "extra": extra}
     return sft.train_sft(run_cfg, train, val, progress, manifest=manifest)
