@@ -83,6 +83,21 @@ def test_each_query_gets_its_own_question_and_first_answer(tiny):
     assert [r.well_formed for r in results] == [True] * 4 and engine.well_formed == 4
 
 
+def test_a_reply_ends_at_its_kth_line_break(tiny):
+    # a small simulator goes on after its k documents ("Docs: ..."); the reply is whole at the k-th
+    # line break, so generation stops there and the rest is never written (nor glued to document k)
+    model, tok = tiny
+    reply = "Doc 1: (Peru) Lima is the capital.\nDoc 2: (Andes) Mountains.\nDocs: (Doc 1) more text about Lima here"
+    script_model(model, tok, {SAMPLES[0][1]: [reply]})
+    engine = _engine(tiny, max_new_tokens=200)
+    r = engine.search([SAMPLES[0][0]], k=2, contexts=_contexts()[:1])[0]
+    assert r.text == "Doc 1: (Peru) Lima is the capital.\nDoc 2: (Andes) Mountains." and r.well_formed
+    assert r.docs[1].text == "Mountains."
+    written = len(tok("Doc 1: (Peru) Lima is the capital.\nDoc 2: (Andes) Mountains.\n",
+                      add_special_tokens=False)["input_ids"])
+    assert engine.generated_tokens == written < len(tok(reply, add_special_tokens=False)["input_ids"])
+
+
 def test_tuned_prompt_is_the_training_prompt_byte_for_byte(tiny):
     model, tok = tiny
     engine = _engine(tiny, max_new_tokens=4)
@@ -245,7 +260,8 @@ def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
     calls = _count_generate(engine.model)
     temperatures = []
     orig = engine._complete
-    engine._complete = lambda texts, budget, stop, s: temperatures.append(s.temperature) or orig(texts, budget, stop, s)
+    engine._complete = lambda texts, budget, stop, s, lines: temperatures.append(s.temperature) or orig(
+        texts, budget, stop, s, lines)
     results = _verify_search(engine)
     texts = [r.docs[0].title + " | " + r.docs[0].text for r in results]
     assert calls == [5, 2]  # every row once, then ONE batch of the two useful rows that failed

@@ -91,6 +91,30 @@ class StopText:
         return Criterion()
 
 
+class LineBreaks:
+    """HF stopping criterion: a row ends at its `lines`-th line break. For replies whose every
+    document is one line, the reply is whole there, and what a small simulator writes after it
+    ("Docs: …", more documents) is waste and is cut anyway (`first_lines`)."""
+
+    def __init__(self, tok, lines: int):
+        self.tok, self.lines, self.seen = tok, lines, None
+
+    def __call__(self, input_ids, scores, **kw):
+        import torch
+
+        last = input_ids[:, -1].tolist()  # generate calls this once per new token
+        if self.seen is None:
+            self.seen = [0] * len(last)
+        for r, text in enumerate(self.tok.batch_decode([[t] for t in last])):
+            self.seen[r] += text.count("\n")
+        return torch.tensor([n >= self.lines for n in self.seen], device=input_ids.device)
+
+
+def first_lines(text: str, lines: int) -> str:
+    """The text up to its `lines`-th line break (all of it when `lines` is 0)."""
+    return "\n".join(text.split("\n")[:lines]) if lines else text
+
+
 def left_pad(rows: list[list[int]], pad: int):
     """(ids, attention mask) tensors with every row right-aligned: the next token shares a column."""
     import torch
@@ -147,9 +171,10 @@ class NoRepeatInCompletion:
 
 def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, *,
                    sampling: Sampling = Sampling(), stop: list[str] | None = None,
-                   no_repeat: int = NO_REPEAT_NGRAM) -> list[Generation]:
-    """ONE left-padded `generate` over all prompts; each row's new text, cut at `stop`; no n-gram of
-    `no_repeat` tokens repeats within a completion (0: no ban)."""
+                   no_repeat: int = NO_REPEAT_NGRAM, lines: int = 0) -> list[Generation]:
+    """ONE left-padded `generate` over all prompts; each row's new text, cut at `stop` and, with
+    `lines`, ended and cut at its `lines`-th line break; no n-gram of `no_repeat` tokens repeats within
+    a completion (0: no ban)."""
     import torch
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -159,8 +184,10 @@ def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int,
     width = input_ids.shape[1]
     kw = dict(max_new_tokens=max(1, int(max_new_tokens)), pad_token_id=pad, **sampling.generate_kwargs(),
               logits_processor=[NoRepeatInCompletion(no_repeat, width)] if no_repeat > 0 else [])
-    if stop:
-        kw.update(stopping_criteria=[StopText(tok, list(stop)).criterion(width)])
+    criteria = [StopText(tok, list(stop)).criterion(width)] if stop else []
+    criteria += [LineBreaks(tok, lines)] if lines else []
+    if criteria:
+        kw.update(stopping_criteria=criteria)
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), **kw)
@@ -168,7 +195,7 @@ def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int,
     for row in out[:, width:].tolist():
         end = next((j for j, t in enumerate(row) if t in eos_ids or t == pad), None)
         full = tok.decode(row[:end], skip_special_tokens=True)
-        text = cut_at_stop(full, stop)
+        text = first_lines(cut_at_stop(full, stop), lines)
         ended = end is not None or len(text) < len(full)
         results.append(Generation(text, end if end is not None else len(row), "stop" if ended else "length"))
     return results

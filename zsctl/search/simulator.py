@@ -52,7 +52,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from zsctl.core import metrics, prompts
 from zsctl.core.errors import BadInput
-from zsctl.core.generation import NO_REPEAT_NGRAM, Sampling, cut_at_stop, generate_batch
+from zsctl.core.generation import NO_REPEAT_NGRAM, Sampling, cut_at_stop, first_lines, generate_batch
 from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, SearchResult
 
 SIM_STYLES = ("tuned", "prompt")
@@ -176,6 +176,8 @@ class _Simulated(SearchEngine):
         rendered = [self.render(q, c, m, k) for q, c, m in zip(queries, ctxs, modes)]
         inputs = [self.model_input(p) for p in rendered]
         budget = self.max_new_tokens or self.tokens_per_doc * k
+        # a trained simulator writes one document per line: its reply is whole at the k-th line break
+        lines = k if self.chat_system is None else 0
         n = len(queries)
         texts, tries = [""] * n, [0] * n
         todo, sampling = list(range(n)), self.sampling
@@ -183,8 +185,9 @@ class _Simulated(SearchEngine):
         for attempt in range(1 + self.verify):
             if not todo:
                 break
-            for i, text in zip(todo, self._timed_complete([inputs[i] for i in todo], budget, self.stops(k), sampling)):
-                texts[i] = self.primer + text
+            replies = self._timed_complete([inputs[i] for i in todo], budget, self.stops(k), sampling, lines)
+            for i, text in zip(todo, replies):
+                texts[i] = self.primer + first_lines(text, lines)
                 tries[i] += 1
             if attempt:
                 with self.stats_lock:
@@ -228,17 +231,20 @@ class _Simulated(SearchEngine):
         }
         return bool(about) and (holds or not golds)
 
-    def _timed_complete(self, texts: list[str], max_new_tokens: int, stop: list[str], sampling: Sampling) -> list[str]:
+    def _timed_complete(self, texts: list[str], max_new_tokens: int, stop: list[str], sampling: Sampling,
+                        lines: int = 0) -> list[str]:
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            return self._complete(texts, max_new_tokens, stop, sampling)
+            return self._complete(texts, max_new_tokens, stop, sampling, lines)
         finally:
             # summed over concurrent searches (serve); process CPU time then covers them all
             with self.stats_lock:
                 self.generation_s += time.perf_counter() - t0
                 self.generation_cpu_s += time.process_time() - c0
 
-    def _complete(self, texts: list[str], max_new_tokens: int, stop: list[str], sampling: Sampling) -> list[str]:
+    def _complete(self, texts: list[str], max_new_tokens: int, stop: list[str], sampling: Sampling,
+                  lines: int = 0) -> list[str]:
+        """The replies; `lines` > 0: each may end at its `lines`-th line break (the caller cuts there)."""
         raise NotImplementedError
 
 
@@ -297,12 +303,13 @@ class SimulatorEngine(_Simulated):
         # tuned: exactly as TRL's SFTTrainer tokenises a plain-text prompt column
         return self.tok(model_input)["input_ids"]
 
-    def _complete(self, texts, max_new_tokens, stop, sampling):
+    def _complete(self, texts, max_new_tokens, stop, sampling, lines=0):
         ids = [self.encode(t) for t in texts]
         with self.lock:  # one model: concurrent searches take turns
             self.generate_calls += 1
             gens = generate_batch(self.model, self.tok, ids, max_new_tokens, sampling=sampling, stop=stop,
-                                  no_repeat=NO_REPEAT_NGRAM if self.no_repeat is None else self.no_repeat)
+                                  no_repeat=NO_REPEAT_NGRAM if self.no_repeat is None else self.no_repeat,
+                                  lines=lines)
             self.generated_tokens += sum(g.tokens for g in gens)
         return [g.text for g in gens]
 
@@ -440,7 +447,7 @@ class SimulatorHTTPEngine(_Simulated):
     def model_input(self, prompt: str) -> str:
         return prompt if self.api == "chat" else super().model_input(prompt)
 
-    def _complete(self, texts, max_new_tokens, stop, sampling):
+    def _complete(self, texts, max_new_tokens, stop, sampling, lines=0):  # the server cannot stop at a line count
         body = {"max_tokens": int(max_new_tokens), "temperature": sampling.temperature, "top_p": sampling.top_p,
                 "stop": list(stop[:MAX_SENT_STOPS])}
         if self.no_repeat is not None:  # an extension zsctl serve honours (vLLM ignores it, older ones refuse it)
