@@ -35,7 +35,7 @@ step "real searches: every training question, the question as query, top $DEPTH"
 zsctl collect --questions "$BENCH" --policy none --search "$SEARCH" --out "$RUN/question_searches" \
   --topk "$DEPTH" --batch-size 256 $Q
 
-step "build-sft --label docs: useful/noisy pairs that differ only in the mode word"
+step "build-sft --label docs: a useful and a noisy row from ONE search (only the useful prompt names the answer)"
 zsctl build-sft --trajectories "$RUN/question_searches" --out "$RUN/sim_sft" --label docs --pairs-per-search 3 \
   --search "$SEARCH" --topk "$K" --max-doc-words "$DOC_WORDS" $Q
 
