@@ -257,7 +257,7 @@ def test_the_simulator_template_travels_from_build_sft_through_train_sim_to_the_
     assert rendered == row["prompt"]
     # what the engine feeds the model is, token for token, the prompt part train-sim trained on
     tok = load_tokenizer(str(tiny_model_dir))
-    chat, special = train_sim.as_chat([row], prompts.SimTemplate.recorded(data_manifest), str(tiny_model_dir))
+    (chat,), special = train_sim.as_chat([[row]], prompts.SimTemplate.recorded(data_manifest), str(tiny_model_dir))
     assert not special and chat[0]["prompt"].startswith("<|im_start|>system")
     trained = sft.encode_example(tok, chat[0]["prompt"], row["completion"], mask_env=False,
                                  prompt_special_tokens=special)

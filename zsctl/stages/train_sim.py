@@ -36,14 +36,15 @@ def tokens_per_doc(rows: list[dict], data_manifest: dict, base: str) -> int:
     return math.ceil(lengths[int(0.95 * (len(lengths) - 1))] / k * 1.1) + 4
 
 
-def as_chat(rows: list[dict], template: prompts.SimTemplate, base: str) -> tuple[list[dict], bool]:
-    """Rows whose prompt is the user turn of a chat, wrapped as the `sim:` engine wraps it, and whether
-    the prompt is then tokenised with special tokens (only without a chat template, as the engine)."""
+def as_chat(splits: list[list[dict]], template: prompts.SimTemplate, base: str) -> tuple[list[list[dict]], bool]:
+    """Each split's rows with their prompt (the user turn of a chat) wrapped as the `sim:` engine wraps
+    it, and whether prompts are then tokenised with special tokens (only without a chat template, as
+    the engine does)."""
     from zsctl.core.models import load_tokenizer
 
     tok = load_tokenizer(base)
-    wrap = [{**r, "prompt": prompts.render_chat(tok, template.messages(r["prompt"]), who=f"base model {base}")}
-            for r in rows]
+    wrap = [[{**r, "prompt": prompts.render_chat(tok, template.messages(r["prompt"]), who=f"base model {base}")}
+             for r in rows] for rows in splits]
     return wrap, not getattr(tok, "chat_template", None)
 
 
@@ -54,7 +55,7 @@ def run(cfg: TrainSimConfig, progress: Progress | None = None) -> dict:
     template = prompts.SimTemplate.recorded(data_manifest)  # None: data from before templates were recorded
     special = True
     if template is not None and template.system is not None:
-        (train, special), (val, _) = as_chat(train, template, cfg.base), as_chat(val, template, cfg.base)
+        (train, val), special = as_chat([train, val], template, cfg.base)
     run_cfg = sft.SFTRunConfig(
         base=cfg.base, out=cfg.out, mask_env=False, prompt_special_tokens=special, **cfg.options(),
         desc="train-sim",
