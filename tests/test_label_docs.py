@@ -267,6 +267,9 @@ def test_the_simulator_template_travels_from_build_sft_through_train_sim_to_the_
     del manifest["sim_template"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert SimulatorEngine(str(out)).template == prompts.SIMULATOR_TEMPLATE
+    # a recorded template without its texts is bad input, not a silent fallback
+    with pytest.raises(BadInput, match="sim_template"):
+        prompts.SimTemplate.recorded({"kind": "simulator", "sim_template": {"useful": "x"}})
 
 
 def test_sim_template_with_policy_data_is_bad_input(tmp_path):

@@ -300,8 +300,11 @@ class SimTemplate:
     def recorded(cls, manifest: dict) -> SimTemplate | None:
         """The template a build-sft or train-sim manifest recorded, if any (older ones recorded none)."""
         t = manifest.get("sim_template")
-        if not isinstance(t, dict):
+        if t is None:
             return None
+        if not (isinstance(t, dict) and isinstance(t.get("useful"), str) and isinstance(t.get("noisy"), str)):
+            raise BadInput(f"a {manifest.get('kind', 'zsctl')} manifest records a sim_template without its useful "
+                           "and noisy texts; rebuild that artifact (zsctl build-sft / train-sim)")
         return cls(t["useful"], t["noisy"], t.get("system"), t.get("source", "recorded"))
 
 
