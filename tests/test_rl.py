@@ -80,6 +80,9 @@ def test_trl_settings_match_the_rollout(tmp_path, train_file, tiny_model_dir):
     assert trainer.max_completion_length == trainer.args.max_completion_length == 64
     # TRL's loss and logprobs assume sampling from the full softmax at this temperature
     assert trainer.temperature == 0.7 and trainer.top_p == 1.0 and trainer.top_k in (0, None)
+    # TRL defaults activation checkpointing on; we turn it off under either of transformers' names for it
+    assert not trainer.args.gradient_checkpointing and not getattr(trainer.args, "activation_checkpointing", False)
+    assert not trainer.model.is_gradient_checkpointing
 
 
 def test_hf_rollouts_sample_from_the_full_softmax(tmp_path, train_file, tiny_model_dir, monkeypatch):

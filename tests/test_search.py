@@ -4,6 +4,7 @@ local HTTP servers, the on-disk cache, and make_engine's spec handling."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -404,3 +405,16 @@ def test_make_engine_rejects_bad_specs(spec):
 def test_make_engine_none():
     engine = make_engine("none")
     assert isinstance(engine, NoSearch) and docs_of(engine.search(["a", "b"], k=3)) == [[], []]
+
+
+def test_bm25_keeps_jax_off_the_gpu_unless_told(tmp_path):
+    """bm25s runs JAX at import where it is installed; JAX would take most of a GPU's memory."""
+    import subprocess
+    import sys
+
+    probe = "import os, zsctl.search.bm25, bm25s; print(os.environ.get('JAX_PLATFORMS'))"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    run = lambda e: subprocess.run([sys.executable, "-c", probe], env=e, capture_output=True, text=True,  # noqa: E731
+                                   check=True).stdout.strip()
+    assert run(env) == "cpu"
+    assert run({**env, "JAX_PLATFORMS": "cuda"}) == "cuda"  # the user's choice stands

@@ -136,7 +136,7 @@ def test_train_sim_lora_merges_and_reloads(tiny_model_dir, tmp_path):
     assert not torch.allclose(merged[WEIGHT], base[WEIGHT])  # the adapters reached the weights
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    ids = tok(sim_rows(1, start=300)[0]["prompt"], return_tensors="pt")
+    ids = tok(sim_rows(1, start=300)[0]["prompt"], return_tensors="pt", return_token_type_ids=False)
     gen = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert gen.shape[1] > ids["input_ids"].shape[1]
 

@@ -129,7 +129,8 @@ def test_warmup_changes_weights_and_reloads(tiny_model_dir, tmp_path, tok):
     assert manifest["kind"] == "policy" and manifest["config"]["policy"] == str(tiny_model_dir)
     assert not torch.allclose(state_dict(out)[WEIGHT], state_dict(tiny_model_dir)[WEIGHT])
     model = AutoModelForCausalLM.from_pretrained(out)
-    ids = tok(policy_rows(tok, 1, start=300)[0]["prompt"], add_special_tokens=False, return_tensors="pt")
+    ids = tok(policy_rows(tok, 1, start=300)[0]["prompt"], add_special_tokens=False, return_tensors="pt",
+              return_token_type_ids=False)
     assert (
         model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id).shape[1]
         > ids["input_ids"].shape[1]

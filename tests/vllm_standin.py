@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 from trl.generation import vllm_generation as trl_vllm
 
+from zsctl.core.models import cache_kwarg
+
 
 @dataclass
 class FakeLogprob:
@@ -83,9 +85,10 @@ class HFEngine:
         forced_ids = self.tok(forced, add_special_tokens=False)["input_ids"] if forced is not None else None
         out, lps, past = [], [], None
         nxt = torch.tensor([prompt])
+        cache_kw = cache_kwarg(self.model)
         with torch.no_grad():
             for j in range(max_tokens):
-                res = self.model(input_ids=nxt, cache=past, use_cache=True)
+                res = self.model(input_ids=nxt, use_cache=True, **{cache_kw: past})
                 past = res.past_key_values
                 logp = torch.log_softmax(res.logits[0, -1].float() / max(temperature, 1e-6), dim=-1)
                 if forced_ids is not None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from zsctl.core import prompts
 from zsctl.core.generation import Sampling, StopText, left_pad
+from zsctl.core.models import cache_kwarg
 from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, cut_words
 
 
@@ -329,9 +330,11 @@ class AgentLoop:
         mask = mask.to(device)
         self.prefill_tokens += sum(len(p) for p in pending)
 
+        cache_kw = cache_kwarg(model)
+
         def forward(input_ids, positions):
             out = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions.to(device),
-                        cache=cache, use_cache=True, logits_to_keep=1)
+                        use_cache=True, logits_to_keep=1, **{cache_kw: cache})
             return out.logits[:, -1, :].float()
 
         with torch.no_grad():
@@ -399,7 +402,8 @@ class AgentLoop:
         device = next(self.model.parameters()).device
         cache = DynamicCache(config=self.model.config)
         with torch.no_grad():
-            self.model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1,
+                       **{cache_kwarg(self.model): cache})
         self.prefill_tokens += len(ids)
         return _RowCache([(layer.keys[0], layer.values[0]) for layer in cache.layers], len(ids))
 

@@ -219,7 +219,7 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from zsctl.core.models import load_model, lora_config
+    from zsctl.core.models import load_model, lora_config, no_activation_checkpointing
 
     progress = progress or Progress()
     # Our Progress is the one display: no library bars, no log dicts printed to stdout (--json).
@@ -257,7 +257,7 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
         data_seed=cfg.seed,
         use_cpu=not on_gpu,
         bf16=on_gpu,
-        activation_checkpointing=False,  # TRL turns it on by default; on 2 CPU cores it only costs time
+        **no_activation_checkpointing(),
         include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens, not padding
         disable_tqdm=True,
         dataloader_num_workers=0,

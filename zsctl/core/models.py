@@ -69,13 +69,15 @@ def _smollm2_gguf() -> Path:
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
-    )
+    # transformers 5 asks for dequantized weights with GgufConfig; 4.x always dequantizes a GGUF
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    extra = {"quantization_config": gguf_config(dequantize=True)} if gguf_config else {}
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **extra)
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # the saved weights are plain fp32 now
     model.save_pretrained(tmp)
@@ -157,3 +159,28 @@ def lora_config(r: int, alpha: int | None = None):
 
     return LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM")
+
+
+def no_activation_checkpointing() -> dict:
+    """TrainingArguments kwargs that turn activation checkpointing off, on any transformers we support.
+
+    TRL turns it on by default, and at our sizes it only costs time. transformers renamed
+    `gradient_checkpointing` to `activation_checkpointing` (the old name kept as an alias, and
+    TRL's default of True set through it); releases before the rename know only the old name.
+    """
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in fields(TrainingArguments)}
+    return {"activation_checkpointing": False, "gradient_checkpointing": False} if "activation_checkpointing" in names \
+        else {"gradient_checkpointing": False}
+
+
+def cache_kwarg(model) -> str:
+    """forward()'s keyword for a KV cache. transformers renamed `past_key_values` to `cache` (5.2x);
+    a release before the rename takes `cache=` into **kwargs and decodes without it, silently."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT model's forward is (*a, **kw)
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"

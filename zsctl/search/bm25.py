@@ -26,6 +26,10 @@ META = "bm25_meta.json"  # written last by save(): its presence marks a complete
 CORPUS = "corpus.parquet"
 STOPWORDS = "en"
 BM25_PARAMS = {"method": "lucene", "k1": 1.5, "b": 0.75}
+# bm25s imports JAX where it is installed and runs a top-k on JAX's default device at import. On a
+# GPU machine that is the GPU, and JAX takes 75 % of its memory up front, from the policy and vLLM
+# (seen on an H100: processes of the test suite ran out of GPU memory). BM25 needs no GPU.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def tokenizer_settings() -> dict:

@@ -531,7 +531,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from zsctl.core.models import load_model, lora_config
+    from zsctl.core.models import load_model, lora_config, no_activation_checkpointing
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented experimental API
     progress = progress or Progress()
@@ -592,7 +592,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
         data_seed=cfg.seed,
         use_cpu=not on_gpu,
         bf16=on_gpu,
-        activation_checkpointing=False,  # TRL turns it on by default; small models on a CPU are compute-bound
+        **no_activation_checkpointing(),
         use_vllm=cfg.use_vllm,
         vllm_mode=cfg.vllm_mode,
         vllm_server_host=cfg.vllm_server_host,
