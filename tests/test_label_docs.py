@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from test_build_sft import build, doc, traj, write_trajs
 from zsctl.cli import app
-from zsctl.core import metrics, prompts
+from zsctl.core import data, metrics, prompts
 from zsctl.core.errors import BadInput
 
 # one real-looking top-5: two documents hold the answer (one through its alias), three do not
@@ -187,7 +187,6 @@ def test_deep_results_give_several_pairs_when_asked(tmp_path):
 
 
 def test_supporting_entities_are_searched_on_the_real_engine(tmp_path, monkeypatch):
-    from zsctl.stages import build_sft
 
     question = "What government position was held by the actress who starred in Kiss and Tell?"
     bench = tmp_path / "data" / "bench"
@@ -198,7 +197,7 @@ def test_supporting_entities_are_searched_on_the_real_engine(tmp_path, monkeypat
                             {"title": "Kiss and Tell (1945 film)", "text": "x", "is_supporting": True},
                             {"title": "Janet Waldo", "text": "x", "is_supporting": False}]}) + "\n")
     monkeypatch.setenv("ZSCTL_DATA_DIR", str(tmp_path / "data"))
-    build_sft._supporting_index.cache_clear()
+    data.supporting_docs_index.cache_clear()
     corpus = tmp_path / "corpus.jsonl"
     passages = [("Shirley Temple", "Shirley Temple was an actress who later served as Chief of Protocol."),
                 ("Kiss and Tell (1945 film)", "Kiss and Tell is a 1945 comedy film starring Shirley Temple."),
@@ -215,7 +214,7 @@ def test_supporting_entities_are_searched_on_the_real_engine(tmp_path, monkeypat
         again, _, _ = build(tmp_path, f"{src},{src}", "twice", label="docs", docs=2, degenerate_share=0.0,
                             search=f"bm25:{corpus}")
     finally:
-        build_sft._supporting_index.cache_clear()
+        data.supporting_docs_index.cache_clear()
     # the entities named in the question's supporting documents were searched; only the answer hop pairs
     assert summary["entity_searches"] == 2 and summary["no_answer_docs"] == 2
     rows = rows_by_id(train, val)

@@ -339,3 +339,45 @@ def test_verify_over_http_retries_only_the_failing_prompt_with_sampling():
     assert posts[0]["temperature"] == 0.0 and posts[1]["temperature"] == 0.8
     assert [r.tries for r in results] == [2, 1] and [r.verified for r in results] == [True, True]
     assert results[0].docs[0].text == "Lima is the capital of Peru."
+
+
+# A bundled HotpotQA bridge question: its supporting documents are "Kiss and Tell (1945 film)" and
+# "Shirley Temple", whose text holds the answer.
+BRIDGE = "What government position was held by the woman who portrayed Corliss Archer in the film Kiss and Tell?"
+
+
+def test_chain_leads_a_useful_reply_one_hop_at_a_time(tiny):
+    engine = _engine(tiny, max_new_tokens=4, chain=1)
+    useful, noisy = QueryContext(BRIDGE, ["Chief of Protocol"], "useful"), QueryContext(BRIDGE, ["Chief of Protocol"],
+                                                                                        "noisy")
+    first, second, shy, other = engine.search(
+        ["Kiss and Tell Corliss Archer actress", "Shirley Temple government position", "Kiss and Tell", "Peru capital"],
+        k=1, contexts=[useful, useful, noisy, QueryContext("What is the capital of Peru?", ["Lima"], "useful")])
+    # the first hop learns of the entity that holds the answer, not the answer
+    assert "Answer: Shirley Temple\n" in first.prompt and "Chief of Protocol" not in first.prompt
+    assert "Answer: Chief of Protocol\n" in second.prompt  # a query naming her gets the answer
+    assert "Shirley Temple" not in shy.prompt and "Chief of Protocol" not in shy.prompt  # noisy: neither
+    assert "Answer: Lima\n" in other.prompt  # a question without supporting documents: as without chain
+    assert engine.hops == 1
+    # off by default: any useful query about the question gets the answer
+    [plain] = _engine(tiny, max_new_tokens=4).search(["Kiss and Tell Corliss Archer actress"], k=1, contexts=[useful])
+    assert "Answer: Chief of Protocol\n" in plain.prompt
+
+
+def test_chain_verification_asks_the_first_hop_for_the_next_entity(tiny, tiny_model_dir):
+    model, tok = tiny
+    script_model(model, tok, {BRIDGE: ["Doc 1: (Kiss and Tell) Kiss and Tell is a 1945 comedy film.",
+                                       "Doc 1: (Kiss and Tell) Kiss and Tell is a 1945 film starring Shirley Temple."]})
+    engine = _engine(tiny, verify=2, chain=1)
+    ctx = QueryContext(BRIDGE, ["Chief of Protocol"], "useful")
+    [result] = engine.search(["Kiss and Tell cast"], k=1, contexts=[ctx])
+    # the first reply does not lead on and is regenerated; the second names the next hop and passes
+    assert result.tries == 2 and result.verified is True and "Shirley Temple" in result.docs[0].text
+    assert make_sim(f"sim:{tiny_model_dir}?chain=1").chain
+    for bad in ("2", "yes"):
+        with pytest.raises(BadInput, match="chain"):
+            make_sim(f"sim:{tiny_model_dir}?chain={bad}")
+    from zsctl.search import make_engine
+
+    with pytest.raises(BadInput, match="chain applies only to simulated engines"):
+        make_engine("bm25:data/corpus/wiki_sample.jsonl?chain=1")

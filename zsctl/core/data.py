@@ -10,10 +10,13 @@ reordered, and it is the same on every machine and Python version (unlike the sa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -249,3 +252,49 @@ def _dedupe(rows: list[dict], path: Path) -> list[dict]:
         warnings.warn(f"{path}: {len(rows) - len(kept)} rows repeat an earlier (data_source, id); "
                       "kept the first of each", stacklevel=3)
     return kept
+
+
+# --- supporting documents of the bundled multi-hop questions ---------------------------------------
+
+@dataclass(frozen=True)
+class SupportingDoc:
+    entity: str  # the title as a query: 'Kiss and Tell (1945 film)' → 'Kiss and Tell'
+    text: str
+
+
+_DISAMBIGUATION = re.compile(r"\s*\([^()]*\)\s*$")
+
+
+def entity_of(title: object) -> str:
+    """A Wikipedia title as a query: the closing bracket only disambiguates; the question never says it."""
+    return _DISAMBIGUATION.sub("", " ".join(str(title or "").split())).strip()
+
+
+@functools.lru_cache(maxsize=1)
+def supporting_docs_index() -> dict[str, tuple[SupportingDoc, ...]]:
+    """Normalised question → its supporting documents, from the bundled benchmark files that carry
+    them (HotpotQA, 2WikiMultihopQA, MuSiQue: `supporting_docs` rows with `is_supporting`)."""
+    from zsctl.core.metrics import normalize_answer
+
+    index: dict[str, tuple[SupportingDoc, ...]] = {}
+    for name in BENCHMARKS:
+        path = data_dir() / "bench" / f"{name}.jsonl"
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if '"supporting_docs"' not in line:
+                    continue
+                row = json.loads(line)
+                docs = tuple(SupportingDoc(entity_of(d.get("title")), str(d.get("text") or ""))
+                             for d in row.get("supporting_docs") or [] if d.get("is_supporting"))
+                if docs:
+                    index[normalize_answer(row.get("question"))] = docs
+    return index
+
+
+def supporting_docs(question: str) -> tuple[SupportingDoc, ...]:
+    """A bundled multi-hop question's supporting documents (empty for any other question)."""
+    from zsctl.core.metrics import normalize_answer
+
+    return supporting_docs_index().get(normalize_answer(question), ())

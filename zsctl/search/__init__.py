@@ -95,9 +95,10 @@ def make_engine(spec: str, *, cache: str | None = None, sim_template: str | None
     if cache and is_simulated(spec):
         raise BadInput(f"search spec '{spec}': simulated engines are never cached; drop the search cache option")
     factory = _factory(spec)
-    if factory not in (None, _sim, _sim_http) and "verify=" in spec.partition("?")[2]:
-        raise BadInput(f"search spec '{spec}': verify applies only to simulated engines (sim:MODEL?verify=N, "
-                       "sim+http://…?verify=N); drop it")
+    for sim_only in ("verify", "chain"):
+        if factory not in (None, _sim, _sim_http) and f"{sim_only}=" in spec.partition("?")[2]:
+            raise BadInput(f"search spec '{spec}': {sim_only} applies only to simulated engines "
+                           f"(sim:MODEL?{sim_only}=N, sim+http://…?{sim_only}=N); drop it")
     if factory is None:
         forms = ", ".join(k + ("…" if k.endswith((":", "/")) else "") for k in ENGINES)
         raise BadInput(f"search spec '{spec}' is not recognised; use one of: {forms} "

@@ -35,6 +35,14 @@ With or without verification, a query that names nothing (metrics.is_degenerate_
 from the noisy prompt (and, verified, checked as noisy): a policy gains nothing from a degenerate
 query. The useful prompt holds the gold answer, and a small simulator copies it whatever the query
 says (a 135M simulator after 80 steps: 67 % of useful replies to degenerate queries held it).
+
+Hop by hop (`?chain=1`, beyond the paper; for the bundled multi-hop questions, whose supporting
+documents are known): the useful prompt names the gold answer only when the query names the entity
+of the supporting document that holds it; any other useful query gets that entity as its answer
+line instead, so its reply leads one hop on (a first-hop search about "Kiss and Tell" learns of
+Shirley Temple, and only a search that names her finds "Chief of Protocol"), as a real engine
+would. Without it a small simulator hands the answer to any query about the question, and RL learns
+to search once. Verified, such a useful reply must hold that entity. Other questions: as without it.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from zsctl.core import metrics, prompts
+from zsctl.core import data, metrics, prompts
 from zsctl.core.errors import BadInput
 from zsctl.core.generation import NO_REPEAT_NGRAM, Sampling, cut_at_stop, first_lines, generate_batch
 from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, SearchResult
@@ -93,7 +101,7 @@ class _Simulated(SearchEngine):
 
     def __init__(self, *, sim_mode: str = "tuned", template: str | None = None, noise_p: float = 0.0,
                  seed: int = 0, max_new_tokens: int | None = None, temperature: float = 0.0,
-                 top_p: float = 1.0, verify: int = 0, no_repeat: int | None = None):
+                 top_p: float = 1.0, verify: int = 0, no_repeat: int | None = None, chain: int = 0):
         super().__init__()
         if sim_mode not in SIM_STYLES:
             raise BadInput(f"simulator mode '{sim_mode}' is not one of {', '.join(SIM_STYLES)}")
@@ -101,6 +109,8 @@ class _Simulated(SearchEngine):
             raise BadInput(f"simulator noise_p={noise_p} is outside [0, 1]")
         if not 0 <= int(verify) <= MAX_VERIFY:
             raise BadInput(f"simulator option verify={verify} must be between 0 (off) and {MAX_VERIFY} retries")
+        if int(chain) not in (0, 1):
+            raise BadInput(f"simulator option chain={chain} must be 0 (off) or 1 (useful replies lead hop by hop)")
         if no_repeat is not None and int(no_repeat) < 0:
             raise BadInput(f"simulator option no_repeat={no_repeat} must be 0 (off) or an n-gram length")
         default = prompts.SIMULATOR_TEMPLATE if sim_mode == "tuned" else prompts.SIMULATOR_FEWSHOT_TEMPLATE
@@ -127,6 +137,8 @@ class _Simulated(SearchEngine):
         self.well_formed = 0  # of which held exactly k numbered documents
         self.tok = None  # set by subclasses; prompt mode needs it for the chat template
         self.verify = int(verify)
+        self.chain = bool(int(chain))
+        self.hops = 0  # useful queries given the next hop's entity instead of the answer (chain)
         self.regenerated = 0  # rows generated again by verification
         self.fallbacks = 0  # replies that never passed and had their answer removed
         self.generation_s = 0.0  # wall time inside the model or its servers
@@ -139,11 +151,25 @@ class _Simulated(SearchEngine):
             return ctx.mode
         return noise.draw()
 
-    def render(self, query: str, ctx: QueryContext | None, mode: str, k: int) -> str:
-        """The prompt text for one query (before any chat wrapping)."""
+    def render(self, query: str, ctx: QueryContext | None, mode: str, k: int, answer: str | None = None) -> str:
+        """The prompt text for one query (before any chat wrapping); `answer` replaces the gold one."""
         question = (ctx.question if ctx and ctx.question else query)
-        answer = ctx.golden_answers[0] if ctx and ctx.golden_answers else ""
+        if answer is None:
+            answer = ctx.golden_answers[0] if ctx and ctx.golden_answers else ""
         return prompts.render_simulator_prompt(query, question, str(answer), mode, k, self.template)
+
+    def next_hop(self, query: str, ctx: QueryContext | None) -> str | None:
+        """With chain: the entity of the supporting document that holds the answer, when the query
+        does not name it yet (what a useful reply leads to instead of the answer); else None."""
+        golds = _golds(ctx)
+        if not self.chain or not golds:
+            return None
+        holder = next((d for d in data.supporting_docs(ctx.question)
+                       if metrics.docs_hold_answer([{"title": d.entity, "text": d.text}], golds)), None)
+        if holder is None:
+            return None
+        needed = set(metrics.content_words(holder.entity))
+        return holder.entity if needed and not needed <= set(metrics.content_words(query)) else None
 
     def messages(self, prompt: str) -> list[dict]:
         return [{"role": "system", "content": self.chat_system}, {"role": "user", "content": prompt}]
@@ -173,7 +199,8 @@ class _Simulated(SearchEngine):
         # for): the useful prompt carries the answer, which a small simulator copies whatever the query
         modes = ["noisy" if m == "useful" and metrics.is_degenerate_query(q) else m
                  for q, m in zip(queries, asked)]
-        rendered = [self.render(q, c, m, k) for q, c, m in zip(queries, ctxs, modes)]
+        hops = [self.next_hop(q, c) if m == "useful" else None for q, c, m in zip(queries, ctxs, modes)]
+        rendered = [self.render(q, c, m, k, h) for q, c, m, h in zip(queries, ctxs, modes, hops)]
         inputs = [self.model_input(p) for p in rendered]
         budget = self.max_new_tokens or self.tokens_per_doc * k
         # a trained simulator writes one document per line: its reply is whole at the k-th line break
@@ -194,7 +221,7 @@ class _Simulated(SearchEngine):
                     self.regenerated += len(todo)
             if not self.verify:
                 break
-            passing = {i for i in todo if self._passes(texts[i], queries[i], ctxs[i], modes[i], k)}
+            passing = {i for i in todo if self._passes(texts[i], queries[i], ctxs[i], modes[i], k, hops[i])}
             failed = (failed - passing) | (set(todo) - passing)
             # only a useful reply needs another try: a noisy one that holds the answer is mended exactly
             # by cutting out the sentences that hold it (below), at no generation cost
@@ -214,15 +241,17 @@ class _Simulated(SearchEngine):
         with self.stats_lock:
             self.stats.calls += n
             self.fallbacks += sum(r.verified is False for r in results)
+            self.hops += sum(h is not None for h in hops)
             self.outputs += n
             self.well_formed += sum(r.well_formed for r in results)
         return results
 
-    def _passes(self, text: str, query: str, ctx: QueryContext | None, mode: str, k: int) -> bool:
-        """Verification of one reply: useful → holds a gold answer and is about the query;
-        noisy → holds no gold answer (see the module docstring)."""
+    def _passes(self, text: str, query: str, ctx: QueryContext | None, mode: str, k: int,
+                hop: str | None = None) -> bool:
+        """Verification of one reply: useful → holds a gold answer (or the next hop's entity, when it
+        was asked for one) and is about the query; noisy → holds no gold answer (module docstring)."""
         docs, _ = prompts.parse_documents(text, k)
-        golds = _golds(ctx)
+        golds = [hop] if hop else _golds(ctx)
         holds = metrics.docs_hold_answer(docs, golds)
         if mode == "noisy":
             return not holds
@@ -321,7 +350,7 @@ class SimulatorEngine(_Simulated):
 _OPTIONS = {
     "sim_mode": str, "template": str, "noise_p": float, "seed": int, "max_new_tokens": int,
     "temperature": float, "top_p": float, "batch_size": int, "timeout": float, "tries": int, "backoff": float,
-    "model": str, "verify": int, "no_repeat": int, "api": str, "cooldown": float,
+    "model": str, "verify": int, "no_repeat": int, "api": str, "cooldown": float, "chain": int,
 }
 _HTTP_ONLY = {"batch_size", "timeout", "tries", "backoff", "model", "api", "cooldown"}
 

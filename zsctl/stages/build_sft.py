@@ -69,10 +69,7 @@ A second pass applies the balancing mask and writes the final files.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
-import re
 import shutil
 import time
 from array import array
@@ -82,7 +79,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from zsctl.core import artifacts, metrics, prompts
+from zsctl.core import artifacts, data, metrics, prompts
 from zsctl.core.config import DEFAULT_MODEL, Options, option
 from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
@@ -788,38 +785,7 @@ def _phrase(options: tuple[str, ...], question: str, turn: int) -> str:
     return options[h64(question, "think", str(turn)) % len(options)]
 
 
-@functools.lru_cache(maxsize=1)
-def _supporting_index() -> dict[str, list[str]]:
-    """Normalised question → entity names of its supporting documents, from the bundled benchmark
-    files that carry them (HotpotQA, 2WikiMultihopQA, MuSiQue: `supporting_docs` with titles)."""
-    from zsctl.core import data
-
-    index: dict[str, list[str]] = {}
-    for name in data.BENCHMARKS:
-        path = data.data_dir() / "bench" / f"{name}.jsonl"
-        if not path.is_file():
-            continue
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if '"supporting_docs"' not in line:
-                    continue
-                row = json.loads(line)
-                names = [_entity(d.get("title")) for d in row.get("supporting_docs") or [] if d.get("is_supporting")]
-                names = list(dict.fromkeys(n for n in names if not metrics.is_degenerate_query(n)))
-                if names:
-                    index[metrics.normalize_answer(row.get("question"))] = names
-    return index
-
-
-_DISAMBIGUATION = re.compile(r"\s*\([^()]*\)\s*$")
-
-
-def _entity(title: object) -> str:
-    """A document title as a query: 'Kiss and Tell (1945 film)' → 'Kiss and Tell' (the bracket
-    only disambiguates Wikipedia titles; the question never says it)."""
-    return _DISAMBIGUATION.sub("", " ".join(str(title or "").split())).strip()
-
-
 def supporting_entities(question: str) -> list[str]:
     """The entity names of a bundled multi-hop question's supporting documents ([] for others)."""
-    return _supporting_index().get(metrics.normalize_answer(question), [])
+    names = (d.entity for d in data.supporting_docs(question))
+    return list(dict.fromkeys(n for n in names if not metrics.is_degenerate_query(n)))
