@@ -367,12 +367,15 @@ def test_chain_leads_a_useful_reply_one_hop_at_a_time(tiny):
 def test_chain_verification_asks_the_first_hop_for_the_next_entity(tiny, tiny_model_dir):
     model, tok = tiny
     script_model(model, tok, {BRIDGE: ["Doc 1: (Kiss and Tell) Kiss and Tell is a 1945 comedy film.",
+                                       "Doc 1: (Kiss and Tell) It stars Shirley Temple, later Chief of Protocol.",
                                        "Doc 1: (Kiss and Tell) Kiss and Tell is a 1945 film starring Shirley Temple."]})
-    engine = _engine(tiny, verify=2, chain=1)
+    engine = _engine(tiny, verify=3, chain=1)
     ctx = QueryContext(BRIDGE, ["Chief of Protocol"], "useful")
     [result] = engine.search(["Kiss and Tell cast"], k=1, contexts=[ctx])
-    # the first reply does not lead on and is regenerated; the second names the next hop and passes
-    assert result.tries == 2 and result.verified is True and "Shirley Temple" in result.docs[0].text
+    # the first reply does not lead on, the second skips the hop and gives the answer away: both are
+    # regenerated; the third names the next entity only and passes
+    assert result.tries == 3 and result.verified is True
+    assert "Shirley Temple" in result.docs[0].text and "Protocol" not in result.docs[0].text
     assert make_sim(f"sim:{tiny_model_dir}?chain=1").chain
     for bad in ("2", "yes"):
         with pytest.raises(BadInput, match="chain"):

@@ -42,7 +42,8 @@ of the supporting document that holds it; any other useful query gets that entit
 line instead, so its reply leads one hop on (a first-hop search about "Kiss and Tell" learns of
 Shirley Temple, and only a search that names her finds "Chief of Protocol"), as a real engine
 would. Without it a small simulator hands the answer to any query about the question, and RL learns
-to search once. Verified, such a useful reply must hold that entity. Other questions: as without it.
+to search once. Verified, such a useful reply must hold that entity and not the answer. Other
+questions: as without it.
 """
 
 from __future__ import annotations
@@ -248,16 +249,18 @@ class _Simulated(SearchEngine):
 
     def _passes(self, text: str, query: str, ctx: QueryContext | None, mode: str, k: int,
                 hop: str | None = None) -> bool:
-        """Verification of one reply: useful → holds a gold answer (or the next hop's entity, when it
-        was asked for one) and is about the query; noisy → holds no gold answer (module docstring)."""
+        """Verification of one reply: useful → holds a gold answer (or, led one hop on, the next
+        entity and not the answer) and is about the query; noisy → holds no gold answer (module docstring)."""
         docs, _ = prompts.parse_documents(text, k)
-        golds = [hop] if hop else _golds(ctx)
+        golds = _golds(ctx)
         holds = metrics.docs_hold_answer(docs, golds)
         if mode == "noisy":
             return not holds
         about = set(metrics.content_words(query)) & {
             w for d in docs for w in metrics.content_words(f"{d['title']} {d['text']}")
         }
+        if hop:
+            return bool(about) and metrics.docs_hold_answer(docs, [hop]) and not holds
         return bool(about) and (holds or not golds)
 
     def _timed_complete(self, texts: list[str], max_new_tokens: int, stop: list[str], sampling: Sampling,
