@@ -172,9 +172,10 @@ def no_activation_checkpointing() -> dict:
 
     from transformers import TrainingArguments
 
-    names = {f.name for f in fields(TrainingArguments)}
-    return {"activation_checkpointing": False, "gradient_checkpointing": False} if "activation_checkpointing" in names \
-        else {"gradient_checkpointing": False}
+    off = {"gradient_checkpointing": False}
+    if "activation_checkpointing" in {f.name for f in fields(TrainingArguments)}:
+        off["activation_checkpointing"] = False
+    return off
 
 
 def cache_kwarg(model) -> str:
