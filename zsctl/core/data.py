@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from zsctl.core.errors import BadInput
+from zsctl.core.metrics import normalize_answer
 from zsctl.core.schemas import QUESTION_PROMPT, QUESTIONS
 
 BENCHMARKS = ("nq", "triviaqa", "popqa", "hotpotqa", "2wikimultihopqa", "musique", "bamboogle")
@@ -265,7 +266,7 @@ class SupportingDoc:
 _DISAMBIGUATION = re.compile(r"\s*\([^()]*\)\s*$")
 
 
-def entity_of(title: object) -> str:
+def _entity_of(title: object) -> str:
     """A Wikipedia title as a query: the closing bracket only disambiguates; the question never says it."""
     return _DISAMBIGUATION.sub("", " ".join(str(title or "").split())).strip()
 
@@ -274,8 +275,6 @@ def entity_of(title: object) -> str:
 def supporting_docs_index() -> dict[str, tuple[SupportingDoc, ...]]:
     """Normalised question → its supporting documents, from the bundled benchmark files that carry
     them (HotpotQA, 2WikiMultihopQA, MuSiQue: `supporting_docs` rows with `is_supporting`)."""
-    from zsctl.core.metrics import normalize_answer
-
     index: dict[str, tuple[SupportingDoc, ...]] = {}
     for name in BENCHMARKS:
         path = data_dir() / "bench" / f"{name}.jsonl"
@@ -286,7 +285,7 @@ def supporting_docs_index() -> dict[str, tuple[SupportingDoc, ...]]:
                 if '"supporting_docs"' not in line:
                     continue
                 row = json.loads(line)
-                docs = tuple(SupportingDoc(entity_of(d.get("title")), str(d.get("text") or ""))
+                docs = tuple(SupportingDoc(_entity_of(d.get("title")), str(d.get("text") or ""))
                              for d in row.get("supporting_docs") or [] if d.get("is_supporting"))
                 if docs:
                     index[normalize_answer(row.get("question"))] = docs
@@ -295,6 +294,4 @@ def supporting_docs_index() -> dict[str, tuple[SupportingDoc, ...]]:
 
 def supporting_docs(question: str) -> tuple[SupportingDoc, ...]:
     """A bundled multi-hop question's supporting documents (empty for any other question)."""
-    from zsctl.core.metrics import normalize_answer
-
     return supporting_docs_index().get(normalize_answer(question), ())
