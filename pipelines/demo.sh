@@ -7,8 +7,8 @@
 #   → eval of base / warm start / RL with the REAL engine on held-apart questions → report.
 # Training stages only read the training split of the bundled benchmarks; every eval and check-sim
 # reads the evaluation split (no question is in both).
-# Independent stages run two at a time (warmup beside train-sim + check-sim; the base and warm-start
-# evals beside rl), one torch thread each.
+# Independent stages run two at a time (warmup beside train-sim; check-sim and the base and
+# warm-start evals beside rl), one torch thread each.
 # Hardware: 2 CPU cores, 8 GB RAM. Expected time: see the README for the measured figure (set-up not
 # included). Everything is under $RUN (stage logs of the parallel parts in $RUN/logs); rerunning
 # overwrites it. Knobs (environment): RUN (output folder), MODEL, the sizes below, ZSCTL_THREADS (for
@@ -78,16 +78,11 @@ step "4/8 simulator corpus: a useful and a noisy row from ONE real search (same 
 zsctl build-sft --trajectories "$RUN/question_searches" --search "$SEARCH" --out "$RUN/sim_sft" --label docs \
   --pairs-per-search 3 --topk "$TOPK" --max-doc-words 30 $Q
 
-step "5/8 warmup of the policy (<information> tokens get no loss) | train-sim (LoRA) + check-sim on held-apart queries (verify=$VERIFY)"
+step "5/8 warmup of the policy (<information> tokens get no loss) | train-sim (LoRA)"
 bg warmup zsctl warmup --data "$RUN/policy_sft" --policy "$MODEL" --out "$RUN/warmup" --max-steps "$WARM_STEPS" \
   --batch-size 2 --grad-accum 2 --max-length 512 --lr 5e-4 --val-limit 8 $Q
-simulator() {
-  zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$SIM_STEPS" \
-    --batch-size 4 --grad-accum 2 --max-length 256 --lr 5e-4 --val-limit 8 $Q &&
-  zsctl check-sim --search "sim:$RUN/simulator?verify=$VERIFY" --questions "$EVAL" --limit "$N_CHECK" --topk "$TOPK" \
-    --out "$RUN/check_sim" --vs "$SEARCH" $Q
-}
-bg simulator simulator
+bg simulator zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$SIM_STEPS" \
+  --batch-size 4 --grad-accum 2 --max-length 256 --lr 5e-4 --val-limit 8 $Q
 join warmup
 join simulator
 
@@ -95,15 +90,19 @@ evaluate() {  # NAME MODEL: with the REAL engine, on held-apart questions
   zsctl eval --bench "$EVAL" --policy "$2" --search "$SEARCH" --out "$RUN/eval_$1" --limit "$N_EVAL" \
     --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --batch-size 12 $Q
 }
-step "6/8 rl: GRPO with the simulated engine (verified replies) and the noise curriculum | eval of base and warm start with the REAL engine on held-apart questions"
-before_rl() { evaluate base "$MODEL" && evaluate warmup "$RUN/warmup"; }
-bg before before_rl
-# one thread even after the evals are done: two threads did not make rl faster on 2 quiet cores
-# (see the README); most of a step is the simulator writing and verifying small batches
+step "6/8 rl: GRPO with the simulated engine (verified replies) and the noise curriculum | check-sim on held-apart queries (verify=$VERIFY), eval of base and warm start with the REAL engine on held-apart questions"
+beside_rl() {  # what rl does not wait for: the simulator's check and the evaluations before RL
+  zsctl check-sim --search "sim:$RUN/simulator?verify=$VERIFY" --questions "$EVAL" --limit "$N_CHECK" --topk "$TOPK" \
+    --out "$RUN/check_sim" --vs "$SEARCH" $Q &&
+  evaluate base "$MODEL" && evaluate warmup "$RUN/warmup"
+}
+bg beside beside_rl
+# one thread even after the jobs beside it are done: two threads did not make rl faster on 2 quiet
+# cores (see the README); most of a step is decoding, which a second thread does not speed up
 ZSCTL_THREADS=1 zsctl rl --policy "$RUN/warmup" --search "sim:$RUN/simulator?verify=$VERIFY" --train "$RL_TRAIN" \
   --out "$RUN/policy" --steps "$RL_STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 \
   --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --noise-start 0 --noise-end 0.5 --reward f1+format $Q
-join before
+join beside
 
 step "7/8 eval of the RL policy with the REAL engine on the same held-apart questions"
 evaluate policy "$RUN/policy"

@@ -83,6 +83,12 @@ def test_trl_settings_match_the_rollout(tmp_path, train_file, tiny_model_dir):
     # TRL defaults activation checkpointing on; we turn it off under either of transformers' names for it
     assert not trainer.args.gradient_checkpointing and not getattr(trainer.args, "activation_checkpointing", False)
     assert not trainer.model.is_gradient_checkpointing
+    # bf16 as inference has it: autocast over float32 weights on a CPU with bf16 instructions
+    import torch
+
+    from zsctl.core.models import use_bf16
+
+    assert trainer.args.bf16 == use_bf16("cpu") and next(trainer.model.parameters()).dtype == torch.float32
 
 
 def test_hf_rollouts_sample_from_the_full_softmax(tmp_path, train_file, tiny_model_dir, monkeypatch):
@@ -313,6 +319,8 @@ def test_use_vllm_trains_with_vllm_logprobs(tmp_path, train_file, tiny_model_dir
     import vllm_standin  # imports trl
 
     vllm_standin.install(monkeypatch)
+    # the stand-in scores in float32; a trainer under bf16 autocast would see ratios 1 +- 1e-3
+    monkeypatch.setenv("ZSCTL_BF16", "0")
     cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir), use_vllm=True, vllm_mode=mode, lora=False, steps=2,
                max_turns=1, max_new_tokens=8, max_response_tokens=48)
     trainer, _, recorder, _ = rl.build_trainer(cfg)

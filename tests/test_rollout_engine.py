@@ -26,8 +26,9 @@ QUESTIONS = [
 @pytest.fixture()
 def varied(tiny_model_dir):
     """The tiny model with larger random weights: its greedy text varies (the default init writes
-    only newlines), so turns stop at different steps for different reasons."""
-    model, tok = load_model(str(tiny_model_dir))
+    only newlines), so turns stop at different steps for different reasons. float32: the tests
+    compare decoding paths token for token, which bf16 rounding (a CPU with bf16 loads it) would blur."""
+    model, tok = load_model(str(tiny_model_dir), dtype="float32")
     g = torch.Generator().manual_seed(2)  # a seed whose text covers the case mix the tests assert
     with torch.no_grad():
         for p in model.parameters():
@@ -241,3 +242,25 @@ def test_copied_prompt_keys_give_the_outputs_of_a_lone_row(varied):
     (alone,) = lone.run([prompt])
     assert lone.shared_prefix_tokens == 0
     assert all(t.response_ids == alone.response_ids for t in trajs)
+
+
+def test_bf16_follows_the_cpu_unless_told(monkeypatch, tiny_model_dir):
+    """Inference loads bf16 weights where the CPU has bf16 instructions (else float32);
+    $ZSCTL_BF16 overrides either way, and a bad value is one-line bad input."""
+    from zsctl.core.errors import BadInput
+    from zsctl.core.models import autocast_for, use_bf16
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    monkeypatch.delenv("ZSCTL_BF16", raising=False)
+    assert use_bf16("cpu") == native and use_bf16("cuda")
+    assert next(load_model(str(tiny_model_dir))[0].parameters()).dtype == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setenv("ZSCTL_BF16", "0")
+    assert not use_bf16("cpu") and not use_bf16("cuda")
+    model = load_model(str(tiny_model_dir))[0]
+    assert next(model.parameters()).dtype == torch.float32
+    monkeypatch.setenv("ZSCTL_BF16", "1")
+    with autocast_for(model):  # a float32 model being trained runs its rollouts in bf16
+        assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
+    monkeypatch.setenv("ZSCTL_BF16", "yes")
+    with pytest.raises(BadInput, match="ZSCTL_BF16"):
+        use_bf16("cpu")

@@ -219,14 +219,16 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from zsctl.core.models import load_model, lora_config, no_activation_checkpointing
+    from zsctl.core.models import load_model, lora_config, no_activation_checkpointing, use_bf16
 
     progress = progress or Progress()
     # Our Progress is the one display: no library bars, no log dicts printed to stdout (--json).
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     on_gpu = torch.cuda.is_available()
-    model, tok = load_model(cfg.base, dtype="bfloat16" if on_gpu else "float32")
+    # bf16: on a GPU the weights too; on a CPU float32 weights under autocast (use_bf16)
+    bf16 = use_bf16("cuda" if on_gpu else "cpu")
+    model, tok = load_model(cfg.base, dtype="bfloat16" if on_gpu and bf16 else "float32")
     if tok.eos_token_id is None:
         raise BadInput(f"model '{cfg.base}' has no EOS token; its tokenizer cannot mark the end of a completion")
     train, train_stats = build_dataset(tok, train_rows, cfg)
@@ -256,7 +258,7 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=not on_gpu,
-        bf16=on_gpu,
+        bf16=bf16,
         **no_activation_checkpointing(),
         include_num_input_tokens_seen="non_padding",  # tokens/s counts real tokens, not padding
         disable_tqdm=True,

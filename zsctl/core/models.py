@@ -18,6 +18,7 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 THREADS_ENV = "ZSCTL_THREADS"
+BF16_ENV = "ZSCTL_BF16"
 
 
 def set_threads(n: int | None = None) -> None:
@@ -110,6 +111,40 @@ def resolve_model(spec: str) -> str:
     return spec  # a hub id: from_pretrained says whether it can be reached
 
 
+def use_bf16(device: str = "cpu") -> bool:
+    """Whether models compute in bfloat16 on `device`: always on CUDA; on a CPU only where it has
+    bfloat16 instructions (AVX512-BF16 or AMX). There, measured on 2 cores with SmolLM2-135M (one
+    thread), bf16 autocast makes a training step 2.2x faster and a prefill 2.8x faster than float32;
+    a CPU without them emulates bf16 and is slower. Inference loads bf16 weights; training keeps
+    float32 weights and runs its forward and backward under autocast (TrainingArguments' `bf16`).
+    $ZSCTL_BF16=0 keeps float32 everywhere, =1 asks for bf16 regardless."""
+    import torch
+
+    raw = os.environ.get(BF16_ENV, "").strip().lower()
+    if raw not in ("", "auto", "0", "1"):
+        raise BadInput(f"${BF16_ENV}='{raw}' is not 0, 1 or auto; unset it or pass 0 (float32) / 1 (bfloat16)")
+    if raw in ("0", "1"):
+        return raw == "1"
+    if device.startswith("cuda"):
+        return True
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def autocast_for(model):
+    """A context in which a float32 model being trained on the CPU runs its inference (RL rollouts,
+    validation) in bf16 as its training steps do, where `use_bf16` says so; else a no-op."""
+    import contextlib
+
+    import torch
+
+    p = next(model.parameters())
+    if p.dtype == torch.float32 and p.device.type == "cpu" and use_bf16("cpu"):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
@@ -126,7 +161,7 @@ def load_tokenizer(spec: str):
 
 
 def load_model(spec: str, *, dtype: str = "auto", device: str | None = None):
-    """(model, tokenizer) for inference; float32 on CPU, bf16 on CUDA unless told otherwise."""
+    """(model, tokenizer); `dtype` "auto": bfloat16 where `use_bf16` says so, else float32."""
     import sys
 
     import torch
@@ -138,7 +173,7 @@ def load_model(spec: str, *, dtype: str = "auto", device: str | None = None):
     tok = load_tokenizer(spec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        torch_dtype = torch.bfloat16 if use_bf16(device) else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
     from safetensors import SafetensorError

@@ -47,6 +47,7 @@ from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
 from zsctl.core.rewards import REWARDS
 from zsctl.core.schemas import ROLLOUTS
+from zsctl.core.models import autocast_for
 from zsctl.search import make_engine
 from zsctl.search.base import Noise, QueryContext
 from zsctl.sft import REPORT_TO, REPORT_TO_HELP, check_report_to
@@ -249,7 +250,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             loop = AgentLoop(model, trainer.processing_class, engine, agent_cfg)
             if trainer.use_vllm:
                 _attach_vllm(loop, trainer)
-            with torch.no_grad():
+            with torch.no_grad(), autocast_for(model):
                 trajs = loop.run(
                     loop.encode_prompts(prompts, chats=[chats_by_question.get(q) for q in prompts]),
                     [QueryContext(q, golds_by_question[q]["golden_answers"]) for q in prompts],
@@ -462,7 +463,7 @@ def _make_validator(cfg: RLConfig, tokenizer):
             max_doc_words=cfg.max_doc_words if cfg.prompt_style == "zsctl" else None,
             max_response_tokens=cfg.max_response_tokens, prompt_style=cfg.prompt_style))
         scores, rows = [], []
-        with torch.no_grad():
+        with torch.no_grad(), autocast_for(model):
             for i in range(0, len(questions), 8):
                 batch = questions[i : i + 8]
                 trajs = loop.run(loop.encode_prompts([q["question"] for q in batch]))
@@ -531,7 +532,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from zsctl.core.models import load_model, lora_config, no_activation_checkpointing
+    from zsctl.core.models import load_model, lora_config, no_activation_checkpointing, use_bf16
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented experimental API
     progress = progress or Progress()
@@ -557,7 +558,9 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
         prompts.chats_from_data(questions, cfg.train)  # every question has its prompt, or bad input now
     engine = make_engine(cfg.search, sim_template=cfg.sim_template)
     on_gpu = torch.cuda.is_available()
-    model, tok = policy or load_model(cfg.policy, dtype="bfloat16" if on_gpu else "float32")
+    # bf16: on a GPU the weights too; on a CPU float32 weights under autocast (use_bf16)
+    bf16 = use_bf16("cuda" if on_gpu else "cpu")
+    model, tok = policy or load_model(cfg.policy, dtype="bfloat16" if on_gpu and bf16 else "float32")
 
     # In place: its checkpoints let a killed run resume; an older policy in --out stays valid until
     # the final save.
@@ -591,7 +594,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=not on_gpu,
-        bf16=on_gpu,
+        bf16=bf16,
         **no_activation_checkpointing(),
         use_vllm=cfg.use_vllm,
         vllm_mode=cfg.vllm_mode,
