@@ -139,12 +139,14 @@ def main() -> None:
         full_len = max(1, round(statistics.mean(x for r in measured for x in r["length"])))
         searches = statistics.mean(x for r in measured for x in r["searches"])
         z_args = trainer.args
+        z_dtype = str(next(trainer.model.parameters()).dtype).removeprefix("torch.")  # float32 under bf16 autocast
         del trainer
 
         # The same trainer settings; TRL generates one turn of exactly `length` tokens itself.
         results = {}
         for name, length in (("trl", policy_len), ("trl_same_length", full_len)):
-            model, tok = load_model(args.policy)  # fresh: a trainer wraps its model in LoRA layers
+            # fresh (a trainer wraps its model in LoRA layers), in the weights' dtype zsctl's trainer had
+            model, tok = load_model(args.policy, dtype=z_dtype)
             dataset = Dataset.from_list([
                 {"prompt": prompts.render_policy_prompt(tok, q["question"]), "golden_answers": q["golden_answers"]}
                 for q in rl.load_train_questions(args.train, None)

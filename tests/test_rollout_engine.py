@@ -248,7 +248,7 @@ def test_bf16_follows_the_cpu_unless_told(monkeypatch, tiny_model_dir):
     """Inference loads bf16 weights where the CPU has bf16 instructions (else float32);
     $ZSCTL_BF16 overrides either way, and a bad value is one-line bad input."""
     from zsctl.core.errors import BadInput
-    from zsctl.core.models import autocast_for, use_bf16
+    from zsctl.core.models import inference_copy, use_bf16
 
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     monkeypatch.delenv("ZSCTL_BF16", raising=False)
@@ -258,9 +258,27 @@ def test_bf16_follows_the_cpu_unless_told(monkeypatch, tiny_model_dir):
     assert not use_bf16("cpu") and not use_bf16("cuda")
     model = load_model(str(tiny_model_dir))[0]
     assert next(model.parameters()).dtype == torch.float32
+    assert inference_copy(model) is model
     monkeypatch.setenv("ZSCTL_BF16", "1")
-    with autocast_for(model):  # a float32 model being trained runs its rollouts in bf16
-        assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
+    # a float32 model being trained rolls out as a bf16 copy, its LoRA adapters merged in
+    from peft import get_peft_model
+
+    from zsctl.core.models import lora_config
+
+    trained = get_peft_model(model, lora_config(4))
+    for name, p in trained.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # adapters that change the output
+    twin = inference_copy(trained)
+    assert not hasattr(twin, "peft_config") and next(twin.parameters()).dtype == torch.bfloat16
+    assert next(trained.parameters()).dtype == torch.float32  # the trained weights are left alone
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        want, got = trained(ids).logits, twin(ids).logits.float()
+        with trained.disable_adapter():
+            base = trained(ids).logits
+    # the copy computes what the adapters compute (up to bf16 rounding), not what the base model does
+    assert (got - want).abs().mean() < 0.2 * (want - base).abs().mean()
     monkeypatch.setenv("ZSCTL_BF16", "yes")
     with pytest.raises(BadInput, match="ZSCTL_BF16"):
         use_bf16("cpu")

@@ -132,17 +132,22 @@ def use_bf16(device: str = "cpu") -> bool:
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
-def autocast_for(model):
-    """A context in which a float32 model being trained on the CPU runs its inference (RL rollouts,
-    validation) in bf16 as its training steps do, where `use_bf16` says so; else a no-op."""
-    import contextlib
+def inference_copy(model):
+    """What to roll out with while `model` trains (RL rollouts, validation): where `use_bf16` says
+    so and the trained weights are float32 on a CPU, a bfloat16 copy with any LoRA adapters merged
+    in; else `model` itself. Measured (SmolLM2-135M, LoRA r16, batch 8, one thread): a decode step
+    110 ms against 175 under autocast over the adapters, for 0.5 s of copying per call."""
+    import copy
 
     import torch
 
     p = next(model.parameters())
-    if p.dtype == torch.float32 and p.device.type == "cpu" and use_bf16("cpu"):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    if not (p.dtype == torch.float32 and p.device.type == "cpu" and use_bf16("cpu")):
+        return model
+    twin = copy.deepcopy(model)
+    if hasattr(twin, "merge_and_unload"):  # PEFT: the adapters folded into the copy's weights
+        twin = twin.merge_and_unload()
+    return twin.to(torch.bfloat16).eval()
 
 
 def load_tokenizer(spec: str):

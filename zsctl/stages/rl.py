@@ -47,7 +47,7 @@ from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
 from zsctl.core.rewards import REWARDS
 from zsctl.core.schemas import ROLLOUTS
-from zsctl.core.models import autocast_for
+from zsctl.core.models import inference_copy
 from zsctl.search import make_engine
 from zsctl.search.base import Noise, QueryContext
 from zsctl.sft import REPORT_TO, REPORT_TO_HELP, check_report_to
@@ -247,10 +247,10 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
         with policy as model:
             was_training = model.training
             model.eval()
-            loop = AgentLoop(model, trainer.processing_class, engine, agent_cfg)
+            loop = AgentLoop(inference_copy(model), trainer.processing_class, engine, agent_cfg)
             if trainer.use_vllm:
                 _attach_vllm(loop, trainer)
-            with torch.no_grad(), autocast_for(model):
+            with torch.no_grad():
                 trajs = loop.run(
                     loop.encode_prompts(prompts, chats=[chats_by_question.get(q) for q in prompts]),
                     [QueryContext(q, golds_by_question[q]["golden_answers"]) for q in prompts],
@@ -458,12 +458,12 @@ def _make_validator(cfg: RLConfig, tokenizer):
     def validate(model) -> dict:
         was_training = model.training
         model.eval()
-        loop = AgentLoop(model, tokenizer, engine, AgentConfig(
+        loop = AgentLoop(inference_copy(model), tokenizer, engine, AgentConfig(
             max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, topk=cfg.topk,
             max_doc_words=cfg.max_doc_words if cfg.prompt_style == "zsctl" else None,
             max_response_tokens=cfg.max_response_tokens, prompt_style=cfg.prompt_style))
         scores, rows = [], []
-        with torch.no_grad(), autocast_for(model):
+        with torch.no_grad():
             for i in range(0, len(questions), 8):
                 batch = questions[i : i + 8]
                 trajs = loop.run(loop.encode_prompts([q["question"] for q in batch]))
