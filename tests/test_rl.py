@@ -530,3 +530,28 @@ def test_trimming_padding_leaves_the_loss_and_its_gradient_unchanged(tmp_path, t
     assert full_loss != 0 and torch.allclose(full_loss, cut_loss, atol=1e-6)
     assert len(full_grads) == len(cut_grads) > 0
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(full_grads, cut_grads))
+
+    # the rows computed in groups of similar length (here one row each) sum to the same loss and gradient
+    trainer.group_overhead = 0
+    assert rl.length_groups([4, 2], overhead=0) == [[1], [0]] and rl.length_groups([4, 2], overhead=8) == [[1, 0]]
+    model.zero_grad()
+    grouped = trainer.compute_loss(model, batch)
+    grouped.backward()
+    grouped_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert torch.allclose(full_loss, grouped.detach(), atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(full_grads, grouped_grads))
+
+
+def test_length_groups_compute_fewer_padded_tokens():
+    """Row groups cover every row once, sorted by length, and never cost more than one padded batch."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [rng.randint(1, 400) for _ in range(rng.randint(1, 16))]
+        groups = rl.length_groups(lengths, overhead=32)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        cost = sum(len(g) * max(lengths[i] for i in g) + 32 for g in groups)
+        assert cost <= len(lengths) * max(lengths) + 32
+    assert rl.length_groups([100, 100, 100]) == [[0, 1, 2]]  # equal lengths: one pass
+    assert [len(g) for g in rl.length_groups([20, 400, 22, 390])] == [2, 2]

@@ -510,17 +510,70 @@ def trim_padding(batch: dict) -> dict:
     return out
 
 
+def length_groups(lengths: list[int], overhead: int = 32) -> list[list[int]]:
+    """Rows split into groups of similar length so that the padded tokens computed, plus `overhead`
+    token-equivalents per extra forward pass, are fewest (exact dynamic programme over the rows
+    sorted by length; each group is computed at the width of its longest row)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # best[j]: rows order[:j] grouped; a group order[i:j] costs (j-i) * its widest
+        for i in range(j):
+            c = best[i] + (j - i) * lengths[order[j - 1]] + overhead
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], n
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+# How each loss type's micro-batch loss is the sum of its row groups' losses: "rows" → weighted by the
+# group's share of rows (a mean over sequences, or dr_grpo's division by rows x budget); "sum" → as is
+# (dapo divides by the whole batch's token count, fixed beforehand). Other loss types are not split.
+_GROUP_WEIGHT = {"grpo": "rows", "dr_grpo": "rows", "dapo": "sum"}
+
+
 def _trainer_class():
     from trl import GRPOTrainer
 
     class Trainer(GRPOTrainer):
-        """TRL's GRPOTrainer, each training micro-batch computed at its own width (trim_padding)."""
+        """TRL's GRPOTrainer, each training micro-batch computed at its own width (trim_padding), and
+        its rows in groups of similar length (length_groups): multi-turn completions vary in length
+        (an answer alone vs two searches with their documents), and one micro-batch padded to its
+        longest completion computes mostly padding."""
+
+        group_overhead = 32  # token-equivalents one more forward pass costs (length_groups)
 
         def _prepare_inputs(self, generation_batch):
             inputs = super()._prepare_inputs(generation_batch)
             return trim_padding(inputs) if self.model.training else inputs
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            weight = _GROUP_WEIGHT.get(self.loss_type)
+            rows = inputs["completion_mask"].size(0)
+            lengths = inputs["completion_mask"].sum(dim=1).tolist()
+            groups = length_groups(lengths, self.group_overhead) if weight and self.top_entropy_quantile >= 1 else []
+            if len(groups) < 2:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            total = 0.0
+            for group in groups:
+                sub = trim_padding(_take_rows(inputs, group, rows))
+                share = len(group) / rows if weight == "rows" else 1.0
+                total = total + share * super().compute_loss(model, sub, return_outputs, num_items_in_batch)
+            return total
+
     return Trainer
+
+
+def _take_rows(batch: dict, rows: list[int], n: int) -> dict:
+    """The batch restricted to `rows`: every tensor whose first dimension is the batch's `n` rows."""
+    import torch
+
+    index = torch.tensor(rows)
+    return {k: v.index_select(0, index.to(v.device)) if torch.is_tensor(v) and v.dim() and v.size(0) == n else v
+            for k, v in batch.items()}
 
 
 def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
