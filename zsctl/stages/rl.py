@@ -44,10 +44,10 @@ from zsctl.agent import AgentConfig, AgentLoop
 from zsctl.core import artifacts, data, metrics, prompts
 from zsctl.core.config import DEFAULT_MODEL, Options, option
 from zsctl.core.errors import BadInput
+from zsctl.core.models import inference_copy
 from zsctl.core.progress import Progress
 from zsctl.core.rewards import REWARDS
 from zsctl.core.schemas import ROLLOUTS
-from zsctl.core.models import inference_copy
 from zsctl.search import make_engine
 from zsctl.search.base import Noise, QueryContext
 from zsctl.sft import REPORT_TO, REPORT_TO_HELP, check_report_to
