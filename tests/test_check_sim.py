@@ -152,6 +152,19 @@ def test_cli_json_and_bad_input(tiny_model_dir, questions_file, tmp_path):
     assert r.exit_code == 2 and "--questions" in r.output and not bad_out.exists()
 
 
+def test_a_sampling_simulator_gives_the_same_table_for_the_same_seed(tiny_model_dir, questions_file, tmp_path):
+    """--seed makes check-sim repeatable when the simulator samples (here every reply; verify's
+    retries do too): torch's generator is seeded, not left where the last run put it."""
+    def texts(name: str, seed: int) -> list[str]:
+        cfg = check_sim.CheckSimConfig(search=f"sim:{tiny_model_dir}?temperature=1.0", questions=str(questions_file),
+                                       out=str(tmp_path / name), limit=2, max_new_tokens=8, seed=seed)
+        check_sim.run(cfg)
+        return [r["text"] for r in artifacts.read_artifact(tmp_path / name, "check_sim").to_pylist()]
+
+    first = texts("a", 0)
+    assert texts("b", 0) == first and texts("c", 1) != first
+
+
 @pytest.mark.slow
 def test_check_sim_smollm2_prompt_mode(tmp_path):
     cfg = check_sim.CheckSimConfig(search="sim:smollm2-135m", out=str(tmp_path / "out"), questions="nq",

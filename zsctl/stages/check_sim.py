@@ -25,6 +25,7 @@ metrics.json, manifest.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -200,6 +201,8 @@ def run(cfg: CheckSimConfig, progress: Progress | None = None, *, engine=None, v
                              max_new_tokens=cfg.max_new_tokens)
     if vs_engine is None and cfg.vs:
         vs_engine = make_engine(cfg.vs)
+    if "torch" in sys.modules:  # an in-process simulator samples (retries, temperature) from torch's generator
+        sys.modules["torch"].manual_seed(cfg.seed)
 
     rows: list[dict] = []
     t0 = time.perf_counter()
