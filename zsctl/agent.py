@@ -118,6 +118,7 @@ class AgentLoop:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.stop = StopText(tokenizer, list(prompts.STOP_STRINGS))  # a turn ends at the first one
+        self.cache_kw = cache_kwarg(model)  # forward()'s name for the KV cache in this transformers
         # Another backend (e.g. TRL's vLLM engine): `generate_fn(seqs)` takes the token ids of each
         # row and returns (new token ids per row, their logprobs per row or None). It should stop
         # at `stop_strings`; the loop cuts each row at the first one anyway.
@@ -330,11 +331,9 @@ class AgentLoop:
         mask = mask.to(device)
         self.prefill_tokens += sum(len(p) for p in pending)
 
-        cache_kw = cache_kwarg(model)
-
         def forward(input_ids, positions):
             out = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions.to(device),
-                        use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+                        use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
             return out.logits[:, -1, :].float()
 
         with torch.no_grad():
@@ -403,7 +402,7 @@ class AgentLoop:
         cache = DynamicCache(config=self.model.config)
         with torch.no_grad():
             self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1,
-                       **{cache_kwarg(self.model): cache})
+                       **{self.cache_kw: cache})
         self.prefill_tokens += len(ids)
         return _RowCache([(layer.keys[0], layer.values[0]) for layer in cache.layers], len(ids))
 

@@ -219,16 +219,15 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from zsctl.core.models import load_model, lora_config, no_activation_checkpointing, use_bf16
+    from zsctl.core.models import load_model, lora_config, no_activation_checkpointing, training_precision
 
     progress = progress or Progress()
     # Our Progress is the one display: no library bars, no log dicts printed to stdout (--json).
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     on_gpu = torch.cuda.is_available()
-    # bf16: on a GPU the weights too; on a CPU float32 weights under autocast (use_bf16)
-    bf16 = use_bf16("cuda" if on_gpu else "cpu")
-    model, tok = load_model(cfg.base, dtype="bfloat16" if on_gpu and bf16 else "float32")
+    dtype, bf16 = training_precision()
+    model, tok = load_model(cfg.base, dtype=dtype)
     if tok.eos_token_id is None:
         raise BadInput(f"model '{cfg.base}' has no EOS token; its tokenizer cannot mark the end of a completion")
     train, train_stats = build_dataset(tok, train_rows, cfg)

@@ -132,6 +132,16 @@ def use_bf16(device: str = "cpu") -> bool:
                 or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def training_precision() -> tuple[str, bool]:
+    """(dtype to load trained weights in, TrainingArguments' `bf16`): on a GPU bf16 weights; on a
+    CPU float32 weights, under autocast where `use_bf16` says so."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = use_bf16("cuda" if on_gpu else "cpu")
+    return ("bfloat16" if on_gpu and bf16 else "float32"), bf16
+
+
 def inference_copy(model):
     """What to roll out with while `model` trains (RL rollouts, validation): where `use_bf16` says
     so and the trained weights are float32 on a CPU, a bfloat16 copy with any LoRA adapters merged

@@ -510,7 +510,10 @@ def trim_padding(batch: dict) -> dict:
     return out
 
 
-def length_groups(lengths: list[int], overhead: int = 32) -> list[list[int]]:
+GROUP_OVERHEAD = 32  # token-equivalents one more forward pass costs (length_groups)
+
+
+def length_groups(lengths: list[int], overhead: int = GROUP_OVERHEAD) -> list[list[int]]:
     """Rows split into groups of similar length so that the padded tokens computed, plus `overhead`
     token-equivalents per extra forward pass, are fewest (exact dynamic programme over the rows
     sorted by length; each group is computed at the width of its longest row)."""
@@ -544,7 +547,7 @@ def _trainer_class():
         (an answer alone vs two searches with their documents), and one micro-batch padded to its
         longest completion computes mostly padding."""
 
-        group_overhead = 32  # token-equivalents one more forward pass costs (length_groups)
+        group_overhead = GROUP_OVERHEAD
 
         def _prepare_inputs(self, generation_batch):
             inputs = super()._prepare_inputs(generation_batch)
@@ -585,7 +588,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from zsctl.core.models import load_model, lora_config, no_activation_checkpointing, use_bf16
+    from zsctl.core.models import load_model, lora_config, no_activation_checkpointing, training_precision
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented experimental API
     progress = progress or Progress()
@@ -611,9 +614,8 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
         prompts.chats_from_data(questions, cfg.train)  # every question has its prompt, or bad input now
     engine = make_engine(cfg.search, sim_template=cfg.sim_template)
     on_gpu = torch.cuda.is_available()
-    # bf16: on a GPU the weights too; on a CPU float32 weights under autocast (use_bf16)
-    bf16 = use_bf16("cuda" if on_gpu else "cpu")
-    model, tok = policy or load_model(cfg.policy, dtype="bfloat16" if on_gpu and bf16 else "float32")
+    dtype, bf16 = training_precision()
+    model, tok = policy or load_model(cfg.policy, dtype=dtype)
 
     # In place: its checkpoints let a killed run resume; an older policy in --out stays valid until
     # the final save.
