@@ -101,12 +101,16 @@ class ScriptedLogits:
 
     `scripts[key]` is the list of texts the sample whose prompt contains `key` writes in its
     successive generation rounds (after the last one it writes EOS). Used only to test the agent
-    loop's mechanics deterministically with a real model and the real `generate`.
+    loop's mechanics deterministically with a real model and the real `generate`. With `successive`,
+    rows of one call that share a key take successive entries (a simulator's retries drawn
+    together); else they all write the entry of the key's latest round.
     """
 
-    def __init__(self, tokenizer, scripts: dict[str, list[str]]):
+    def __init__(self, tokenizer, scripts: dict[str, list[str]], successive: bool = False):
         self.tok = tokenizer
         self.scripts = scripts
+        self.successive = successive
+        self.row_rounds: list[int] = []
         self.rounds = {k: -1 for k in scripts}
         self.last_width = None
         self.start = 0
@@ -124,16 +128,18 @@ class ScriptedLogits:
         )
         if not continues:  # a new generate call (or a new round of the agent loop's decoder)
             self.start = width
-            self.row_keys = []
+            self.row_keys, self.row_rounds = [], []
             for row in input_ids.tolist():
                 text = self.tok.decode(row)
                 key = next(k for k in self.scripts if k in text)
                 self.rounds[key] += 1
                 self.row_keys.append(key)
+                self.row_rounds.append(self.rounds[key])
         self.last_width, self.last_ids = width, input_ids.clone()
         for r, key in enumerate(self.row_keys):
             script = self.scripts[key]
-            want = script[self.rounds[key]] if self.rounds[key] < len(script) else ""
+            i = self.row_rounds[r] if self.successive else self.rounds[key]
+            want = script[i] if i < len(script) else ""
             so_far = self.tok.decode(input_ids[r, self.start:].tolist())
             rest = want[len(so_far):] if want.startswith(so_far) else ""
             nxt = self.tok(rest, add_special_tokens=False)["input_ids"][0] if rest else self.tok.eos_token_id
@@ -142,12 +148,12 @@ class ScriptedLogits:
         return scores
 
 
-def script_model(model, tokenizer, scripts: dict[str, list[str]]):
+def script_model(model, tokenizer, scripts: dict[str, list[str]], successive: bool = False):
     """Make `model.generate` and the agent loop's decoder follow `scripts` (see ScriptedLogits);
     returns the processor."""
     from transformers import LogitsProcessorList
 
-    proc = ScriptedLogits(tokenizer, scripts)
+    proc = ScriptedLogits(tokenizer, scripts, successive)
     model.rollout_logits_processor = LogitsProcessorList([proc])  # read by zsctl.agent.AgentLoop
     orig = model.generate
 

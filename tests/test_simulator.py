@@ -229,12 +229,14 @@ def test_no_ngram_repeats_within_a_completion_but_the_prompt_may_be_repeated():
 
 # (query, question, golds, mode, the replies the simulator writes on its successive tries)
 VERIFY_CASES = [
-    ("capital of peru", "What is the capital of Peru?", ["Lima"], "useful",  # no answer, then the answer
-     ["Doc 1: (Peru) A country in South America.", "Doc 1: (Peru) The capital of Peru is Lima."]),
+    ("capital of peru", "What is the capital of Peru?", ["Lima"], "useful",  # no answer, then the answer twice
+     ["Doc 1: (Peru) A country in South America.", "Doc 1: (Peru) The capital of Peru is Lima.",
+      "Doc 1: (Lima) Lima is the capital of Peru."]),
     ("hamlet author", "Who wrote Hamlet?", ["Shakespeare"], "useful",  # right the first time
      ["Doc 1: (Hamlet) Hamlet was written by Shakespeare."]),
     ("tallest mountain", "Which is the tallest mountain on Earth?", ["Mount Everest"], "useful",
      ["Doc 1: (Nepal) Mount Everest is in Nepal.",  # the answer, but nothing about the query
+      "Doc 1: (Tallest mountain) K2 is tall.",  # about the query, no answer
       "Doc 1: (Alps) Mont Blanc is a tall peak. Mount Everest is higher."]),  # still no query word
     ("lego founder", "Who founded Lego?", ["Ole Kirk Christiansen"], "noisy",  # holds the answer: mended, not retried
      ["Doc 1: (Lego) Lego was founded by Ole Kirk Christiansen. It makes toys.",
@@ -246,7 +248,7 @@ VERIFY_CASES = [
 
 def _verify_engine(tiny, verify):
     model, tok = tiny
-    script_model(model, tok, {question: replies for _, question, _, _, replies in VERIFY_CASES})
+    script_model(model, tok, {question: replies for _, question, _, _, replies in VERIFY_CASES}, successive=True)
     return _engine(tiny, verify=verify)
 
 
@@ -256,7 +258,7 @@ def _verify_search(engine):
 
 
 def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
-    engine = _verify_engine(tiny, verify=1)
+    engine = _verify_engine(tiny, verify=2)
     calls = _count_generate(engine.model)
     temperatures = []
     orig = engine._complete
@@ -264,14 +266,16 @@ def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
         texts, budget, stop, s, lines)
     results = _verify_search(engine)
     texts = [r.docs[0].title + " | " + r.docs[0].text for r in results]
-    assert calls == [5, 2]  # every row once, then ONE batch of the two useful rows that failed
+    # every row once, then ONE batch of two candidates for each of the two useful rows that failed
+    assert calls == [5, 4]
     assert temperatures == [0.0, 0.8]  # the retry samples: a greedy retry would repeat itself
-    assert [r.tries for r in results] == [2, 1, 2, 1, 1]
+    assert [r.tries for r in results] == [3, 1, 3, 1, 1]
     assert [r.verified for r in results] == [True, True, False, False, False]
+    # the first candidate that passes is kept
     assert (
         texts[0] == "Peru | The capital of Peru is Lima." and texts[1] == "Hamlet | Hamlet was written by Shakespeare."
     )
-    # never verified: the last try with every answer-holding sentence removed
+    # never verified: the last candidate with every answer-holding sentence removed
     assert texts[2] == "Alps | Mont Blanc is a tall peak."
     # a noisy reply holding the answer is mended at once, not regenerated
     assert texts[3] == "Lego | It makes toys."
@@ -280,7 +284,7 @@ def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
     assert texts[4] == "Louvre | It opened in 1793."
     for (_, _, golds, _, _), r in zip(VERIFY_CASES[2:], results[2:]):
         assert not metrics.docs_hold_answer([d.as_dict() for d in r.docs], golds)
-    assert engine.regenerated == 2 and engine.fallbacks == 3 and engine.generation_s > 0 and engine.generation_cpu_s > 0
+    assert engine.regenerated == 4 and engine.fallbacks == 3 and engine.generation_s > 0 and engine.generation_cpu_s > 0
 
 
 def test_without_verify_the_first_reply_stands(tiny):
@@ -335,9 +339,10 @@ def test_verify_over_http_retries_only_the_failing_prompt_with_sampling():
         results = engine.search(["capital of peru", "hamlet author"], k=1, contexts=ctxs)
         engine.close()
     posts = [r["body"] for r in log if r["method"] == "POST"]
-    assert [len(b["prompt"]) for b in posts] == [2, 1] and "Peru" in posts[1]["prompt"][0]
+    # the failing Peru prompt twice (verify=2) in one request; its first candidate passes
+    assert [len(b["prompt"]) for b in posts] == [2, 2] and all("Peru" in p for p in posts[1]["prompt"])
     assert posts[0]["temperature"] == 0.0 and posts[1]["temperature"] == 0.8
-    assert [r.tries for r in results] == [2, 1] and [r.verified for r in results] == [True, True]
+    assert [r.tries for r in results] == [3, 1] and [r.verified for r in results] == [True, True]
     assert results[0].docs[0].text == "Lima is the capital of Peru."
 
 
@@ -368,13 +373,14 @@ def test_chain_verification_asks_the_first_hop_for_the_next_entity(tiny, tiny_mo
     model, tok = tiny
     script_model(model, tok, {BRIDGE: ["Doc 1: (Kiss and Tell) Kiss and Tell is a 1945 comedy film.",
                                        "Doc 1: (Kiss and Tell) It stars Shirley Temple, later Chief of Protocol.",
-                                       "Doc 1: (Kiss and Tell) Kiss and Tell is a 1945 film starring Shirley Temple."]})
+                                       "Doc 1: (Kiss and Tell) Kiss and Tell is a 1945 film starring Shirley Temple."]},
+                 successive=True)
     engine = _engine(tiny, verify=3, chain=1)
     ctx = QueryContext(BRIDGE, ["Chief of Protocol"], "useful")
     [result] = engine.search(["Kiss and Tell cast"], k=1, contexts=[ctx])
-    # the first reply does not lead on, the second skips the hop and gives the answer away: both are
-    # regenerated; the third names the next entity only and passes
-    assert result.tries == 3 and result.verified is True
+    # the first reply does not lead on; of the three candidates drawn together, the first skips the hop
+    # and gives the answer away, the second names the next entity only and passes
+    assert result.tries == 4 and result.verified is True
     assert "Shirley Temple" in result.docs[0].text and "Protocol" not in result.docs[0].text
     assert make_sim(f"sim:{tiny_model_dir}?chain=1").chain
     for bad in ("2", "yes"):

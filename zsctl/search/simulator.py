@@ -20,15 +20,16 @@ Two prompt styles (`sim_mode`): `tuned` feeds the template a train-sim simulator
 
 Verified generation (`?verify=N`, beyond the paper, whose simulator output is used as written): a
 useful reply must hold a gold answer (metrics.docs_hold_answer) AND share a content word with the
-query (metrics.content_words); a noisy reply must not hold a gold answer. The failing useful rows
-are generated again together, in one batch, up to N times, sampling at RETRY_TEMPERATURE (a greedy
-retry would repeat the same text). A reply that never passes is replaced by its last try with every
-answer-holding sentence removed, so it holds no answer. A failing noisy reply is mended that way at
+query (metrics.content_words); a noisy reply must not hold a gold answer. Each failing useful row
+gets N more candidates, those of all failing rows sampled together in ONE batch at RETRY_TEMPERATURE
+(a greedy retry would repeat the same text); the first candidate that passes is kept. A reply that
+never passes is replaced by its last candidate with every answer-holding sentence removed, so it
+holds no answer. A failing noisy reply is mended that way at
 once, not regenerated: cutting the answer out fixes it exactly, while a missing answer can only be
 regenerated — and regenerating noisy rows too measured 1.5–2.4× the unverified generation time,
 useful-only retries 1.6× in CPU time (README, "The simulator"). Without gold answers (or with
 yes/no golds, which containment cannot judge) only the useful reply's link to the query is checked.
-Tries per query are in `SearchResult.tries` (1 = first reply kept), pass/fail in
+Generations per query are in `SearchResult.tries` (1 = first reply kept, else 1 + N), pass/fail in
 `SearchResult.verified`.
 
 With or without verification, a query that names nothing (metrics.is_degenerate_query) is written
@@ -207,27 +208,30 @@ class _Simulated(SearchEngine):
         # a trained simulator writes one document per line: its reply is whole at the k-th line break
         lines = k if self.chat_system is None else 0
         n = len(queries)
-        texts, tries = [""] * n, [0] * n
-        todo, sampling = list(range(n)), self.sampling
-        failed: set[int] = set()  # rows whose last try did not pass
-        for attempt in range(1 + self.verify):
-            if not todo:
-                break
-            replies = self._timed_complete([inputs[i] for i in todo], budget, self.stops(k), sampling, lines)
-            for i, text in zip(todo, replies):
-                texts[i] = self.primer + first_lines(text, lines)
-                tries[i] += 1
-            if attempt:
+        replies = self._timed_complete(inputs, budget, self.stops(k), self.sampling, lines)
+        texts = [self.primer + first_lines(text, lines) for text in replies]
+        tries = [1] * n
+        failed: set[int] = set()  # rows whose kept reply did not pass
+        if self.verify:
+            failed = {i for i in range(n) if not self._passes(texts[i], queries[i], ctxs[i], modes[i], k, hops[i])}
+            # Only a useful reply is generated again: a noisy one that holds the answer is mended
+            # exactly by cutting out the sentences that hold it (below), at no generation cost. All
+            # `verify` candidates of every failing row go in ONE batch: the same chances as retrying
+            # round after round, in one call (a small batch costs a CPU nearly as much as a big one).
+            retry = sorted(i for i in failed if modes[i] == "useful")
+            v = self.verify
+            if retry:
+                tried = self._timed_complete([inputs[i] for i in retry for _ in range(v)], budget, self.stops(k),
+                                             self.retry_sampling, lines)
+                for j, i in enumerate(retry):
+                    for text in tried[j * v:(j + 1) * v]:
+                        texts[i] = self.primer + first_lines(text, lines)
+                        if self._passes(texts[i], queries[i], ctxs[i], modes[i], k, hops[i]):
+                            failed.discard(i)
+                            break
+                    tries[i] = 1 + v  # every candidate was generated, whichever passed first
                 with self.stats_lock:
-                    self.regenerated += len(todo)
-            if not self.verify:
-                break
-            passing = {i for i in todo if self._passes(texts[i], queries[i], ctxs[i], modes[i], k, hops[i])}
-            failed = (failed - passing) | (set(todo) - passing)
-            # only a useful reply needs another try: a noisy one that holds the answer is mended exactly
-            # by cutting out the sentences that hold it (below), at no generation cost
-            todo = [i for i in todo if i not in passing and modes[i] == "useful"]
-            sampling = self.retry_sampling
+                    self.regenerated += len(retry) * v
         results = []
         for i, text in enumerate(texts):
             docs, ok = prompts.parse_documents(text, k)
