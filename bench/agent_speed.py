@@ -132,6 +132,8 @@ def main() -> None:
         "inserted_tokens_per_traj": round(inserted / len(trajs), 1),
         "rounds": loop.generate_calls, "prefill_tokens": loop.prefill_tokens,
         "decode_steps_per_policy_token": round(loop.decode_steps / loop.generated_tokens, 3),
+        # batched forward passes: the loop's (every round runs as long as its longest turn) vs plain's
+        "forward_passes": loop.forward_passes, "plain_forward_passes": per_row,
         # where the last agent run's time went: building caches and feeding inserted tokens, decoding, searching
         "agent_seconds": {k: round(v, 2) for k, v in loop.seconds.items()},
         "agent_tok_s": [round(x, 1) for x in agent_rates], "plain_tok_s": [round(x, 1) for x in plain_rates],

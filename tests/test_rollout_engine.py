@@ -4,6 +4,7 @@ the response, the pluggable backend (cut at the first stop, logprobs, lockstep),
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -96,6 +97,10 @@ def test_greedy_equals_static_generate_and_feeds_each_token_once(varied):
     assert any(len(x) == cfg.max_new_tokens for t in got for x in _own_turns(t))
     # no step on a finished row: every sampled token is kept (the reference ran rows to the longest)
     assert new.decode_steps == new.generated_tokens == ref.generated_tokens < ref.decode_steps
+    # a round takes one batched forward pass per token of its longest turn (bench/agent_speed.py
+    # compares that count with a single-turn batch's)
+    by_round = itertools.zip_longest(*[_own_turns(t) for t in got], fillvalue=[])
+    assert new.forward_passes == sum(max(len(x) for x in r) for r in by_round) < new.decode_steps
     # each token goes through the model once: prompts and insertions in prefills, the rest in steps;
     # the prompts' shared head (chat template, instruction) only for the first row
     assert new.shared_prefix_tokens >= (len(QUESTIONS) - 1) * len(tok(prompts.POLICY_SYSTEM)["input_ids"])

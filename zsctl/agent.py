@@ -133,6 +133,7 @@ class AgentLoop:
         self.generate_calls = 0  # generation rounds
         self.generated_tokens = 0  # policy tokens kept in the trajectories
         self.decode_steps = 0  # tokens the backend produced (HF: rows x forward passes that sampled)
+        self.forward_passes = 0  # HF: batched forward passes that sampled (a round's first one included)
         self.prefill_tokens = 0  # HF: tokens fed through the model to build or extend caches
         self.shared_prefix_tokens = 0  # HF: prompt tokens not fed again, their keys/values copied
         # wall seconds by kind of work: where a rollout's time goes (bench/agent_speed.py prints it)
@@ -334,6 +335,7 @@ class AgentLoop:
         def forward(input_ids, positions):
             out = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions.to(device),
                         use_cache=True, logits_to_keep=1, **{self.cache_kw: cache})
+            self.forward_passes += 1
             return out.logits[:, -1, :].float()
 
         with torch.no_grad():
