@@ -42,12 +42,11 @@ def main() -> None:
     engine = SimulatorEngine(args.simulator)
     asks = [(r["query"], QueryContext(r["question"], list(r["golden_answers"]), "useful")) for r in failing]
     inputs = [engine.model_input(engine.render(q, c, "useful", args.k)) for q, c in asks]
-    budget, n = engine.tokens_per_doc * args.k, args.candidates
+    n = args.candidates
     for temp in (float(t) for t in args.temperatures.split(",")):
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        replies = engine._complete([x for x in inputs for _ in range(n)], budget, engine.stops(args.k),
-                                   Sampling(temp, args.top_p if temp < 1 else 1.0), args.k)
+        replies = engine.write(inputs, args.k, Sampling(temp, args.top_p if temp < 1 else 1.0), copies=n)
         passes = [[engine._passes(text, q, c, "useful", args.k) for text in replies[j * n:(j + 1) * n]]
                   for j, (q, c) in enumerate(asks)]
         print(json.dumps({

@@ -204,12 +204,8 @@ class _Simulated(SearchEngine):
         hops = [self.next_hop(q, c) if m == "useful" else None for q, c, m in zip(queries, ctxs, modes)]
         rendered = [self.render(q, c, m, k, h) for q, c, m, h in zip(queries, ctxs, modes, hops)]
         inputs = [self.model_input(p) for p in rendered]
-        budget = self.max_new_tokens or self.tokens_per_doc * k
-        # a trained simulator writes one document per line: its reply is whole at the k-th line break
-        lines = k if self.chat_system is None else 0
         n = len(queries)
-        replies = self._timed_complete(inputs, budget, self.stops(k), self.sampling, lines)
-        texts = [self.primer + first_lines(text, lines) for text in replies]
+        texts = self.write(inputs, k, self.sampling)
         tries = [1] * n
         failed: set[int] = set()  # rows whose kept reply did not pass
         if self.verify:
@@ -221,12 +217,11 @@ class _Simulated(SearchEngine):
             retry = sorted(i for i in failed if modes[i] == "useful")
             v = self.verify
             if retry:
-                tried = self._timed_complete([inputs[i] for i in retry for _ in range(v)], budget, self.stops(k),
-                                             self.retry_sampling, lines)
+                tried = self.write([inputs[i] for i in retry], k, self.retry_sampling, copies=v)
                 for j, i in enumerate(retry):
                     for text in tried[j * v:(j + 1) * v]:
-                        texts[i] = self.primer + first_lines(text, lines)
-                        if self._passes(texts[i], queries[i], ctxs[i], modes[i], k, hops[i]):
+                        texts[i] = text  # a row that never passes keeps its last candidate
+                        if self._passes(text, queries[i], ctxs[i], modes[i], k, hops[i]):
                             failed.discard(i)
                             break
                     tries[i] = 1 + v  # every candidate was generated, whichever passed first
@@ -250,6 +245,16 @@ class _Simulated(SearchEngine):
             self.outputs += n
             self.well_formed += sum(r.well_formed for r in results)
         return results
+
+    def write(self, inputs: list[str], k: int, sampling: Sampling, copies: int = 1) -> list[str]:
+        """The replies to model inputs, `copies` per input sampled in ONE batch (input j's are
+        j*copies … j*copies+copies-1), each cut where a reply of k documents ends."""
+        budget = self.max_new_tokens or self.tokens_per_doc * k
+        # a trained simulator writes one document per line: its reply is whole at the k-th line break
+        lines = k if self.chat_system is None else 0
+        replies = self._timed_complete([x for x in inputs for _ in range(copies)], budget, self.stops(k), sampling,
+                                       lines)
+        return [self.primer + first_lines(text, lines) for text in replies]
 
     def _passes(self, text: str, query: str, ctx: QueryContext | None, mode: str, k: int,
                 hop: str | None = None) -> bool:
