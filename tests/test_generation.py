@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from zsctl.core.generation import Sampling, StopText, left_pad
+from zsctl.core.generation import NUCLEUS_K, Sampling, StopText, generate_batch, left_pad
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,7 @@ def test_stop_fires_first_at_the_token_that_completes_a_stop_spelled_in_many_tok
     assert not StopText(tok, ["</search>"]).criterion(start=len(ids))(torch.tensor([ids]), None).any()
 
 
-def test_sampling_settings_mean_the_same_on_both_paths():
-    assert Sampling(0.0).generate_kwargs() == dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    assert Sampling(0.8, 0.95).generate_kwargs() == dict(do_sample=True, temperature=0.8, top_p=0.95, top_k=0)
+def test_sampling_rule_on_small_distributions():
     import torch
 
     # nucleus 0.5 over probabilities 0.6 / 0.3 / 0.1: only the top token is left, with all the mass
@@ -50,6 +48,71 @@ def test_sampling_settings_mean_the_same_on_both_paths():
     assert math.isclose(float(logp[choice == 1][0]), math.log(0.3), rel_tol=1e-5)
     choice, logp = Sampling(0.0).pick(logits[:1])
     assert choice.tolist() == [0] and math.isclose(float(logp[0]), math.log(0.6), rel_tol=1e-5)
+
+
+def _sorted_nucleus(logp, top_p):
+    """The nucleus as a full sort finds it (the reference the top-k search must equal)."""
+    import torch
+
+    vals, order = logp.sort(dim=-1, descending=True)
+    probs = vals.exp()
+    vals = vals.masked_fill(probs.cumsum(-1) - probs >= top_p, float("-inf"))
+    out = torch.full_like(logp, float("-inf")).scatter(-1, order, vals)
+    return out - torch.logsumexp(out, dim=-1, keepdim=True)
+
+
+def test_nucleus_from_the_top_k_equals_a_full_sort_and_falls_back_when_wider():
+    import torch
+
+    torch.manual_seed(0)
+    vocab = 4 * NUCLEUS_K
+    logits = torch.randn(6, vocab) * torch.tensor([[8.0], [4.0], [2.0], [0.1], [0.0], [3.0]])
+    logits[5, ::3] = float("-inf")  # banned tokens (an n-gram ban) stay out
+    logp = torch.log_softmax(logits, dim=-1)
+    got = Sampling(1.0, 0.9).nucleus(logp)
+    want = _sorted_nucleus(logp, 0.9)
+    assert torch.equal(torch.isinf(got), torch.isinf(want))
+    assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)], atol=1e-5)
+    kept = (~torch.isinf(got)).sum(-1).tolist()
+    assert kept[0] < NUCLEUS_K < kept[3]  # a peaked row inside the top k, flat rows past it (sorted in full)
+
+
+def test_draws_follow_the_distribution():
+    import torch
+
+    torch.manual_seed(1)
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    logp = torch.log(probs).expand(40000, -1)
+    choice, lp = Sampling(1.0).pick(logp)
+    freq = torch.bincount(choice, minlength=6).float() / len(choice)
+    assert freq[1] == 0 and freq[5] == 0  # a token of probability 0 is never drawn
+    assert torch.allclose(freq, probs, atol=0.01)
+    assert torch.allclose(lp, torch.log(probs)[choice])
+    # top_p 0.85 keeps 0.5 + 0.3 + 0.15 (0.8 falls short), renormalised
+    choice, lp = Sampling(1.0, 0.85).pick(logp)
+    freq = torch.bincount(choice, minlength=6).float() / len(choice)
+    assert torch.allclose(freq, torch.tensor([0.5, 0, 0.3, 0.15, 0, 0]) / 0.95, atol=0.01)
+
+
+def test_generate_batch_samples_with_the_same_rule(tiny_model_dir, tok):
+    """generate draws through Sampling.pick, after the n-gram ban: a nucleus of one token is the
+    greedy reply; a seed fixes a sampled reply; another seed changes it."""
+    import torch
+
+    from zsctl.core.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir))
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in ("Query: alpha beta", "x")]
+
+    def run(sampling, seed=0):
+        torch.manual_seed(seed)
+        return [g.text for g in generate_batch(model, tok, ids, 24, sampling=sampling, no_repeat=2)]
+
+    greedy = run(Sampling())
+    assert run(Sampling(1.0, 1e-6)) == greedy
+    hot = Sampling(2.0)
+    assert run(hot, seed=3) == run(hot, seed=3) != greedy
+    assert run(hot, seed=4) != run(hot, seed=3)
 
 
 def test_left_pad_right_aligns_every_row():

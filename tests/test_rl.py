@@ -93,17 +93,17 @@ def test_trl_settings_match_the_rollout(tmp_path, train_file, tiny_model_dir):
 
 def test_hf_rollouts_sample_from_the_full_softmax(tmp_path, train_file, tiny_model_dir, monkeypatch):
     """TRL's loss treats HF rollouts as exactly on-policy under softmax(logits / T): no top-k/top-p cut."""
-    import torch
+    from zsctl.core import generation
 
     trainer, *_ = rl.build_trainer(_cfg(tmp_path, train_file, policy=str(tiny_model_dir), temperature=1.0))
     support = []
-    multinomial = torch.multinomial
+    draw = generation._draw
 
-    def probe(probs, *a, **kw):
-        support.append(int((probs > 0).sum(-1).min()))
-        return multinomial(probs, *a, **kw)
+    def probe(logp):
+        support.append(int(logp.isfinite().sum(-1).min()))
+        return draw(logp)
 
-    monkeypatch.setattr(torch, "multinomial", probe)
+    monkeypatch.setattr(generation, "_draw", probe)
     trainer.rollout_func(["question number 0?", "question number 1?"], trainer)
     assert support and min(support) == trainer.model.config.vocab_size
 
