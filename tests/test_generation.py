@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from zsctl.core.generation import NUCLEUS_K, Sampling, StopText, generate_batch, left_pad
+from zsctl.core.generation import NUCLEUS_K, Sampling, StopText, generate_batch, left_pad, length_groups
 
 
 @pytest.fixture(scope="module")
@@ -119,3 +119,19 @@ def test_left_pad_right_aligns_every_row():
     ids, mask = left_pad([[5, 6, 7], [8], []], pad=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+
+
+def test_length_groups_compute_fewer_padded_tokens():
+    """Row groups (the agent's prefill, rl's loss) cover every row once, sorted by length, and never
+    cost more than one padded batch."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [rng.randint(1, 400) for _ in range(rng.randint(1, 16))]
+        groups = length_groups(lengths, overhead=32)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        cost = sum(len(g) * max(lengths[i] for i in g) + 32 for g in groups)
+        assert cost <= len(lengths) * max(lengths) + 32
+    assert length_groups([100, 100, 100]) == [[0, 1, 2]]  # equal lengths: one pass
+    assert [len(g) for g in length_groups([20, 400, 22, 390])] == [2, 2]

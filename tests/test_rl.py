@@ -19,6 +19,7 @@ from conftest import ROOT, assert_logprobs_aligned, script_model, train_capturin
 from zsctl.cli import app
 from zsctl.core.artifacts import read_manifest, read_table_file
 from zsctl.core.errors import BadInput
+from zsctl.core.generation import length_groups
 from zsctl.core.models import load_model
 from zsctl.core.rewards import em_reward, f1_format_reward, f1_reward
 from zsctl.core.schemas import ROLLOUTS
@@ -533,25 +534,10 @@ def test_trimming_padding_leaves_the_loss_and_its_gradient_unchanged(tmp_path, t
 
     # the rows computed in groups of similar length (here one row each) sum to the same loss and gradient
     trainer.group_overhead = 0
-    assert rl.length_groups([4, 2], overhead=0) == [[1], [0]] and rl.length_groups([4, 2], overhead=8) == [[1, 0]]
+    assert length_groups([4, 2], overhead=0) == [[1], [0]] and length_groups([4, 2], overhead=8) == [[1, 0]]
     model.zero_grad()
     grouped = trainer.compute_loss(model, batch)
     grouped.backward()
     grouped_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     assert torch.allclose(full_loss, grouped.detach(), atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(full_grads, grouped_grads))
-
-
-def test_length_groups_compute_fewer_padded_tokens():
-    """Row groups cover every row once, sorted by length, and never cost more than one padded batch."""
-    import random
-
-    rng = random.Random(0)
-    for _ in range(50):
-        lengths = [rng.randint(1, 400) for _ in range(rng.randint(1, 16))]
-        groups = rl.length_groups(lengths, overhead=32)
-        assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-        cost = sum(len(g) * max(lengths[i] for i in g) + 32 for g in groups)
-        assert cost <= len(lengths) * max(lengths) + 32
-    assert rl.length_groups([100, 100, 100]) == [[0, 1, 2]]  # equal lengths: one pass
-    assert [len(g) for g in rl.length_groups([20, 400, 22, 390])] == [2, 2]

@@ -110,6 +110,34 @@ def test_greedy_equals_static_generate_and_feeds_each_token_once(varied):
     assert new.seconds["prefill"] > 0 and new.seconds["decode"] > 0 and new.seconds["search"] == 0
 
 
+def test_prefill_in_length_groups_gives_the_same_tokens(varied, monkeypatch):
+    """Rows whose pending tokens differ in length extend their caches in separate passes and then
+    decode as one batch: the same greedy tokens as the reference, each token fed once."""
+    from zsctl import agent
+    from zsctl.core import generation
+
+    cfg = AgentConfig(max_turns=2, max_new_tokens=20, max_response_tokens=100_000)
+    new, ref, calls = _pair(varied, cfg)
+    prompt_ids = new.encode_prompts(QUESTIONS)
+    want = ref.run(prompt_ids)
+    groups_seen = []
+
+    def every_length_alone(lengths):
+        groups = generation.length_groups(lengths, overhead=0)
+        groups_seen.append(len(groups))
+        return groups
+
+    monkeypatch.setattr(agent, "length_groups", every_length_alone)
+    got = new.run(prompt_ids)
+    assert max(groups_seen) >= 3  # the questions differ in length: several passes per prefill
+    for a, b in zip(got, want):
+        assert a.response_ids == b.response_ids and a.env_mask == b.env_mask and a.stop == b.stop
+    fed = new.prefill_tokens + new.shared_prefix_tokens + new.decode_steps - sum(calls)
+    assert fed == sum(len(t.prompt_ids) + len(t.response_ids) - 1 for t in got)
+    by_round = itertools.zip_longest(*[_own_turns(t) for t in got], fillvalue=[])
+    assert new.forward_passes == sum(max(len(x) for x in r) for r in by_round)  # a grouped prefill counts once
+
+
 def _own_turns(t) -> list[list[int]]:
     """The policy's turns of a trajectory (runs of mask-1 tokens)."""
     runs, cur = [], []

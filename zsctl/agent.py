@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from zsctl.core import prompts
-from zsctl.core.generation import Sampling, StopText, left_pad
+from zsctl.core.generation import Sampling, StopText, left_pad, length_groups
 from zsctl.core.models import cache_kwarg
 from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, cut_words
 
@@ -133,7 +133,7 @@ class AgentLoop:
         self.generate_calls = 0  # generation rounds
         self.generated_tokens = 0  # policy tokens kept in the trajectories
         self.decode_steps = 0  # tokens the backend produced (HF: rows x forward passes that sampled)
-        self.forward_passes = 0  # HF: batched forward passes that sampled (a round's first one included)
+        self.forward_passes = 0  # HF: batched passes that sampled (a round's prefill counts once, in any groups)
         self.prefill_tokens = 0  # HF: tokens fed through the model to build or extend caches
         self.shared_prefix_tokens = 0  # HF: prompt tokens not fed again, their keys/values copied
         # wall seconds by kind of work: where a rollout's time goes (bench/agent_speed.py prints it)
@@ -289,7 +289,6 @@ class AgentLoop:
                   keep_cache: bool) -> list[_Turn]:
         """Decode one turn per row; rows leave the batch as they stop; caches carry to the next round."""
         import torch
-        from transformers import DynamicCache
 
         model = self.model
         device = next(model.parameters()).device
@@ -303,34 +302,26 @@ class AgentLoop:
                 self.shared_prefix_tokens += (n - 1) * k
         cached = [c.length if c else 0 for c in old]
         pending = [s[c:] for s, c in zip(seqs, cached)]
-        width, chunk = max(cached), max(len(p) for p in pending)
-        # Each row's cache is left-padded to `width`; its pending tokens sit right-aligned in a
-        # chunk of `chunk` columns (the holes masked), so every row's next token shares a column.
-        mask = torch.zeros((n, width + chunk), dtype=torch.long)
-        ids = torch.full((n, chunk), self.pad_id, dtype=torch.long)
-        pos = torch.zeros((n, chunk), dtype=torch.long)
-        for r, (c, p) in enumerate(zip(cached, pending)):
-            mask[r, width - c:width] = 1
-            mask[r, width + chunk - len(p):] = 1
-            ids[r, chunk - len(p):] = torch.tensor(p)
-            pos[r, chunk - len(p):] = torch.arange(c, c + len(p))
-        data = None
-        if width:
-            data = []
-            ref = next(c for c in old if c)
-            for layer in range(len(ref.layers)):
-                kv = []
-                for part in (0, 1):
-                    h, _, d = ref.layers[layer][part].shape
-                    t = ref.layers[layer][part].new_zeros((n, h, width, d))
-                    for r, c in enumerate(old):
-                        if c and c.length:
-                            t[r, :, width - c.length:] = c.layers[layer][part]
-                    kv.append(t)
-                data.append(tuple(kv))
-        cache = DynamicCache(ddp_cache_data=data, config=model.config)
-        mask = mask.to(device)
+        base = [c + len(p) for c, p in zip(cached, pending)]  # position of each row's first new token
         self.prefill_tokens += sum(len(p) for p in pending)
+        # Inserted documents differ in length: one pass at the longest would compute mostly padding
+        # (a second round measured 4,928 computed tokens for 3,189 real ones), so rows of similar
+        # length extend their caches together, and then all rows decode in one batch.
+        groups = length_groups([len(p) for p in pending])
+        with torch.no_grad():
+            if len(groups) == 1:
+                cache, mask, logits = self._extend(old, pending)
+            else:
+                grown: list[_RowCache | None] = [None] * n
+                firsts = [None] * n
+                for g in groups:
+                    part, part_mask, part_logits = self._extend([old[r] for r in g], [pending[r] for r in g])
+                    for j, r in enumerate(g):
+                        grown[r], firsts[r] = self._row_cache(part, part_mask, j), part_logits[j]
+                cache, mask = self._stack(grown)
+                logits = torch.stack(firsts)
+        mask = mask.to(device)
+        self.forward_passes += 1  # the pass (in however many groups) that gives every row its first token
 
         def forward(input_ids, positions):
             out = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions.to(device),
@@ -339,11 +330,9 @@ class AgentLoop:
             return out.logits[:, -1, :].float()
 
         with torch.no_grad():
-            logits = forward(ids, pos)
             t1 = time.perf_counter()
             self.seconds["prefill"] += t1 - t0  # the batch cache built, inserted tokens fed
             alive = list(range(n))  # batch row -> row of this round
-            base = [c + len(p) for c, p in zip(cached, pending)]  # position of each row's first new token
             gen: list[list[int]] = [[] for _ in range(n)]
             lps: list[list[float]] = [[] for _ in range(n)]
             eos_hit = [False] * n
@@ -394,6 +383,54 @@ class AgentLoop:
                 logits = forward(choice[:, None], positions)
         self.seconds["decode"] += time.perf_counter() - t1
         return [_Turn(gen[r], lps[r], eos_hit[r]) for r in range(n)]
+
+    def _stack(self, rows: list[_RowCache | None]):
+        """(one batch cache holding each row's keys/values left-padded to the longest, its mask)."""
+        import torch
+        from transformers import DynamicCache
+
+        width = max((c.length if c else 0) for c in rows)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        data = None
+        if width:
+            data = []
+            ref = next(c for c in rows if c and c.length)
+            for layer in range(len(ref.layers)):
+                kv = []
+                for part in (0, 1):
+                    h, _, d = ref.layers[layer][part].shape
+                    t = ref.layers[layer][part].new_zeros((len(rows), h, width, d))
+                    for r, c in enumerate(rows):
+                        if c and c.length:
+                            t[r, :, width - c.length:] = c.layers[layer][part]
+                    kv.append(t)
+                data.append(tuple(kv))
+            for r, c in enumerate(rows):
+                if c and c.length:
+                    mask[r, width - c.length:] = 1
+        return DynamicCache(ddp_cache_data=data, config=self.model.config), mask
+
+    def _extend(self, old: list[_RowCache | None], pending: list[list[int]]):
+        """Feed each row its pending tokens after its cache, in one batched forward pass: (the batch
+        cache, its mask, each row's last logits). Pending tokens sit right-aligned in a chunk as wide
+        as the longest (the holes masked), so every row's next token shares a column."""
+        import torch
+
+        device = next(self.model.parameters()).device
+        cache, mask = self._stack(old)
+        width, chunk = mask.shape[1], max(len(p) for p in pending)
+        cached = [c.length if c else 0 for c in old]
+        mask = torch.cat([mask, torch.zeros((len(old), chunk), dtype=torch.long)], dim=1)
+        ids = torch.full((len(old), chunk), self.pad_id, dtype=torch.long)
+        pos = torch.zeros((len(old), chunk), dtype=torch.long)
+        for r, (c, p) in enumerate(zip(cached, pending)):
+            mask[r, width + chunk - len(p):] = 1
+            ids[r, chunk - len(p):] = torch.tensor(p)
+            pos[r, chunk - len(p):] = torch.arange(c, c + len(p))
+        mask = mask.to(device)
+        out = self.model(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device), use_cache=True,
+                         logits_to_keep=1, **{self.cache_kw: cache})
+        return cache, mask, out.logits[:, -1, :].float()
 
     def _prefill_one(self, ids: list[int]) -> _RowCache:
         """The keys/values of one sequence, from one forward pass."""

@@ -9,6 +9,7 @@ the same thing on either path.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -183,6 +184,28 @@ def cut_at_stop(text: str, stop: list[str] | None) -> str:
         if j >= 0:
             cut = min(cut, j)
     return text[:cut]
+
+
+GROUP_OVERHEAD = 32  # token-equivalents one more forward pass costs (length_groups)
+
+
+def length_groups(lengths: list[int], overhead: int = GROUP_OVERHEAD) -> list[list[int]]:
+    """Rows split into groups of similar length so that the padded tokens computed, plus `overhead`
+    token-equivalents per extra forward pass, are fewest (exact dynamic programme over the rows
+    sorted by length; each group is computed at the width of its longest row)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # best[j]: rows order[:j] grouped; a group order[i:j] costs (j-i) * its widest
+        for i in range(j):
+            c = best[i] + (j - i) * lengths[order[j - 1]] + overhead
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], n
+    while j:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 class Generation(NamedTuple):

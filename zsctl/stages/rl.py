@@ -44,6 +44,7 @@ from zsctl.agent import AgentConfig, AgentLoop
 from zsctl.core import artifacts, data, metrics, prompts
 from zsctl.core.config import DEFAULT_MODEL, Options, option
 from zsctl.core.errors import BadInput
+from zsctl.core.generation import GROUP_OVERHEAD, length_groups
 from zsctl.core.models import inference_copy
 from zsctl.core.progress import Progress
 from zsctl.core.rewards import REWARDS
@@ -508,28 +509,6 @@ def trim_padding(batch: dict) -> dict:
         elif torch.is_tensor(value) and value.dim() == 2 and value.size(1) == width and keep < width:
             out[key] = value[:, :keep]
     return out
-
-
-GROUP_OVERHEAD = 32  # token-equivalents one more forward pass costs (length_groups)
-
-
-def length_groups(lengths: list[int], overhead: int = GROUP_OVERHEAD) -> list[list[int]]:
-    """Rows split into groups of similar length so that the padded tokens computed, plus `overhead`
-    token-equivalents per extra forward pass, are fewest (exact dynamic programme over the rows
-    sorted by length; each group is computed at the width of its longest row)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    n = len(order)
-    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
-    for j in range(1, n + 1):  # best[j]: rows order[:j] grouped; a group order[i:j] costs (j-i) * its widest
-        for i in range(j):
-            c = best[i] + (j - i) * lengths[order[j - 1]] + overhead
-            if c < best[j]:
-                best[j], cut[j] = c, i
-    groups, j = [], n
-    while j:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
 
 
 # How each loss type's micro-batch loss is the sum of its row groups' losses: "rows" → weighted by the
