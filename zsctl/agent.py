@@ -14,7 +14,9 @@ batching wasted most of the work on a CPU:
 - a row leaves the batch at the step it stops, so no forward pass is spent on a finished row
   (`generate` ran every row until the longest one finished);
 - a trajectory keeps its keys/values between rounds, so a round prefills only what was inserted
-  since (documents, notes), not the whole context again.
+  since (documents, notes), not the whole context again;
+- rows whose inserted tokens differ in length prefill in groups of similar length (one padded pass
+  at the longest computed ~1.5x the real tokens), then decode as one batch.
 Greedy outputs equal batched `generate`'s token for token (tests/test_agent.py keeps the reference).
 Another backend (e.g. vLLM) plugs in as `generate_fn`.
 """

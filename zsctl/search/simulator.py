@@ -26,8 +26,8 @@ gets N more candidates, those of all failing rows sampled together in ONE batch 
 never passes is replaced by its last candidate with every answer-holding sentence removed, so it
 holds no answer. A failing noisy reply is mended that way at once, not regenerated: cutting the
 answer out fixes it exactly, while a missing answer can only be regenerated — and regenerating
-noisy rows too measured 1.5–2.4× the unverified generation time; useful-only retries cost 1.6× in
-CPU time at 16 queries a call, 1.3× at 40 (README, "The simulator"). Without gold answers (or with
+noisy rows too measured 1.5–2.4× the unverified generation time; useful-only retries cost 1.44× in
+CPU time at 16 queries a call (README, "The simulator"). Without gold answers (or with
 yes/no golds, which containment cannot judge) only the useful reply's link to the query is checked.
 Generations per query are in `SearchResult.tries` (1 = first reply kept, else 1 + N), pass/fail in
 `SearchResult.verified`.
