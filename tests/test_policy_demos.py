@@ -67,6 +67,24 @@ def test_thinking_varies_and_no_demonstration_searches_for_nothing(tmp_path, tin
     assert [r["completion"] for r in again] == [r["completion"] for r in train]
 
 
+def test_every_search_thought_ends_with_what_it_searches_for(tmp_path, tiny_model_dir):
+    """A small warm start copies the last words of its thinking into <search>: when the query is the
+    question itself the thought ends with it too, so a copied thought still names something."""
+    rows = []
+    for i in range(12):
+        question, answer = f"Who guards tower {i}?", f"Quolmar{i}"
+        hit = [doc(f"Tower {i}", f"Tower {i} is guarded by {answer}.")]
+        rows.append(traj(f"t{i}#0", question, [answer], [(question, hit)]))
+    src = write_trajs(tmp_path / "t", rows)
+    _, train, val = build(tmp_path, src, target="policy", templated=True, policy=str(tiny_model_dir), val_fraction=0.0)
+    demos = train + val
+    assert len(demos) == 12
+    assert len({_thinking_templates(r["completion"])[0] for r in demos}) >= 3
+    for r in demos:
+        (think, *_), (query,) = THINK_RE.findall(r["completion"]), SEARCH_RE.findall(r["completion"])
+        assert query == r["question"] and think.endswith(query)
+
+
 def _bench_row(name: str, qid: str) -> dict:
     with open(data.data_dir() / "bench" / f"{name}.jsonl", encoding="utf-8") as f:
         return next(r for r in map(json.loads, f) if r["id"] == qid)

@@ -444,12 +444,14 @@ def judge_messages(question: str, answer: str, documents: str, template: str = J
 # thought the same sentence, a small model learned that sentence and searched for its words.
 DEMO_SEARCH_TURN = "<think> {think} </think>\n<search> {query} </search>"
 DEMO_ANSWER_TURN = "<think> {think} </think>\n<answer> {answer} </answer>"
-# before searching with the question itself
+# before searching with the question itself ({topic} is the question). Each thought ends with what
+# it searches for: a warm start copied a generic last sentence ("I will look it up.") into 3-6 % of
+# its queries, so whatever it copies now names something.
 DEMO_THINK_QUESTION = (
-    "I am not sure of this, so I will look it up.",
-    "I do not remember this. Let me check.",
-    "I should check this before answering.",
-    "I cannot answer this from memory.",
+    "I am not sure of this, so I search for: {topic}",
+    "I do not remember this. Let me check: {topic}",
+    "I should check this before answering: {topic}",
+    "I cannot answer this from memory. I look up: {topic}",
 )
 # before searching for a named thing ({topic} is the query)
 DEMO_THINK_TOPIC = (
