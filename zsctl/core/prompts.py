@@ -445,7 +445,7 @@ def judge_messages(question: str, answer: str, documents: str, template: str = J
 DEMO_SEARCH_TURN = "<think> {think} </think>\n<search> {query} </search>"
 DEMO_ANSWER_TURN = "<think> {think} </think>\n<answer> {answer} </answer>"
 # before searching with the question itself ({topic} is the question). Each thought ends with what
-# it searches for: a warm start copied a generic last sentence ("I will look it up.") into 3-6 % of
+# it searches for: a warm start copied a generic last sentence ("I will look it up.") into 6-9 % of
 # its queries, so whatever it copies now names something.
 DEMO_THINK_QUESTION = (
     "I am not sure of this, so I search for: {topic}",
