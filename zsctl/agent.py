@@ -311,7 +311,7 @@ class AgentLoop:
         # length extend their caches together, and then all rows decode in one batch.
         groups = length_groups([len(p) for p in pending])
         with torch.no_grad():
-            if len(groups) == 1:
+            if len(groups) == 1:  # the pass's batch cache is the decode cache: no copy out and back
                 cache, mask, logits = self._extend(old, pending)
             else:
                 grown: list[_RowCache | None] = [None] * n
