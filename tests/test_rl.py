@@ -219,6 +219,7 @@ def test_two_steps_train_and_write_artifacts(tmp_path, train_file, tiny_model_di
     for m in mets:
         assert math.isfinite(m["loss"]) and 0 <= m["valid_answer_rate"] <= 1 and m["noise_p"] >= 0
         assert 0 <= m["search_seconds"] <= m["rollout_seconds"] <= m["step_seconds"]
+        assert m["threads"] == torch.get_num_threads()  # recorded per step (--threads auto changes it)
 
 
 def test_lora_run_merges_and_resume_continues(tmp_path, train_file, tiny_model_dir):

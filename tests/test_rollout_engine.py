@@ -264,6 +264,42 @@ def test_threads_option_reaches_torch_and_bad_counts_exit_2(monkeypatch):
     assert res.stdout.split() == ["PASSIVE", "2", "2"]
 
 
+def test_auto_threads_take_the_cores_others_leave_free(monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    from zsctl.core import models
+
+    # the arithmetic: others' busy cores = the cores' busy time minus ours; a core counts when half free
+    idle_beside_us = ((0.0, 0.0, 0.0, 0.0), (10.0, 20.0, 10.0, 10.0))  # 2 cores, 10 s: we used one
+    assert models.others_cores(*idle_beside_us, ncpu=2) == pytest.approx(0.0)
+    one_job_beside = ((0.0, 0.0, 0.0, 0.0), (20.0, 20.0, 10.0, 10.0))  # both busy, one of them ours
+    assert models.others_cores(*one_job_beside, ncpu=2) == pytest.approx(1.0)
+    assert [models.free_threads(2, o) for o in (0.0, 0.4, 0.6, 1.0, 1.6, 3.0)] == [2, 2, 1, 1, 1, 1]
+    assert models.free_threads(8, 2.2) == 6
+
+    # for real: with every core kept busy by other processes, auto takes one thread
+    before = torch.get_num_threads()
+    monkeypatch.delenv("ZSCTL_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        torch.set_num_threads(2)
+        models.set_threads("AUTO")
+        assert torch.get_num_threads() == 1 and os.environ["ZSCTL_THREADS"] == "auto"
+        time.sleep(1.5)
+        assert models.adapt_threads() == 1 and torch.get_num_threads() == 1
+    finally:
+        for p in spin:
+            p.kill()
+        models.set_threads(before)  # a fixed count ends auto
+        torch.set_num_threads(before)
+    assert models.adapt_threads() is None
+    with pytest.raises(models.BadInput, match="'autox' is not a positive whole number or 'auto'"):
+        models.set_threads("autox")
+
+
 def test_copied_prompt_keys_give_the_outputs_of_a_lone_row(varied):
     model, tok = varied
     cfg = AgentConfig(max_turns=1, max_new_tokens=10, max_response_tokens=100_000)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from zsctl.core import prompts
 from zsctl.core.generation import Sampling, StopText, left_pad, length_groups
-from zsctl.core.models import cache_kwarg
+from zsctl.core.models import adapt_threads, cache_kwarg
 from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, cut_words
 
 
@@ -169,6 +169,7 @@ class AgentLoop:
         """Roll out every prompt; `contexts[i]` goes with every search of sample i (simulators need it),
         `noise` with every search (a simulator's useful/noisy draw; None = the engine's own)."""
         cfg = self.cfg
+        adapt_threads()  # --threads auto: as many as the cores others leave free now
         trajs = [Trajectory(prompt_ids=list(p)) for p in prompt_ids]
         caches: dict[int, _RowCache] = {}  # HF backend: each live trajectory's keys/values
         with_logprobs = True

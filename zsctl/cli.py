@@ -50,9 +50,10 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check the command's options and print its resolved "
                                  "config as JSON; run nothing."),
-    threads: Optional[int] = typer.Option(
+    threads: Optional[str] = typer.Option(
         None, "--threads", help="CPU threads for torch, in any position (default $ZSCTL_THREADS, else "
-        "$OMP_NUM_THREADS, else one per core); idle threads sleep, so a shared machine stays fast."),
+        "$OMP_NUM_THREADS, else one per core); idle threads sleep, so a shared machine stays fast. 'auto': "
+        "the cores other processes leave free, chosen again before each batch of rollouts."),
 ):
     _state.update(debug=debug, dry_run=dry_run)
     from zsctl.core.models import set_threads

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 
 from zsctl.core.errors import BadInput
@@ -21,9 +22,13 @@ THREADS_ENV = "ZSCTL_THREADS"
 BF16_ENV = "ZSCTL_BF16"
 
 
-def set_threads(n: int | None = None) -> None:
+AUTO_THREADS = "auto"
+
+
+def set_threads(n: int | str | None = None) -> None:
     """How torch uses the CPU: `n` threads, else $ZSCTL_THREADS, else $OMP_NUM_THREADS, else torch's
-    default (one per physical core); idle threads sleep instead of spinning.
+    default (one per physical core); idle threads sleep instead of spinning. `auto`: as many threads
+    as cores other processes leave free, chosen again by `adapt_threads` (see `_AutoThreads`).
 
     Spinning is OpenMP's default, and on a shared machine it is what hurts: a thread that spins
     at a barrier takes the core its partner needs. Measured on 2 cores at load 6-8 (others'
@@ -34,19 +39,104 @@ def set_threads(n: int | None = None) -> None:
     """
     import sys
 
+    global _auto
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     raw = n if n is not None else os.environ.get(THREADS_ENV) or os.environ.get("OMP_NUM_THREADS")
     if raw is None or raw == "":
         return
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise BadInput(f"threads '{raw}' is not a positive whole number; pass e.g. --threads 1")
+    _auto = None
+    if str(raw).strip().lower() == AUTO_THREADS:
+        _auto = _AutoThreads()
+        os.environ[THREADS_ENV] = AUTO_THREADS  # a stage's worker processes adapt too
+        n = 1  # nothing measured yet: the polite choice on a shared machine
+    else:
+        try:
+            n = int(raw)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise BadInput(f"threads '{raw}' is not a positive whole number or 'auto'; pass e.g. --threads 1")
     os.environ["OMP_NUM_THREADS"] = str(n)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(n)
+
+
+def adapt_threads() -> int | None:
+    """With `--threads auto`: set torch's thread count to the cores other processes left free since
+    the last call, and return it; otherwise None. Called between units of work (each `AgentLoop.run`:
+    an RL step's rollouts, an eval batch), so the count follows jobs that start and finish beside us."""
+    import torch
+
+    if _auto is None:
+        return None
+    n = _auto.choose()
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n
+
+
+class _AutoThreads:
+    """Threads = cores that other processes left free over the last interval, at least 1.
+
+    Why: two threads make our prefill and loss ~1.7x faster on 2 idle cores, but beside another
+    CPU-bound job a second thread mostly waits for a core (and, sleeping, pays to wake). The
+    demo's rl runs next to jobs that finish part way through it; a fixed count is wrong for one
+    of the two phases. Others' use = busy time of the cores we may run on (/proc/stat, Linux)
+    minus this process's own CPU time; where /proc/stat is missing, the 1-minute load average
+    minus our own threads stands in (it lags by about a minute).
+    """
+
+    def __init__(self):
+        self.cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        self.ncpu = len(self.cores) if self.cores else (os.cpu_count() or 1)
+        self.last = self.sample()
+
+    def sample(self) -> tuple[float, float, float, float] | None:
+        """(busy core-seconds, wall-clock core-seconds) of our cores, our CPU seconds, monotonic time."""
+        try:
+            busy = total = 0
+            with open("/proc/stat") as f:
+                for line in f:
+                    name, *fields = line.split()
+                    if not name.startswith("cpu") or name == "cpu":
+                        continue
+                    if self.cores is not None and int(name[3:]) not in self.cores:
+                        continue
+                    j = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                    total += sum(j)
+                    busy += sum(j) - j[3] - j[4]
+        except (OSError, ValueError):
+            return None
+        t = os.times()
+        hz = os.sysconf("SC_CLK_TCK")
+        return busy / hz, total / hz, t.user + t.system, time.monotonic()
+
+    def choose(self) -> int:
+        now = self.sample()
+        last, self.last = self.last, now
+        if now is None or last is None:
+            import torch
+
+            others = os.getloadavg()[0] - torch.get_num_threads()
+        else:
+            others = others_cores(last, now, self.ncpu)
+        return free_threads(self.ncpu, others)
+
+
+def others_cores(last: tuple, now: tuple, ncpu: int) -> float:
+    """Cores other processes kept busy between two samples (see `_AutoThreads.sample`)."""
+    wall = max(now[1] - last[1], 1e-9)
+    busy = (now[0] - last[0]) / wall * ncpu  # cores busy on average
+    ours = (now[2] - last[2]) / max(now[3] - last[3], 1e-9)  # cores we used
+    return max(0.0, busy - ours)
+
+
+def free_threads(ncpu: int, others: float) -> int:
+    """Threads for what others leave free: a core counts when at least half of it is free."""
+    return max(1, min(ncpu, int(ncpu - others + 0.5)))
+
+
+_auto: _AutoThreads | None = None
 
 
 def cache_root() -> Path:

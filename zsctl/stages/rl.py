@@ -319,6 +319,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             # verification included) vs the policy's own prefill and decoding
             "rollout_seconds": gen_s,
             "search_seconds": loop.seconds["search"],
+            "threads": torch.get_num_threads(),  # this step's CPU threads (--threads auto changes them)
             **search_metrics([f for part in parts for f in part["facts"]]),
         }
         progress.log(
