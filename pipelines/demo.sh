@@ -97,8 +97,8 @@ beside_rl() {  # what rl does not wait for: the simulator's check and the evalua
   evaluate base "$MODEL" && evaluate warmup "$RUN/warmup"
 }
 bg beside beside_rl
-# threads follow the free cores: one while the jobs beside it run, two once they are done (a second
-# thread makes the loss and the prefills ~1.7x faster, but beside another job it mostly waits)
+# rollouts on one thread (a second slows the simulator's small batches); the loss on the cores the
+# jobs beside it leave free: one while they run, two once they are done (~1.7x faster loss)
 zsctl rl --threads auto --policy "$RUN/warmup" --search "sim:$RUN/simulator?verify=$VERIFY" --train "$RL_TRAIN" \
   --out "$RUN/policy" --steps "$RL_STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 \
   --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --noise-start 0 --noise-end 0.5 --reward f1+format $Q

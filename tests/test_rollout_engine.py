@@ -290,6 +290,7 @@ def test_auto_threads_take_the_cores_others_leave_free(monkeypatch):
         assert torch.get_num_threads() == 1 and os.environ["ZSCTL_THREADS"] == "auto"
         time.sleep(1.5)
         assert models.adapt_threads() == 1 and torch.get_num_threads() == 1
+        assert models.adapt_threads(generation=True) == 1
     finally:
         for p in spin:
             p.kill()

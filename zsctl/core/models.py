@@ -61,15 +61,17 @@ def set_threads(n: int | str | None = None) -> None:
         sys.modules["torch"].set_num_threads(n)
 
 
-def adapt_threads() -> int | None:
-    """With `--threads auto`: set torch's thread count to the cores other processes left free since
-    the last call, and return it; otherwise None. Called between units of work (each `AgentLoop.run`:
-    an RL step's rollouts, an eval batch), so the count follows jobs that start and finish beside us."""
+def adapt_threads(generation: bool = False) -> int | None:
+    """With `--threads auto`, set torch's thread count for what comes next and return it (else
+    None): one thread for `generation` (a rollout, a simulator's replies), otherwise the cores other
+    processes left free since the last call. `AgentLoop.run` calls it before rolling out; rl again
+    before its loss, so the count follows jobs that start and finish beside us."""
     import torch
 
     if _auto is None:
         return None
     n = _auto.choose()
+    n = 1 if generation else n
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n
@@ -78,10 +80,13 @@ def adapt_threads() -> int | None:
 class _AutoThreads:
     """Threads = cores that other processes left free over the last interval, at least 1.
 
-    Why: two threads make our prefill and loss ~1.7x faster on 2 idle cores, but beside another
-    CPU-bound job a second thread mostly waits for a core (and, sleeping, pays to wake). The
-    demo's rl runs next to jobs that finish part way through it; a fixed count is wrong for one
-    of the two phases. Others' use = busy time of the cores we may run on (/proc/stat, Linux)
+    Why, measured on 2 cores with SmolLM2-135M: on idle cores a second thread makes a loss step
+    ~1.7x faster (2.0-2.2 vs 3.3-3.7 s, forward and backward over 2x400 tokens), while beside
+    another CPU-bound job it mostly waits for a core. Generation is the other way round: a
+    simulator call of 8 replies took 9.0-9.9 s with two sleeping threads against 7.1 s with one
+    (a small batch's many small steps each pay to wake the second thread), so generation keeps one.
+    The demo's rl runs next to jobs that finish part way through it: a fixed count is wrong for
+    one of the two phases. Others' use = busy time of the cores we may run on (/proc/stat, Linux)
     minus this process's own CPU time; where /proc/stat is missing, the 1-minute load average
     minus our own threads stands in (it lags by about a minute).
     """

@@ -45,7 +45,7 @@ from zsctl.core import artifacts, data, metrics, prompts
 from zsctl.core.config import DEFAULT_MODEL, Options, option
 from zsctl.core.errors import BadInput
 from zsctl.core.generation import GROUP_OVERHEAD, length_groups
-from zsctl.core.models import inference_copy
+from zsctl.core.models import adapt_threads, inference_copy
 from zsctl.core.progress import Progress
 from zsctl.core.rewards import REWARDS
 from zsctl.core.schemas import ROLLOUTS
@@ -259,6 +259,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
                 )
             model.train(was_training)
         gen_s = time.perf_counter() - t0
+        adapt_threads()  # --threads auto: the loss gets the cores others leave free
 
         tok = trainer.processing_class
         completion_ids, env_mask, logprobs = zip(*[_completion(t, tok, cfg.max_response_tokens) for t in trajs])
@@ -319,7 +320,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             # verification included) vs the policy's own prefill and decoding
             "rollout_seconds": gen_s,
             "search_seconds": loop.seconds["search"],
-            "threads": torch.get_num_threads(),  # this step's CPU threads (--threads auto changes them)
+            "threads": torch.get_num_threads(),  # the loss's CPU threads (--threads auto changes them)
             **search_metrics([f for part in parts for f in part["facts"]]),
         }
         progress.log(
