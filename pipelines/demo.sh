@@ -79,10 +79,9 @@ zsctl build-sft --trajectories "$RUN/question_searches" --search "$SEARCH" --out
   --pairs-per-search 3 --topk "$TOPK" --max-doc-words 30 $Q
 
 step "5/8 warmup of the policy (<information> tokens get no loss) | train-sim (LoRA)"
-# each on one thread while both run; the one left takes both cores (--threads auto, every step)
-bg warmup zsctl warmup --threads auto --data "$RUN/policy_sft" --policy "$MODEL" --out "$RUN/warmup" --max-steps "$WARM_STEPS" \
+bg warmup zsctl warmup --data "$RUN/policy_sft" --policy "$MODEL" --out "$RUN/warmup" --max-steps "$WARM_STEPS" \
   --batch-size 2 --grad-accum 2 --max-length 512 --lr 5e-4 --val-limit 8 $Q
-bg simulator zsctl train-sim --threads auto --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$SIM_STEPS" \
+bg simulator zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$SIM_STEPS" \
   --batch-size 4 --grad-accum 2 --max-length 256 --lr 5e-4 --val-limit 8 $Q
 join warmup
 join simulator

@@ -23,7 +23,6 @@ from pathlib import Path
 from zsctl.core import artifacts, prompts
 from zsctl.core.config import Options, option
 from zsctl.core.errors import BadInput, RunFailure
-from zsctl.core.models import adapt_threads
 from zsctl.core.progress import Progress
 from zsctl.core.schemas import POLICY_SFT, SIM_SFT
 
@@ -187,9 +186,6 @@ def _callback(cfg: SFTRunConfig, progress: Progress, losses: list):
             self.every = max(1, state.max_steps // 10)
             if state.is_world_process_zero:
                 progress.start(cfg.desc, state.max_steps)
-
-        def on_step_begin(self, args, state, control, **kw):
-            adapt_threads()  # --threads auto: each step takes the cores other processes leave free
 
         def on_step_end(self, args, state, control, **kw):
             if state.is_world_process_zero:

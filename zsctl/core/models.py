@@ -27,8 +27,8 @@ AUTO_THREADS = "auto"
 
 def set_threads(n: int | str | None = None) -> None:
     """How torch uses the CPU: `n` threads, else $ZSCTL_THREADS, else $OMP_NUM_THREADS, else torch's
-    default (one per physical core); idle threads sleep instead of spinning. `auto`: as many threads
-    as cores other processes leave free, chosen again by `adapt_threads` (see `_AutoThreads`).
+    default (one per physical core); idle threads sleep instead of spinning. `auto`: one thread, and
+    where `adapt_threads` is called (rl, before its loss) the cores other processes leave free.
 
     Spinning is OpenMP's default, and on a shared machine it is what hurts: a thread that spins
     at a barrier takes the core its partner needs. Measured on 2 cores at load 6-8 (others'
