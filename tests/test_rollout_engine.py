@@ -297,6 +297,13 @@ def test_auto_threads_take_the_cores_others_leave_free(monkeypatch):
         models.set_threads(before)  # a fixed count ends auto
         torch.set_num_threads(before)
     assert models.adapt_threads() is None
+    # without /proc/stat the load average stands in: ours subtracted, the rest is others'
+    auto = models._AutoThreads()
+    monkeypatch.setattr(auto, "sample", lambda: None)
+    monkeypatch.setattr(models.os, "getloadavg", lambda: (auto.ncpu + 1.0, 0.0, 0.0))
+    assert auto.choose() == 1
+    monkeypatch.setattr(models.os, "getloadavg", lambda: (float(torch.get_num_threads()), 0.0, 0.0))
+    assert auto.choose() == auto.ncpu
     with pytest.raises(models.BadInput, match="'autox' is not a positive whole number or 'auto'"):
         models.set_threads("autox")
 

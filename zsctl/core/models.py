@@ -88,7 +88,7 @@ class _AutoThreads:
     The demo's rl runs next to jobs that finish part way through it: a fixed count is wrong for
     one of the two phases. Others' use = busy time of the cores we may run on (/proc/stat, Linux)
     minus this process's own CPU time; where /proc/stat is missing, the 1-minute load average
-    minus our own threads stands in (it lags by about a minute).
+    minus our own threads stands in (it lags by about a minute); with neither, one thread.
     """
 
     def __init__(self):
@@ -120,6 +120,8 @@ class _AutoThreads:
         now = self.sample()
         last, self.last = self.last, now
         if now is None or last is None:
+            if not hasattr(os, "getloadavg"):  # neither source (Windows): stay polite
+                return 1
             import torch
 
             others = os.getloadavg()[0] - torch.get_num_threads()
