@@ -70,8 +70,8 @@ def adapt_threads(generation: bool = False) -> int | None:
 
     if _auto is None:
         return None
-    n = _auto.choose()
-    n = 1 if generation else n
+    free = _auto.choose()  # also starts the interval the next call measures
+    n = 1 if generation else free
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n
