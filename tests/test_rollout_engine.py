@@ -283,7 +283,8 @@ def test_auto_threads_take_the_cores_others_leave_free(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.delenv("ZSCTL_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    cores = models._AutoThreads().ncpu  # the cores this process may run on, not the whole host's
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
     try:
         torch.set_num_threads(2)
         models.set_threads("AUTO")
