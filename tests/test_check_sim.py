@@ -232,7 +232,8 @@ def test_verified_engine_reports_tries(questions_file, tiny_model_dir, tmp_path)
     model, tok = load_model(str(tiny_model_dir))
     scripts = {}
     for q, golds, _ in QS:  # useful: wrong, then right; noisy and probes: answer-free at once
-        scripts[f"useful | {q} | {golds[0]} | {q} |"] = ["Doc 1: (X) nothing here", f"Doc 1: (X) {q} It is {golds[0]}."]
+        # (keyed on question and answer: the retry's query line differs)
+        scripts[f"useful | {q} | {golds[0]} |"] = ["Doc 1: (X) nothing here", f"Doc 1: (X) {q} It is {golds[0]}."]
         scripts[f"noisy | {q}"] = ["Doc 1: (Y) other things"]
     script_model(model, tok, scripts)
     tpl = tmp_path / "tpl.txt"

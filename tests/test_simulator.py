@@ -275,6 +275,9 @@ def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
     assert (
         texts[0] == "Peru | The capital of Peru is Lima." and texts[1] == "Hamlet | Hamlet was written by Shakespeare."
     )
+    # the retries were asked with the answer on both sides of the query; a reply kept from the first
+    # try keeps its plain prompt
+    assert "Query: Lima capital of peru Lima\n" in results[0].prompt and "Query: hamlet author\n" in results[1].prompt
     # never verified: the last candidate with every answer-holding sentence removed
     assert texts[2] == "Alps | Mont Blanc is a tall peak."
     # a noisy reply holding the answer is mended at once, not regenerated
@@ -339,8 +342,10 @@ def test_verify_over_http_retries_only_the_failing_prompt_with_sampling():
         results = engine.search(["capital of peru", "hamlet author"], k=1, contexts=ctxs)
         engine.close()
     posts = [r["body"] for r in log if r["method"] == "POST"]
-    # the failing Peru prompt twice (verify=2) in one request; its first candidate passes
-    assert [len(b["prompt"]) for b in posts] == [2, 2] and all("Peru" in p for p in posts[1]["prompt"])
+    # the failing Peru prompt twice (verify=2) in one request, its query line naming the answer; the
+    # first candidate of that new prompt fails again, the second passes
+    assert [len(b["prompt"]) for b in posts] == [2, 2]
+    assert all("Query: Lima capital of peru Lima\n" in p for p in posts[1]["prompt"])
     assert posts[0]["temperature"] == 0.0 and posts[1]["temperature"] == 0.8
     assert [r.tries for r in results] == [3, 1] and [r.verified for r in results] == [True, True]
     assert results[0].docs[0].text == "Lima is the capital of Peru."
