@@ -5,7 +5,7 @@
 # verified generation, side by side; `zsctl report` prints the check-sim tables.
 #   index → collect --policy none (each training question searched once, top 20) → build-sft --label docs
 #   (a useful and a noisy row from ONE search; supporting entities of multi-hop questions searched too)
-#   → train-sim → check-sim (verify=0) → check-sim (verify=2) → report
+#   → train-sim → check-sim (verify=0) → check-sim (verify=2, or each of $VERIFY) → report
 # Hardware: 2 CPU cores, ~6 GB RAM. Expected time: about 55 minutes on 2 quiet cores with bf16 (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,7 @@ K=${K:-2}                             # documents per simulated search (as the d
 DOC_WORDS=${DOC_WORDS:-30}
 STEPS=${STEPS:-400}                   # train-sim steps of 8 rows (about 1.2 epochs of the corpus)
 N_CHECK=${N_CHECK:-120}               # held-apart queries for check-sim
+VERIFY=${VERIFY:-2}                   # verified check-sims after the unverified one, e.g. "2 3"
 Q=${QUIET:+--quiet}
 
 mkdir -p "$RUN"
@@ -43,7 +44,7 @@ step "train-sim: $STEPS steps (LoRA, completion-only loss)"
 zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$STEPS" \
   --batch-size 4 --grad-accum 2 --max-length 256 --lr 5e-4 --val-limit 32 $Q
 
-for v in 0 2; do
+for v in 0 $VERIFY; do
   step "check-sim on $N_CHECK held-apart queries, verify=$v"
   zsctl check-sim --search "sim:$RUN/simulator?verify=$v" --questions "$CHECK" --limit "$N_CHECK" --topk "$K" \
     --vs "$SEARCH" --out "$RUN/check_sim_verify$v" $Q
