@@ -88,5 +88,6 @@ def test_validation_reports_search_quality_with_the_real_engine(tmp_path, tiny_m
     # answers Picasso (gold "Pablo Picasso": no exact match) / Lima / yes; searches "query" (degenerate,
     # miss), "capital of Peru" (a hit), "Lima Peru" (yes/no gold: cannot tell)
     assert scores["val_em"] == pytest.approx(2 / 3)
+    assert scores["val_em_open"] == 0.5  # the yes/no question is guessable: Picasso (miss) and Lima (right)
     assert scores["val_degenerate_share"] == pytest.approx(1 / 3)
     assert (scores["val_search_hit_rate"], scores["val_question_hit_rate"]) == (0.5, 0.5)

@@ -322,6 +322,32 @@ def question_hits(rows: Iterable[dict]) -> dict:
     return {"question_hit_rate": hits / len(judged) if judged else None, "hit_questions_n": len(judged)}
 
 
+def guessable(question: object, golds: object) -> bool:
+    """True when the answer can be had without finding anything: every gold is yes/no, or the
+    question names a gold answer itself (a comparison: "who is younger, A or B?").
+
+    >>> guessable("Who is younger, Mart Van Duren or Madeleine Simms?", ["Mart Van Duren"])
+    True
+    >>> guessable("Who wrote Hamlet?", ["Shakespeare"]), guessable("Is Lima in Peru?", ["yes"])
+    (False, True)
+    """
+    return yes_no(golds) or find_answer([question], golds) is not None
+
+
+def open_em(rows: Iterable[dict]) -> dict:
+    """EM over the open questions only (not `guessable`): `em_open` / `open_n`. Answering a
+    comparison with the first name it reads scores half of them by chance, so a policy can raise
+    its EM without searching; this one moves only when it answers what the question does not say.
+
+    >>> open_em([{"question": "Who wrote Hamlet?", "golden_answers": ["Shakespeare"], "em": 1.0},
+    ...          {"question": "Who is older, A. Smith or B. Jones?", "golden_answers": ["A. Smith"], "em": 1.0},
+    ...          {"question": "Where is the Louvre?", "golden_answers": ["Paris"], "em": 0.0}])
+    {'em_open': 0.5, 'open_n': 2}
+    """
+    rs = [r for r in rows if not guessable(r.get("question"), r.get("golden_answers"))]
+    return {"em_open": sum(r["em"] for r in rs) / len(rs) if rs else None, "open_n": len(rs)}
+
+
 def top_queries(queries: Iterable[object], n: int = 5) -> list[list]:
     """The `n` most common queries with their counts, [[query, count], ...]; queries that differ only
     in case or spacing count as one (shown as first written).

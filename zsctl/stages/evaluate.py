@@ -8,7 +8,8 @@ Search quality beside the scores (metrics.search_facts / search_quality): every 
 predictions.parquet carries `degenerate` (its query names nothing) and `has_answer` (its documents
 hold a gold answer); metrics.json gives per benchmark and overall the search count, the degenerate
 share, the search-hit rate (over `hit_searches_n` searches: questions whose golds are not all
-yes/no) and the most common queries.
+yes/no) and the most common queries. `em_open` is the EM over the `open_n` questions whose answer
+is neither yes/no nor named in the question (metrics.open_em).
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ def summarize(rows: list[dict]) -> dict:
             # what it searched for: a policy that searches "query" is not searching, whatever its EM
             **metrics.search_quality(searches),
             **metrics.question_hits(rs),
+            # EM a policy cannot get by echoing the question (comparisons) or guessing yes/no
+            **metrics.open_em(rs),
             "top_queries": metrics.top_queries(s["query"] for s in searches),
         }
 

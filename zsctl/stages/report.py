@@ -48,6 +48,11 @@ def _fmt(x, pct=True) -> str:
     return f"{100 * x:.1f}" if pct else f"{x:.2f}"
 
 
+def _open_em(m: dict) -> str:
+    """EM over the open questions and their count, '–' for an evaluation made before it was recorded."""
+    return f"{_fmt(m['em_open'])} ({m['open_n']})" if "open_n" in m else "–"
+
+
 def _eval_rows(found) -> list[tuple[str, str, dict]]:
     rows = []
     # in the order the evaluations ran (the demo's base → warm start → RL), not by folder name
@@ -147,17 +152,19 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
     evals = _eval_rows(found)
     if evals:
         lines += ["## Evaluation (real engine)", "",
-                  "| run | benchmark | n | EM | SubEM | F1 | searches | degenerate queries % | search-hit rate % "
-                  "| question-hit rate % |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| run | benchmark | n | EM | SubEM | F1 | EM, open questions | searches | degenerate queries % "
+                  "| search-hit rate % | question-hit rate % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [
             f"| {r} | {b} | {m['n']} | {_fmt(m['em'])} | {_fmt(m['subem'])} | {_fmt(m['f1'])} | "
-            f"{_fmt(m['avg_searches'], pct=False)} | {_fmt(m.get('degenerate_share'))} | "
+            f"{_open_em(m)} | {_fmt(m['avg_searches'], pct=False)} | {_fmt(m.get('degenerate_share'))} | "
             f"{_fmt(m.get('search_hit_rate'))} | "
             f"{_fmt(m.get('question_hit_rate'))} |"
             for r, b, m in evals
         ]
-        lines += ["", "Degenerate: a query with no content word of its own (empty, a placeholder, instruction words). "
+        lines += ["", "EM, open questions: EM over the questions (how many in brackets) whose answer is neither yes/no "
+                  "nor named in the question, which no policy gets by echoing a name it reads or guessing. "
+                  "Degenerate: a query with no content word of its own (empty, a placeholder, instruction words). "
                   "Search-hit rate: searches whose documents hold a gold answer; question-hit rate: questions one of "
                   "whose searches found one (a question that never searched is a miss); both over questions whose "
                   "golds are not all yes/no.", ""]

@@ -470,18 +470,21 @@ def _make_validator(cfg: RLConfig, tokenizer):
             for i in range(0, len(questions), 8):
                 batch = questions[i : i + 8]
                 trajs = loop.run(loop.encode_prompts([q["question"] for q in batch]))
-                scores += [metrics.score(t.prediction or "", q["golden_answers"]) for q, t in zip(batch, trajs)]
+                got = [metrics.score(t.prediction or "", q["golden_answers"]) for q, t in zip(batch, trajs)]
+                scores += got
                 # what the policy searched for with the real engine, as eval reports it
-                rows += [{"golden_answers": q["golden_answers"],
+                rows += [{"question": q["question"], "golden_answers": q["golden_answers"], "em": sc["em"],
                           "searches": [metrics.search_facts(s["query"], s["documents"], q["golden_answers"])
-                                       for s in t.searches]} for q, t in zip(batch, trajs)]
+                                       for s in t.searches]} for q, t, sc in zip(batch, trajs, got)]
         model.train(was_training)
         n = len(scores)
         if not n:
             return {}
-        quality = {**metrics.search_quality(f for r in rows for f in r["searches"]), **metrics.question_hits(rows)}
+        quality = {**metrics.search_quality(f for r in rows for f in r["searches"]), **metrics.question_hits(rows),
+                   **metrics.open_em(rows)}
         return {**{f"val_{k}": sum(s[k] for s in scores) / n for k in ("em", "subem", "f1")},
-                **{f"val_{k}": quality[k] for k in ("degenerate_share", "search_hit_rate", "question_hit_rate")}}
+                **{f"val_{k}": quality[k] for k in ("em_open", "degenerate_share", "search_hit_rate",
+                                                     "question_hit_rate")}}
 
     return validate
 
