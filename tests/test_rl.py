@@ -400,6 +400,24 @@ def test_bad_input(tmp_path, train_file, kw, needle):
         rl.build_trainer(_cfg(tmp_path, train_file, policy="x", **kw))
 
 
+def test_open_only_drops_questions_a_guess_answers(tmp_path, tiny_model_dir):
+    f = tmp_path / "t.jsonl"
+    rows = [("Who is younger, Mart Van Duren or Madeleine Simms?", ["Mart Van Duren"]),  # names its answer
+            ("Is Lima in Peru?", ["yes"]),
+            ("Who wrote Hamlet?", ["Shakespeare"])]
+    f.write_text("".join(json.dumps({"id": str(i), "question": q, "golden_answers": g}) + "\n"
+                         for i, (q, g) in enumerate(rows)))
+    assert len(rl.load_train_questions(str(f), None)) == 3
+    assert [r["question"] for r in rl.load_train_questions(str(f), None, open_only=True)] == ["Who wrote Hamlet?"]
+    f.write_text("".join(json.dumps({"id": str(i), "question": q, "golden_answers": g}) + "\n"
+                         for i, (q, g) in enumerate(rows[:2])))
+    out = tmp_path / "o"
+    r = CliRunner().invoke(app, ["rl", "--policy", str(tiny_model_dir), "--search", "none", "--train", str(f),
+                                 "--open-only", "--out", str(out)])
+    assert r.exit_code == 2 and "--open-only leaves no question" in r.output and len(r.output.strip().splitlines()) == 1
+    assert not (out / "manifest.json").exists()
+
+
 def test_cli_train_file_without_golden_answers(tmp_path, tiny_model_dir):
     bad = tmp_path / "t.jsonl"
     bad.write_text(json.dumps({"id": "1", "question": "q?"}) + "\n")
