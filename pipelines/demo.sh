@@ -100,9 +100,11 @@ bg beside beside_rl
 # rollouts on one thread (a second slows the simulator's small batches); the loss on the cores the
 # jobs beside it leave free: one while they run, two once they are done (~1.7x faster loss).
 # --beta 0 (no KL term; TRL's default): at rl's default 0.001 the term was below 4e-6 in all 8 steps,
-# while the reference model's forward pass took a third of the loss time
-zsctl rl --threads auto --beta 0 --policy "$RUN/warmup" --search "sim:$RUN/simulator?verify=$VERIFY" --train "$RL_TRAIN" \
-  --out "$RUN/policy" --steps "$RL_STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 \
+# while the reference model's forward pass took a third of the loss time.
+# --open-only: without it RL learned to answer comparisons with the first name in the question
+# (9 of 10 held-apart comparisons; 4 of its 5 exact matches), which needs no search
+zsctl rl --threads auto --beta 0 --open-only --policy "$RUN/warmup" --search "sim:$RUN/simulator?verify=$VERIFY" \
+  --train "$RL_TRAIN" --out "$RUN/policy" --steps "$RL_STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 \
   --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --noise-start 0 --noise-end 0.5 --reward f1+format $Q
 join beside
 

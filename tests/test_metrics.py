@@ -156,3 +156,11 @@ def test_top_queries_merge_case_and_spacing():
     top = m.top_queries(["query", "Query ", "Jaws  director", "jaws director", "jaws director", "x"], n=2)
     assert top == [["Jaws director", 3], ["query", 2]]
     assert m.top_queries([]) == []
+
+
+def test_yes_no_and_guessable_take_any_sequence_of_golds():
+    np = pytest.importorskip("numpy")
+    # pandas hands list columns over as numpy arrays, whose truth value is ambiguous
+    assert metrics.yes_no(np.array(["yes", "No."])) and not metrics.yes_no(np.array(["yes", "Paris"]))
+    assert metrics.yes_no("yes") and not metrics.yes_no(None) and not metrics.yes_no([])
+    assert metrics.guessable("Who is older, A. Smith or B. Jones?", np.array(["A. Smith"]))

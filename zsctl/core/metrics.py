@@ -263,7 +263,7 @@ def docs_hold_answer(documents: Iterable[object], golds: object) -> bool:
 def yes_no(golds: object) -> bool:
     """True when every gold answer is yes or no: such questions cannot show whether documents hold
     the answer, so search-hit rates and simulator checks leave them out."""
-    ns = [normalize_answer(g) for g in (golds or [])]
+    ns = _golds(golds)  # any sequence (a numpy array from pandas too), a bare string, or None
     return bool(ns) and all(n in _YES_NO for n in ns)
 
 
