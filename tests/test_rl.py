@@ -306,7 +306,7 @@ def test_resume_refuses_a_run_with_other_settings(tmp_path, train_file, corpus_f
     cfg = _cfg(tmp_path, train_file, policy=str(tiny_model_dir))
     rl.build_trainer(cfg)
     changes = dict(search=f"bm25:{corpus_file}", reward="em", max_turns=3, lr=1e-4, beta=0.01, temperature=0.7,
-                   max_new_tokens=16, max_response_tokens=128)
+                   max_new_tokens=16, max_response_tokens=128, open_only=True)
     for key, value in changes.items():
         with pytest.raises(BadInput, match=f"{key}: {getattr(cfg, key)} then, {value} now"):
             rl.build_trainer(replace(cfg, resume=True, **{key: value}))
