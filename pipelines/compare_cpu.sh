@@ -26,6 +26,7 @@ N_EVAL=${N_EVAL:-100}                 # per benchmark: 3 x 100 = 300 questions b
 TOPK=${TOPK:-2}
 MAX_TURNS=${MAX_TURNS:-3}             # searches per trajectory (one more round answers)
 SEED=${SEED:-0}
+RL_EXTRA=${RL_EXTRA:-}                # more rl options for both RL arms, e.g. "--open-only" (as the demo)
 Q=${QUIET:+--quiet}
 
 for need in "$FROM/index/manifest.json" "$FROM/warmup/manifest.json" "$SIM/manifest.json"; do
@@ -35,7 +36,8 @@ mkdir -p "$RUN"
 t0=$(date +%s)
 REAL="bm25:$FROM/index"
 RL_OPTS=(--policy "$FROM/warmup" --train "$TRAIN" --steps "$STEPS" --batch-size 8 --grad-accum 4 --group-size 4
-         --lr 2e-4 --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --reward f1+format --seed "$SEED" $Q)
+         --lr 2e-4 --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --reward f1+format --seed "$SEED" $Q
+         $RL_EXTRA)
 
 # Two jobs at a time, one thread each: on 2 cores that is about 1.6x the throughput of one job on
 # two threads (README, "Rollout speed and CPU threads"). Each arm's eval starts as soon as its
