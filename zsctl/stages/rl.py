@@ -476,24 +476,21 @@ def _make_validator(cfg: RLConfig, tokenizer):
             max_turns=cfg.max_turns, max_new_tokens=cfg.max_new_tokens, topk=cfg.topk,
             max_doc_words=cfg.max_doc_words if cfg.prompt_style == "zsctl" else None,
             max_response_tokens=cfg.max_response_tokens, prompt_style=cfg.prompt_style))
-        scores, rows = [], []
+        rows = []  # per question: its scores and what it searched for with the real engine, as eval reports it
         with torch.no_grad():
             for i in range(0, len(questions), 8):
                 batch = questions[i : i + 8]
                 trajs = loop.run(loop.encode_prompts([q["question"] for q in batch]))
-                got = [metrics.score(t.prediction or "", q["golden_answers"]) for q, t in zip(batch, trajs)]
-                scores += got
-                # what the policy searched for with the real engine, as eval reports it
-                rows += [{"question": q["question"], "golden_answers": q["golden_answers"], "em": sc["em"],
+                rows += [{"question": q["question"], "golden_answers": q["golden_answers"],
+                          **metrics.score(t.prediction or "", q["golden_answers"]),
                           "searches": [metrics.search_facts(s["query"], s["documents"], q["golden_answers"])
-                                       for s in t.searches]} for q, t, sc in zip(batch, trajs, got)]
+                                       for s in t.searches]} for q, t in zip(batch, trajs)]
         model.train(was_training)
-        n = len(scores)
-        if not n:
+        if not rows:
             return {}
         quality = {**metrics.search_quality(f for r in rows for f in r["searches"]), **metrics.question_hits(rows),
                    **metrics.open_em(rows)}
-        return {**{f"val_{k}": sum(s[k] for s in scores) / n for k in ("em", "subem", "f1")},
+        return {**{f"val_{k}": sum(r[k] for r in rows) / len(rows) for k in ("em", "subem", "f1")},
                 **{f"val_{k}": quality[k] for k in ("em_open", "degenerate_share", "search_hit_rate",
                                                      "question_hit_rate")}}
 
