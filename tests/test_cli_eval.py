@@ -129,7 +129,7 @@ SEARCH_QUESTIONS = [
     ("g", "arts", "Who painted Guernica?", ["Pablo Picasso"],
      ["<search> query </search>", "<answer> Picasso </answer>"]),
     ("t", "arts", "Who wrote Tamburlaine?", ["Christopher Marlowe"],
-     ["<search> query </search>", "<answer> Marlowe </answer>"]),
+     ["<search> query </search>", "<search>  Query </search>", "<answer> Marlowe </answer>"]),
     ("l", "geo", "Is Lima in Peru?", ["yes"], ["<search> Lima Peru </search>", "<answer> yes </answer>"]),
     ("c", "geo", "What is the capital of Peru?", ["Lima"],
      ["<search> capital of Peru </search>", "<answer> Lima </answer>"]),
@@ -159,22 +159,24 @@ def test_eval_records_degenerate_queries_and_search_hits(tmp_path, tiny_model_di
                                                out=str(out), max_turns=2, max_new_tokens=24, topk=2))
 
     preds = {p["id"]: p for p in pq.read_table(out / "predictions.parquet").to_pylist()}
-    facts = {i: [(s["query"], s["degenerate"], s["has_answer"]) for s in p["searches"]] for i, p in preds.items()}
+    facts = {i: [(s["query"], s["degenerate"], s["has_answer"], s["repeated"]) for s in p["searches"]]
+             for i, p in preds.items()}
     assert facts == {
-        "g": [("query", True, False)],  # names nothing, and the corpus has no Picasso
-        "t": [("query", True, False)],
-        "l": [("Lima Peru", False, None)],  # yes/no golds cannot tell
-        "c": [("capital of Peru", False, True)],
+        "g": [("query", True, False, False)],  # names nothing, and the corpus has no Picasso
+        "t": [("query", True, False, False), ("Query", True, False, True)],  # case and spacing aside
+        "l": [("Lima Peru", False, None, False)],  # yes/no golds cannot tell
+        "c": [("capital of Peru", False, True, False)],
         "m": [],
     }
     assert preds["c"]["searches"][0]["documents"][0]["title"] == "Lima"
     met = json.loads((out / "metrics.json").read_text())
     overall = met["overall"]
-    assert (overall["searches"], overall["degenerate_share"], overall["hit_searches_n"]) == (4, 0.5, 3)
-    assert overall["search_hit_rate"] == pytest.approx(1 / 3)
-    assert overall["top_queries"][0] == ["query", 2] and len(overall["top_queries"]) == 3
+    assert (overall["searches"], overall["degenerate_share"], overall["hit_searches_n"]) == (5, 0.6, 4)
+    assert (overall["search_hit_rate"], overall["repeat_share"]) == (0.25, 0.2)
+    assert overall["top_queries"][0] == ["query", 3] and len(overall["top_queries"]) == 3
     arts, geo = met["benchmarks"]["arts"], met["benchmarks"]["geo"]
-    assert (arts["searches"], arts["degenerate_share"], arts["search_hit_rate"]) == (2, 1.0, 0.0)
+    assert (arts["searches"], arts["degenerate_share"], arts["search_hit_rate"]) == (3, 1.0, 0.0)
+    assert arts["repeat_share"] == pytest.approx(1 / 3) and geo["repeat_share"] == 0.0
     assert (geo["searches"], geo["degenerate_share"], geo["search_hit_rate"], geo["hit_searches_n"]) == (2, 0.0, 1.0, 1)
     assert overall["em"] == pytest.approx(3 / 5) and summary["overall"] == overall
     # per question: only "c" found its answer; "m" never searched (a miss); "l" (yes/no) cannot tell
@@ -184,6 +186,7 @@ def test_eval_records_degenerate_queries_and_search_hits(tmp_path, tiny_model_di
     # "m" are right
     assert (overall["open_n"], overall["em_open"], geo["open_n"], geo["em_open"]) == (4, 0.5, 2, 1.0)
     table = metrics_table(summary)
-    assert [c.header for c in table.columns][-3:] == ["degen. %", "hit %", "q. hit %"]
-    assert list(table.columns[-3].cells) == ["100.0", "0.0", "50.0"]  # arts, geo, overall
+    assert [c.header for c in table.columns][-4:] == ["degen. %", "rep. %", "hit %", "q. hit %"]
+    assert list(table.columns[-4].cells) == ["100.0", "0.0", "60.0"]  # arts, geo, overall
+    assert list(table.columns[-3].cells) == ["33.3", "0.0", "20.0"]
     assert list(table.columns[-1].cells) == ["0.0", "50.0", "25.0"]

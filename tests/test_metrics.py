@@ -147,9 +147,20 @@ def test_search_facts_and_quality_count_what_they_should():
     assert [f["degenerate"] for f in facts] == [False, True, False, False, False]
     assert [f["has_answer"] for f in facts] == [True, True, False, None, None]
     q = m.search_quality(facts)
-    assert q == {"searches": 5, "degenerate_share": 0.2, "search_hit_rate": pytest.approx(2 / 3), "hit_searches_n": 3}
+    assert q == {"searches": 5, "degenerate_share": 0.2, "search_hit_rate": pytest.approx(2 / 3), "hit_searches_n": 3,
+                 "repeat_share": None}  # search_facts judges one call; repeats need the trajectory's earlier ones
     # an older artifact's searches (no facts recorded) count as searches that cannot tell
     assert m.search_quality([{"degenerate": None, "has_answer": None}])["hit_searches_n"] == 0
+
+
+def test_search_records_mark_repeats_within_one_trajectory_only():
+    lima = [{"title": "Lima", "text": "Lima is the capital of Peru."}]
+    calls = [{"query": q, "documents": lima} for q in ["capital of Peru", "Peru", "Capital  of peru", "Peru"]]
+    recs = m.search_records(calls, ["Lima"])
+    assert [r["repeated"] for r in recs] == [False, False, True, True]
+    assert [r["has_answer"] for r in recs] == [True] * 4 and recs[2]["query"] == "Capital  of peru"
+    assert m.search_records(calls[:1], ["Lima"])[0]["repeated"] is False  # a new trajectory starts afresh
+    assert m.search_quality(recs)["repeat_share"] == 0.5
 
 
 def test_top_queries_merge_case_and_spacing():

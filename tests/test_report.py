@@ -30,7 +30,7 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
     scores = {"n": 20, "em": 0.1, "subem": 0.15, "f1": 0.2, "avg_searches": 1.5}
     _eval_dir(run, "eval_old", scores, "2026-01-01T00:00:00+00:00")  # written before the search-quality fields
     _eval_dir(run, "eval_warmup", {**scores, "searches": 30, "degenerate_share": 0.25, "search_hit_rate": 0.4,
-                                   "hit_searches_n": 25, "em_open": 0.05, "open_n": 12,
+                                   "hit_searches_n": 25, "repeat_share": 0.1, "em_open": 0.05, "open_n": 12,
                                    "top_queries": [["Kiss and Tell", 3], ["query", 2]]},
               "2026-01-02T00:00:00+00:00")
     pol = run / "policy"
@@ -47,6 +47,7 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
             "searches_per_traj": 1.0,
             "searches": 8,
             "degenerate_share": d,
+            "repeat_share": d / 2,
             "search_hit_rate": h,
             "hit_searches_n": 8,
             "search_hit_rate_useful": 0.75,
@@ -66,13 +67,14 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
     assert summary["ledger"]["real_calls"] == 7  # collect's search ledger counts
     md = (run / "report" / "report.md").read_text()
     assert ("| run | benchmark | n | EM | SubEM | F1 | EM, open questions | searches | degenerate queries % "
-            "| search-hit rate % |") in md
-    assert "| eval_warmup | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | 5.0 (12) | 1.50 | 25.0 | 40.0 |" in md
+            "| repeated queries % | search-hit rate % |") in md
+    assert "| eval_warmup | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | 5.0 (12) | 1.50 | 25.0 | 10.0 | 40.0 |" in md
     # an older run: no figures, no crash
-    assert "| eval_old | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | – | 1.50 | – | – |" in md
+    assert "| eval_old | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | – | 1.50 | – | – | – |" in md
     assert '`eval_warmup` searched most for: "Kiss and Tell" ×3; "query" ×2' in md
     # RL table: first fifth (step 1) vs last fifth (step 3); a NaN step is no value
     assert "| degenerate queries % | 50.0 | 0.0 |" in md and "| search-hit rate % | 25.0 | – |" in md
+    assert "| repeated queries % | 25.0 | 0.0 |" in md
     assert (
         "| search-hit rate, useful mode % | 75.0 | 75.0 |" in md
         and "| search-hit rate, noisy mode % | 12.5 | 12.5 |" in md
@@ -87,6 +89,6 @@ def test_report_cli_table_has_the_search_quality_columns(tmp_path):
     run = tmp_path / "run"
     _eval_dir(run, "eval_x", {"n": 4, "em": 0.5, "subem": 0.5, "f1": 0.5, "avg_searches": 1.0, "degenerate_share": 0.5,
                               "search_hit_rate": 1.0, "hit_searches_n": 2}, "2026-01-01T00:00:00+00:00")
-    r = CliRunner().invoke(app, ["report", str(run)])
+    r = CliRunner().invoke(app, ["report", str(run)], env={"COLUMNS": "100"})  # 80 columns cut "100.0"
     assert r.exit_code == 0, r.output
-    assert "eval_x" in r.output and re.search(r"│\s+50\.0 │\s+100\.0 │", r.output)  # degen. %, hit %
+    assert "eval_x" in r.output and re.search(r"│\s+50\.0 │\s+– │\s+100\.0 │", r.output)  # degen. %, rep. %, hit %

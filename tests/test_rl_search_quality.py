@@ -18,7 +18,8 @@ from zsctl.search import make_engine
 from zsctl.stages import rl
 
 QUESTIONS = [
-    ("g", "Who painted Guernica?", ["Pablo Picasso"], ["<search> query </search>", "<answer> Picasso </answer>"]),
+    ("g", "Who painted Guernica?", ["Pablo Picasso"],
+     ["<search> query </search>", "<search> query </search>", "<answer> Picasso </answer>"]),
     ("c", "What is the capital of Peru?", ["Lima"], ["<search> capital of Peru </search>", "<answer> Lima </answer>"]),
     ("l", "Is Lima in Peru?", ["yes"], ["<search> Lima Peru </search>", "<answer> yes </answer>"]),
 ]
@@ -60,12 +61,13 @@ def test_rollouts_and_step_metrics_carry_search_quality(tmp_path, tiny_model_dir
     rollout([q for _, q, _, _ in QUESTIONS], trainer)
 
     rows = pq.read_table(next(recorder.rollouts_dir.glob("step-000001-*.parquet"))).to_pylist()
-    facts = [[(s["query"], s["degenerate"], s["has_answer"]) for s in r["searches"]] for r in rows]
-    assert facts == [[("query", True, False)], [("capital of Peru", False, True)], [("Lima Peru", False, None)]]
-    assert [r["sim_labels"] for r in rows] == [["useful"], ["noisy"], ["useful"]]
+    facts = [[(s["query"], s["degenerate"], s["has_answer"], s["repeated"]) for s in r["searches"]] for r in rows]
+    assert facts == [[("query", True, False, False), ("query", True, False, True)],
+                     [("capital of Peru", False, True, False)], [("Lima Peru", False, None, False)]]
+    assert [r["sim_labels"] for r in rows] == [["useful", "useful"], ["noisy"], ["useful"]]
     m = recorder.pending
-    assert (m["searches"], m["hit_searches_n"]) == (3, 2)
-    assert m["degenerate_share"] == pytest.approx(1 / 3) and m["search_hit_rate"] == 0.5
+    assert (m["searches"], m["hit_searches_n"]) == (4, 3)
+    assert (m["degenerate_share"], m["repeat_share"]) == (0.5, 0.25) and m["search_hit_rate"] == pytest.approx(1 / 3)
     # useful mode: the degenerate "query" got documents without the answer; noisy: a real hit
     assert (m["search_hit_rate_useful"], m["search_hit_rate_noisy"]) == (0.0, 1.0)
 
@@ -85,9 +87,9 @@ def test_validation_reports_search_quality_with_the_real_engine(tmp_path, tiny_m
                       val=str(val), val_search=f"bm25:{corpus}", val_every=1, max_turns=2, max_new_tokens=24,
                       max_response_tokens=400, lora=False, topk=2, temperature=0.0)
     scores = rl._make_validator(cfg, tok)(model)
-    # answers Picasso (gold "Pablo Picasso": no exact match) / Lima / yes; searches "query" (degenerate,
-    # miss), "capital of Peru" (a hit), "Lima Peru" (yes/no gold: cannot tell)
+    # answers Picasso (gold "Pablo Picasso": no exact match) / Lima / yes; searches "query" twice
+    # (degenerate, misses, the second a repeat), "capital of Peru" (a hit), "Lima Peru" (yes/no gold: cannot tell)
     assert scores["val_em"] == pytest.approx(2 / 3)
     assert scores["val_em_open"] == 0.5  # the yes/no question is guessable: Picasso (miss) and Lima (right)
-    assert scores["val_degenerate_share"] == pytest.approx(1 / 3)
-    assert (scores["val_search_hit_rate"], scores["val_question_hit_rate"]) == (0.5, 0.5)
+    assert (scores["val_degenerate_share"], scores["val_repeat_share"]) == (0.5, 0.25)
+    assert (scores["val_search_hit_rate"], scores["val_question_hit_rate"]) == (pytest.approx(1 / 3), 0.5)

@@ -51,20 +51,21 @@ def make_progress(quiet: bool) -> Progress:
 
 
 def _score_cells(m: dict) -> list[str]:
-    """n, EM, SubEM, F1 (as %), searches per question, and the search quality (degenerate-query share
-    and search-hit rate, %; '–' when there is nothing to count or an older run lacks them) of one
-    metrics.json entry."""
+    """n, EM, SubEM, F1 (as %), searches per question, and the search quality (degenerate and
+    repeated-query shares, search-hit and question-hit rates, %; '–' when there is nothing to count or
+    an older run lacks them) of one metrics.json entry."""
     pct = lambda v: "–" if v is None or v != v else f"{100 * v:.1f}"  # noqa: E731 (v != v: NaN)
     return [str(m["n"]), f"{100 * m['em']:.1f}", f"{100 * m['subem']:.1f}", f"{100 * m['f1']:.1f}",
-            f"{m['avg_searches']:.2f}", pct(m.get("degenerate_share")), pct(m.get("search_hit_rate")),
-            pct(m.get("question_hit_rate"))]
+            f"{m['avg_searches']:.2f}", pct(m.get("degenerate_share")), pct(m.get("repeat_share")),
+            pct(m.get("search_hit_rate")), pct(m.get("question_hit_rate"))]
 
 
 def _score_table(title: str, keys: tuple[str, ...]) -> Table:
-    t = Table(title=title or None, caption="degen. %: queries that name nothing; hit %: searches whose "
+    t = Table(title=title or None, caption="degen. %: queries that name nothing; rep. %: queries repeating an "
+                                           "earlier one of the same question; hit %: searches whose "
                                            "documents hold a gold answer; q. hit %: questions one of whose "
                                            "searches found it (yes/no golds left out)")
-    for col in (*keys, "n", "EM", "SubEM", "F1", "searches", "degen. %", "hit %", "q. hit %"):
+    for col in (*keys, "n", "EM", "SubEM", "F1", "searches", "degen. %", "rep. %", "hit %", "q. hit %"):
         # run and benchmark names are never cut: in a narrow terminal the number headers wrap instead
         t.add_column(col, justify="left" if col in keys else "right", no_wrap=col in keys)
     return t

@@ -285,25 +285,50 @@ def search_facts(query: object, documents: Iterable[object], golds: object) -> d
     }
 
 
+def search_records(searches: Iterable[dict], golds: object) -> list[dict]:
+    """One trajectory's search calls as eval, collect and rl record them: query, documents, their
+    search_facts and `repeated` (the query repeats an earlier one of the same trajectory, case and
+    spacing aside: a real engine returns the same documents, so the search finds nothing new).
+
+    >>> docs = [{"title": "Jaws", "text": "Directed by Steven Spielberg."}]
+    >>> [r["repeated"] for r in search_records([{"query": "Jaws", "documents": docs},
+    ...                                         {"query": " jaws", "documents": docs}], ["Steven Spielberg"])]
+    [False, True]
+    """
+    seen: set[str] = set()
+    records = []
+    for s in searches:
+        key = _query_key(s["query"])
+        records.append({"query": s["query"], "documents": s["documents"],
+                        **search_facts(s["query"], s["documents"], golds), "repeated": key in seen})
+        seen.add(key)
+    return records
+
+
 def search_quality(facts: Iterable[dict]) -> dict:
     """Search counts and rates over per-search facts (search_facts' keys): `searches`;
     `degenerate_share` = degenerate queries / searches; `search_hit_rate` = searches whose documents
-    hold a gold answer / `hit_searches_n`, the searches that can tell (golds not all yes/no). A rate
-    with nothing to count is None.
+    hold a gold answer / `hit_searches_n`, the searches that can tell (golds not all yes/no);
+    `repeat_share` = searches repeating an earlier query of their trajectory (search_records) / the
+    searches that record it (None for artifacts written before it was). A rate with nothing to count is None.
 
-    >>> search_quality([{"degenerate": True, "has_answer": False}, {"degenerate": False, "has_answer": True},
-    ...                 {"degenerate": False, "has_answer": None}])
-    {'searches': 3, 'degenerate_share': 0.3333333333333333, 'search_hit_rate': 0.5, 'hit_searches_n': 2}
+    >>> search_quality([{"degenerate": True, "has_answer": False, "repeated": False},
+    ...                 {"degenerate": False, "has_answer": True, "repeated": False},
+    ...                 {"degenerate": False, "has_answer": None, "repeated": True},
+    ...                 {"degenerate": False, "has_answer": None, "repeated": False}])
+    {'searches': 4, 'degenerate_share': 0.25, 'search_hit_rate': 0.5, 'hit_searches_n': 2, 'repeat_share': 0.25}
     >>> search_quality([])
-    {'searches': 0, 'degenerate_share': None, 'search_hit_rate': None, 'hit_searches_n': 0}
+    {'searches': 0, 'degenerate_share': None, 'search_hit_rate': None, 'hit_searches_n': 0, 'repeat_share': None}
     """
     facts = list(facts)
     judged = [bool(f["has_answer"]) for f in facts if f.get("has_answer") is not None]
+    repeats = [bool(f["repeated"]) for f in facts if f.get("repeated") is not None]
     return {
         "searches": len(facts),
         "degenerate_share": sum(bool(f["degenerate"]) for f in facts) / len(facts) if facts else None,
         "search_hit_rate": sum(judged) / len(judged) if judged else None,
         "hit_searches_n": len(judged),
+        "repeat_share": sum(repeats) / len(repeats) if repeats else None,
     }
 
 
@@ -358,8 +383,12 @@ def top_queries(queries: Iterable[object], n: int = 5) -> list[list]:
     counts: Counter = Counter()
     shown: dict[str, str] = {}
     for q in queries:
-        text = " ".join(str(q or "").split())
-        key = text.casefold()
-        shown.setdefault(key, text)
+        key = _query_key(q)
+        shown.setdefault(key, " ".join(str(q or "").split()))
         counts[key] += 1
     return [[shown[k], c] for k, c in counts.most_common(n)]
+
+
+def _query_key(query: object) -> str:
+    """What makes two queries the same search: their words, case and spacing aside."""
+    return " ".join(str(query or "").split()).casefold()

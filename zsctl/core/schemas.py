@@ -23,12 +23,14 @@ def _optional(field: pa.Field) -> bool:
 
 
 DOC = pa.struct([("title", pa.string()), ("text", pa.string()), ("score", pa.float64())])
-# One search call. The two facts are metrics.search_facts (search quality, shown beside EM/F1).
+# One search call. Its facts are metrics.search_records' (search quality, shown beside EM/F1).
 SEARCH = pa.struct([
     ("query", pa.string()),
     ("documents", pa.list_(DOC)),
     _f("degenerate", pa.bool_(), "the query names nothing (metrics.is_degenerate_query)", optional=True),
     _f("has_answer", pa.bool_(), "the documents hold a gold answer; null when the golds are all yes/no", optional=True),
+    _f("repeated", pa.bool_(), "the query repeats an earlier one of the same trajectory (metrics.search_records)",
+       optional=True),
 ])
 STR_LIST = pa.list_(pa.string())
 

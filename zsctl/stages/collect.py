@@ -270,8 +270,7 @@ def trajectory_row(cfg: CollectConfig, q: dict, sample: int, t) -> dict:
         "golden_answers": list(q["golden_answers"]),
         "model": cfg.model,
         "engine": redact(cfg.search),  # a spec's credentials never reach a row
-        "searches": [{"query": s["query"], "documents": s["documents"],
-                      **metrics.search_facts(s["query"], s["documents"], q["golden_answers"])} for s in t.searches],
+        "searches": metrics.search_records(t.searches, q["golden_answers"]),
         "response": t.response,
         "prediction": pred,
         "em": scores["em"],
@@ -300,8 +299,8 @@ def merge_shards(shard_dir: Path, dest: Path) -> tuple[int, dict]:
             questions.update(zip(t.column("data_source").to_pylist(), t.column("question_id").to_pylist()))
             calls = pc.list_flatten(t.column("searches"))
             queries += pc.struct_field(calls, "query").to_pylist()
-            facts += pa.Table.from_arrays([pc.struct_field(calls, k) for k in ("degenerate", "has_answer")],
-                                          names=["degenerate", "has_answer"]).to_pylist()
+            keys = ("degenerate", "has_answer", "repeated")
+            facts += pa.Table.from_arrays([pc.struct_field(calls, k) for k in keys], names=list(keys)).to_pylist()
     tmp.replace(dest)
     stats["questions"] = len(questions)
     stats["quality"] = metrics.search_quality(facts)

@@ -153,9 +153,7 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
                     **metrics.score(pred, q["golden_answers"]),
                     "num_searches": t.num_searches,
                     "response": t.response,
-                    "searches": [{"query": s["query"], "documents": s["documents"],
-                                  **metrics.search_facts(s["query"], s["documents"], q["golden_answers"])}
-                                 for s in t.searches],
+                    "searches": metrics.search_records(t.searches, q["golden_answers"]),
                     "prompt": text,
                     "answered": t.prediction is not None,  # not a column: only for the rates in metrics.json
                 }

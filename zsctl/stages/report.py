@@ -153,18 +153,20 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
     if evals:
         lines += ["## Evaluation (real engine)", "",
                   "| run | benchmark | n | EM | SubEM | F1 | EM, open questions | searches | degenerate queries % "
-                  "| search-hit rate % | question-hit rate % |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| repeated queries % | search-hit rate % | question-hit rate % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [
             f"| {r} | {b} | {m['n']} | {_fmt(m['em'])} | {_fmt(m['subem'])} | {_fmt(m['f1'])} | "
             f"{_open_em(m)} | {_fmt(m['avg_searches'], pct=False)} | {_fmt(m.get('degenerate_share'))} | "
-            f"{_fmt(m.get('search_hit_rate'))} | "
+            f"{_fmt(m.get('repeat_share'))} | {_fmt(m.get('search_hit_rate'))} | "
             f"{_fmt(m.get('question_hit_rate'))} |"
             for r, b, m in evals
         ]
         lines += ["", "EM, open questions: EM over the questions (how many in brackets) whose answer is neither yes/no "
                   "nor named in the question, which no policy gets by echoing a name it reads or guessing. "
                   "Degenerate: a query with no content word of its own (empty, a placeholder, instruction words). "
+                  "Repeated: a query the same question already searched, word for word (the engine returns the "
+                  "same documents). "
                   "Search-hit rate: searches whose documents hold a gold answer; question-hit rate: questions one of "
                   "whose searches found one (a question that never searched is a miss); both over questions whose "
                   "golds are not all yes/no.", ""]
@@ -196,6 +198,7 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
                 ("noisy share realised", "noisy_share", False),
                 ("searches / trajectory", "searches_per_traj", False),
                 ("degenerate queries %", "degenerate_share", True),
+                ("repeated queries %", "repeat_share", True),
                 ("search-hit rate %", "search_hit_rate", True),
                 ("search-hit rate, useful mode %", "search_hit_rate_useful", True),
                 ("search-hit rate, noisy mode %", "search_hit_rate_noisy", True),
@@ -243,6 +246,7 @@ def _write_report(cfg, out: Path, stage: Path, found, lines, rl_runs, evals, led
                     k: m.get(k)
                     for k in (
                         "degenerate_share",
+                        "repeat_share",
                         "search_hit_rate",
                         "hit_searches_n",
                         "question_hit_rate",
@@ -311,6 +315,7 @@ def _plots(out: Path, rl_runs, evals, ledger) -> list[Path] | None:
         if any("degenerate_share" in m for m in mets):  # runs from before these columns have no such plot
             fig, ax = plt.subplots(figsize=(6, 3.5))
             for key, label, style in (("degenerate_share", "degenerate queries", "C3"),
+                                      ("repeat_share", "repeated queries", "C4"),
                                       ("search_hit_rate", "search-hit rate", "C2"),
                                       ("search_hit_rate_useful", "hit rate, useful mode", "C0--"),
                                       ("search_hit_rate_noisy", "hit rate, noisy mode", "C1--")):

@@ -282,17 +282,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
 
         g = cfg.group_size
         # search quality per call (metrics.search_facts); the documents are the simulator's
-        searches = [
-            [
-                {
-                    "query": s["query"],
-                    "documents": s["documents"],
-                    **metrics.search_facts(s["query"], s["documents"], gold),
-                }
-                for s in t.searches
-            ]
-            for t, gold in zip(trajs, golds)
-        ]
+        searches = [metrics.search_records(t.searches, gold) for t, gold in zip(trajs, golds)]
         recorder.rollouts(step, [
             {"step": step, "noise_p": p, "question_id": golds_by_question[q]["id"], "sample": i % g,
              "response": t.response, "prediction": pred, "reward": float(r), "num_searches": t.num_searches,
@@ -308,7 +298,8 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             "searches": [t.num_searches for t in trajs],
             "labels": [m for t in trajs for m in t.sim_labels],
             "tokens": sum(sum(m) for m in env_mask),
-            "facts": [{"degenerate": f["degenerate"], "has_answer": f["has_answer"], "mode": s.get("mode")}
+            "facts": [{"degenerate": f["degenerate"], "has_answer": f["has_answer"], "repeated": f["repeated"],
+                       "mode": s.get("mode")}
                       for t, ss in zip(trajs, searches) for s, f in zip(t.searches, ss)],
         }
         parts = gather_object([mine]) if trainer.accelerator.num_processes > 1 else [mine]
@@ -337,7 +328,8 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
         progress.log(
             f"step {step}/{cfg.steps}: p={p:.3f} reward={recorder.pending['reward_mean']:.3f} "
             f"valid={recorder.pending['valid_answer_rate']:.2f} searches={recorder.pending['searches_per_traj']:.2f} "
-            f"degenerate={recorder.pending['degenerate_share']:.2f} hit={recorder.pending['search_hit_rate']:.2f}"
+            f"degenerate={recorder.pending['degenerate_share']:.2f} repeated={recorder.pending['repeat_share']:.2f} "
+            f"hit={recorder.pending['search_hit_rate']:.2f}"
         )
         return {
             "prompt_ids": [t.prompt_ids for t in trajs],
@@ -483,8 +475,8 @@ def _make_validator(cfg: RLConfig, tokenizer):
                 trajs = loop.run(loop.encode_prompts([q["question"] for q in batch]))
                 rows += [{"question": q["question"], "golden_answers": q["golden_answers"],
                           **metrics.score(t.prediction or "", q["golden_answers"]),
-                          "searches": [metrics.search_facts(s["query"], s["documents"], q["golden_answers"])
-                                       for s in t.searches]} for q, t in zip(batch, trajs)]
+                          "searches": metrics.search_records(t.searches, q["golden_answers"])}
+                         for q, t in zip(batch, trajs)]
         model.train(was_training)
         if not rows:
             return {}
@@ -492,7 +484,7 @@ def _make_validator(cfg: RLConfig, tokenizer):
                    **metrics.open_em(rows)}
         return {**{f"val_{k}": sum(r[k] for r in rows) / len(rows) for k in ("em", "subem", "f1")},
                 **{f"val_{k}": quality[k] for k in ("em_open", "degenerate_share", "search_hit_rate",
-                                                     "question_hit_rate")}}
+                                                     "question_hit_rate", "repeat_share")}}
 
     return validate
 
