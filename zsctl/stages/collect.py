@@ -4,8 +4,8 @@ Each question is answered `--samples` times (temperature 1.0 by default when K >
 and wrong outcomes appear); every search call is logged with its query and rank-ordered documents,
 and every trajectory with its prediction, EM and F1. Bundled benchmark names read their training
 split only, so collected data never contains evaluation questions. Each logged call also carries
-its search-quality facts (metrics.search_facts: `degenerate`, `has_answer`), and the summary their
-rates (degenerate share, search-hit rate) and the most common queries.
+its search-quality facts (metrics.search_records: `degenerate`, `has_answer`, `repeated`), and the
+summary their rates (degenerate and repeated shares, search-hit rate) and the most common queries.
 
 Resumable: after each batch the batch's trajectories go to one shard (OUT/trajectories.shards/
 part-NNNNN.parquet, written atomically). All K samples of a question are in the same shard, so a
