@@ -453,27 +453,12 @@ DEMO_THINK_QUESTION = (
     "I should check this before answering: {topic}",
     "I cannot answer this from memory. I look up: {topic}",
 )
-# before searching for a named thing ({topic} is the query), when that one search should do
+# before searching for a named thing ({topic} is the query)
 DEMO_THINK_TOPIC = (
     "This is about {topic}. Let me look it up.",
     "First I need to know more about {topic}.",
     "I should find out about {topic}.",
     "The key here is {topic}.",
-)
-# The first thought of a two-search demonstration states the plan: a warm start shown the same
-# first thought before one search and before two learned to answer after the first search every
-# time (it answered with the entity the results named instead of searching it: "Mehmed IV" for
-# "Where did Gülnuş Sultan's husband die?"). First of a chain whose next name the results give:
-DEMO_THINK_FIRST_OF_CHAIN = (
-    "Two steps: first {topic}, then whatever its page names.",
-    "I start with {topic}; the results should tell me what to look up next.",
-    "This goes through {topic} to something else, so I search {topic} first.",
-)
-# first of two names the question gives (comparisons)
-DEMO_THINK_FIRST_OF_PAIR = (
-    "I need facts on both, starting with {topic}.",
-    "There are two names to compare; first {topic}.",
-    "I will check each of them, beginning with {topic}.",
 )
 # before a further search, for another name the question gives (comparisons)
 DEMO_THINK_ALSO = (

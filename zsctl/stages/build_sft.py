@@ -538,17 +538,15 @@ class Rows:
             return None
         question = " ".join(t["question"].split())
         asked = set(metrics.content_words(question))
-        named = [set(metrics.content_words(q)) <= asked for q, _ in steps]  # the question gives the name
         completion = ""
         for hop, (query, docs) in enumerate(steps):
             if metrics.normalize_answer(query) == metrics.normalize_answer(question):
                 options = prompts.DEMO_THINK_QUESTION
-            elif not hop and len(steps) > 1:  # the plan: the next name comes from the results, or the question
-                options = prompts.DEMO_THINK_FIRST_OF_PAIR if named[1] else prompts.DEMO_THINK_FIRST_OF_CHAIN
             elif not hop:
                 options = prompts.DEMO_THINK_TOPIC
-            else:
-                options = prompts.DEMO_THINK_ALSO if named[hop] else prompts.DEMO_THINK_NEXT
+            else:  # a name the question gives, or one the results gave
+                named = set(metrics.content_words(query)) <= asked
+                options = prompts.DEMO_THINK_ALSO if named else prompts.DEMO_THINK_NEXT
             think = _phrase(options, question, hop).format(topic=query)
             completion += prompts.DEMO_SEARCH_TURN.format(think=think, query=query) + prompts.information_block(docs)
         answer = answer.strip()
