@@ -149,8 +149,8 @@ _SFT_KEYS = ("out", "steps", "rows_train", "rows_val", "train_loss_first", "trai
              "val_loss", "tokens_per_s", "train_s")
 SUMMARY_KEYS = {  # what the key/value table of a stage's summary shows, in order
     "collect": ("out", "questions", "trajectories", "new_trajectories", "share_correct", "searches_per_trajectory",
-                "degenerate_share", "repeat_share", "search_hit_rate", "trajectories_per_s", "engine_calls", "cache_hits",
-                "estimated_cost_usd"),
+                "degenerate_share", "repeat_share", "search_hit_rate", "trajectories_per_s", "engine_calls",
+                "cache_hits", "estimated_cost_usd"),
     "build-sft": ("out", "kind", "mode", "trajectories", "search_calls", "duplicates", "yes_no", "no_answer_docs",
                   "degenerate_queries", "degenerate_synthesized", "labels_before", "labels_after", "rows_train",
                   "rows_val", "questions_train", "questions_val", "wall_s", "warning"),
