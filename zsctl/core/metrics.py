@@ -285,6 +285,10 @@ def search_facts(query: object, documents: Iterable[object], golds: object) -> d
     }
 
 
+# What eval, collect and rl record about each search call (search_records), beside its query and documents
+FACT_KEYS = ("degenerate", "has_answer", "repeated")
+
+
 def search_records(searches: Iterable[dict], golds: object) -> list[dict]:
     """One trajectory's search calls as eval, collect and rl record them: query, documents, their
     search_facts and `repeated` (the query repeats an earlier one of the same trajectory, case and
@@ -306,7 +310,7 @@ def search_records(searches: Iterable[dict], golds: object) -> list[dict]:
 
 
 def search_quality(facts: Iterable[dict]) -> dict:
-    """Search counts and rates over per-search facts (search_facts' keys): `searches`;
+    """Search counts and rates over per-search facts (FACT_KEYS): `searches`;
     `degenerate_share` = degenerate queries / searches; `search_hit_rate` = searches whose documents
     hold a gold answer / `hit_searches_n`, the searches that can tell (golds not all yes/no);
     `repeat_share` = searches repeating an earlier query of their trajectory (search_records) / the

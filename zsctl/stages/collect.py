@@ -299,8 +299,8 @@ def merge_shards(shard_dir: Path, dest: Path) -> tuple[int, dict]:
             questions.update(zip(t.column("data_source").to_pylist(), t.column("question_id").to_pylist()))
             calls = pc.list_flatten(t.column("searches"))
             queries += pc.struct_field(calls, "query").to_pylist()
-            keys = ("degenerate", "has_answer", "repeated")
-            facts += pa.Table.from_arrays([pc.struct_field(calls, k) for k in keys], names=list(keys)).to_pylist()
+            facts += pa.Table.from_arrays([pc.struct_field(calls, k) for k in metrics.FACT_KEYS],
+                                          names=list(metrics.FACT_KEYS)).to_pylist()
     tmp.replace(dest)
     stats["questions"] = len(questions)
     stats["quality"] = metrics.search_quality(facts)

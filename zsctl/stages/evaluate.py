@@ -9,8 +9,8 @@ predictions.parquet carries `degenerate` (its query names nothing), `has_answer`
 hold a gold answer) and `repeated` (the question already searched it); metrics.json gives per
 benchmark and overall the search count, the degenerate and repeated shares, the search-hit rate
 (over `hit_searches_n` searches: questions whose golds are not all yes/no) and the most common
-queries. `em_open` is the EM over the `open_n` questions whose answer
-is neither yes/no nor named in the question (metrics.open_em).
+queries. `em_open` is the EM over the `open_n` questions whose answer is neither yes/no nor named
+in the question (metrics.open_em).
 """
 
 from __future__ import annotations

@@ -281,7 +281,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
                             queries=queries)
 
         g = cfg.group_size
-        # search quality per call (metrics.search_facts); the documents are the simulator's
+        # search quality per call (metrics.search_records); the documents are the simulator's
         searches = [metrics.search_records(t.searches, gold) for t, gold in zip(trajs, golds)]
         recorder.rollouts(step, [
             {"step": step, "noise_p": p, "question_id": golds_by_question[q]["id"], "sample": i % g,
@@ -298,8 +298,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             "searches": [t.num_searches for t in trajs],
             "labels": [m for t in trajs for m in t.sim_labels],
             "tokens": sum(sum(m) for m in env_mask),
-            "facts": [{"degenerate": f["degenerate"], "has_answer": f["has_answer"], "repeated": f["repeated"],
-                       "mode": s.get("mode")}
+            "facts": [{**{k: f[k] for k in metrics.FACT_KEYS}, "mode": s.get("mode")}
                       for t, ss in zip(trajs, searches) for s, f in zip(t.searches, ss)],
         }
         parts = gather_object([mine]) if trainer.accelerator.num_processes > 1 else [mine]
