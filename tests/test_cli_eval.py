@@ -186,7 +186,7 @@ def test_eval_records_degenerate_queries_and_search_hits(tmp_path, tiny_model_di
     # "m" are right
     assert (overall["open_n"], overall["em_open"], geo["open_n"], geo["em_open"]) == (4, 0.5, 2, 1.0)
     table = metrics_table(summary)
-    assert [c.header for c in table.columns][-4:] == ["degen. %", "rep. %", "hit %", "q. hit %"]
+    assert [c.header for c in table.columns][-4:] == ["deg%", "rep%", "hit%", "qhit%"]
     assert list(table.columns[-4].cells) == ["100.0", "0.0", "60.0"]  # arts, geo, overall
     assert list(table.columns[-3].cells) == ["33.3", "0.0", "20.0"]
     assert list(table.columns[-1].cells) == ["0.0", "50.0", "25.0"]

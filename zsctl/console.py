@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -60,20 +61,31 @@ def _score_cells(m: dict) -> list[str]:
             pct(m.get("search_hit_rate")), pct(m.get("question_hit_rate"))]
 
 
-def _score_table(title: str, keys: tuple[str, ...]) -> Table:
-    t = Table(title=title or None, caption="degen. %: queries that name nothing; rep. %: queries repeating an "
-                                           "earlier one of the same question; hit %: searches whose "
-                                           "documents hold a gold answer; q. hit %: questions one of whose "
-                                           "searches found it (yes/no golds left out)")
-    for col in (*keys, "n", "EM", "SubEM", "F1", "searches", "degen. %", "rep. %", "hit %", "q. hit %"):
-        # run and benchmark names are never cut: in a narrow terminal the number headers wrap instead
-        t.add_column(col, justify="left" if col in keys else "right", no_wrap=col in keys)
+# (header, what it means): short headers, so that report's run-and-benchmark table fits 80 columns
+SCORE_COLUMNS = (
+    ("n", ""), ("EM", ""), ("SubEM", ""), ("F1", ""),
+    ("srch", "searches per question"),
+    ("deg%", "queries that name nothing"),
+    ("rep%", "queries repeating an earlier one of the same question"),
+    ("hit%", "searches whose documents hold a gold answer"),
+    ("qhit%", "questions one of whose searches found it (yes/no golds left out)"),
+)
+
+
+def _score_table(title: str, key: str) -> Table:
+    # no vertical rules and one space between columns: 10 columns in 80 characters; numbers are never
+    # cut (min_width: "100.0"), a long name folds instead
+    t = Table(title=title or None, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1),
+              caption="; ".join(f"{h}: {m}" for h, m in SCORE_COLUMNS if m))
+    t.add_column(key, overflow="fold")
+    for header, _ in SCORE_COLUMNS:
+        t.add_column(header, justify="right", no_wrap=True, min_width=max(len(header), 3 if header == "n" else 5))
     return t
 
 
 def metrics_table(metrics: dict, title: str = "") -> Table:
     """Per-benchmark n, EM, SubEM, F1 (%) and searches, plus the overall row for several benchmarks."""
-    t = _score_table(title, ("benchmark",))
+    t = _score_table(title, "benchmark")
     rows = list(metrics.get("benchmarks", {}).items())
     if len(rows) != 1:
         rows.append(("overall", metrics["overall"]))
@@ -83,10 +95,12 @@ def metrics_table(metrics: dict, title: str = "") -> Table:
 
 
 def eval_table(rows: list[dict], title: str = "") -> Table:
-    """One row per (run, benchmark), as `zsctl report` lists a run's evaluations."""
-    t = _score_table(title, ("run", "benchmark"))
-    for r in rows:
-        t.add_row(r["run"], r["benchmark"], *_score_cells(r))
+    """`zsctl report`'s evaluations: a line with each run's name, then one row per benchmark under it."""
+    t = _score_table(title, "run / benchmark")
+    for i, r in enumerate(rows):
+        if i == 0 or rows[i - 1]["run"] != r["run"]:
+            t.add_row(r["run"], style="bold")
+        t.add_row(f"  {r['benchmark']}", *_score_cells(r))
     return t
 
 
