@@ -8,7 +8,7 @@ from conftest import script_model
 from zsctl.agent import AgentConfig, AgentLoop
 from zsctl.core import prompts
 from zsctl.core.models import load_model
-from zsctl.search.base import Document, QueryContext, SearchEngine
+from zsctl.search.base import Document, QueryContext, SearchEngine, SearchResult
 
 
 class RecordingEngine(SearchEngine):
@@ -158,3 +158,32 @@ def test_turn_ends_at_first_stop_string_spelled_in_many_tokens(tiny):
     own = [x for x, m in zip(t.response_ids, t.env_mask) if m]
     assert own == first + [tok.eos_token_id]  # the first turn stops at its </search>, nothing after it
     assert loop.decode_steps == len(own)
+
+
+class RerollingEngine(RecordingEngine):
+    """Different documents on every call, as a simulator's fresh useful/noisy draw gives."""
+
+    def _search(self, queries, k, contexts, noise):
+        self.batches_seen.append(list(queries))
+        self.stats.calls += len(queries)
+        return [SearchResult([Document(f"T{len(self.batches_seen)}", f"draw {len(self.batches_seen)} for {q}")],
+                             mode="useful" if len(self.batches_seen) % 2 else "noisy") for q in queries]
+
+
+def test_a_repeated_query_gets_its_earlier_documents_without_a_call(tiny):
+    model, tok = tiny
+    scripts = {"twice": ["<search> Kiss and Tell </search>", "<search>  kiss and tell </search>",
+                         "<answer> x </answer>"],
+               "other": ["<search> Kiss and Tell </search>", "<search> Shirley Temple </search>",
+                         "<answer> y </answer>"]}
+    script_model(model, tok, scripts)
+    engine = RerollingEngine()
+    loop = AgentLoop(model, tok, engine, AgentConfig(max_turns=2, max_new_tokens=40, topk=1))
+    a, b = loop.run(loop.encode_prompts(list(scripts)), [QueryContext(q, ["x"]) for q in scripts])
+    # the repeat costs no call and cannot re-draw; another trajectory's same query is searched anew
+    assert engine.batches_seen == [["Kiss and Tell", "Kiss and Tell"], ["Shirley Temple"]]
+    assert a.searches[1]["documents"] == a.searches[0]["documents"] and a.searches[1]["mode"] == "useful"
+    assert a.searches[1]["query"] == "kiss and tell"
+    blocks = tok.decode([t for t, m in zip(a.response_ids, a.env_mask) if m == 0])
+    assert blocks.count("draw 1 for Kiss and Tell") == 2
+    assert b.searches[1]["documents"][0]["text"] == "draw 2 for Shirley Temple" and b.searches[1]["mode"] == "noisy"

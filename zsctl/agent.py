@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from zsctl.core import prompts
+from zsctl.core import metrics, prompts
 from zsctl.core.generation import Sampling, StopText, left_pad, length_groups
 from zsctl.core.models import adapt_threads, cache_kwarg
 from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, cut_words
@@ -224,17 +224,26 @@ class AgentLoop:
 
     def _search(self, trajs: list[Trajectory], searches: list[tuple[int, str]], contexts: list[QueryContext],
                 noise: Noise | None) -> None:
-        idx = [i for i, _ in searches]
+        """The round's searches in one engine call. A query its trajectory already made (case and
+        spacing aside) gets that search's documents and mode again with no call: a real engine returns
+        the same page, and a simulator must not draw useful/noisy afresh (in RL, repeating a query until
+        the reply came back useful would pay)."""
+        earlier = [{metrics.query_key(s["query"]): s for s in trajs[i].searches} for i, _ in searches]
+        new = [(i, q) for (i, q), seen in zip(searches, earlier) if metrics.query_key(q) not in seen]
         t0 = time.perf_counter()
         results = self.engine.search(
-            [q for _, q in searches], self.cfg.topk, [contexts[i] for i in idx] if contexts else None, noise
-        )
+            [q for _, q in new], self.cfg.topk, [contexts[i] for i, _ in new] if contexts else None, noise
+        ) if new else []
         self.seconds["search"] += time.perf_counter() - t0
-        for (i, query), result in zip(searches, results):
-            docs = _trim(result.docs, self.doc_words)
-            trajs[i].searches.append(
-                {"query": query, "documents": [d.as_dict() for d in docs], "mode": result.mode}
-            )
+        fresh = iter(results)
+        for (i, query), seen in zip(searches, earlier):
+            again = seen.get(metrics.query_key(query))
+            if again is None:
+                result = next(fresh)
+                docs, mode = _trim(result.docs, self.doc_words), result.mode
+            else:
+                docs, mode = [Document(**d) for d in again["documents"]], again["mode"]
+            trajs[i].searches.append({"query": query, "documents": [d.as_dict() for d in docs], "mode": mode})
             block = self.style.information_block(docs)
             self._insert(trajs[i], self.tok(block, add_special_tokens=False)["input_ids"])
 

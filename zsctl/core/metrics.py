@@ -302,7 +302,7 @@ def search_records(searches: Iterable[dict], golds: object) -> list[dict]:
     seen: set[str] = set()
     records = []
     for s in searches:
-        key = _query_key(s["query"])
+        key = query_key(s["query"])
         records.append({"query": s["query"], "documents": s["documents"],
                         **search_facts(s["query"], s["documents"], golds), "repeated": key in seen})
         seen.add(key)
@@ -387,12 +387,12 @@ def top_queries(queries: Iterable[object], n: int = 5) -> list[list]:
     counts: Counter = Counter()
     shown: dict[str, str] = {}
     for q in queries:
-        key = _query_key(q)
+        key = query_key(q)
         shown.setdefault(key, " ".join(str(q or "").split()))
         counts[key] += 1
     return [[shown[k], c] for k, c in counts.most_common(n)]
 
 
-def _query_key(query: object) -> str:
+def query_key(query: object) -> str:
     """What makes two queries the same search: their words, case and spacing aside."""
     return " ".join(str(query or "").split()).casefold()
