@@ -190,3 +190,36 @@ def test_eval_records_degenerate_queries_and_search_hits(tmp_path, tiny_model_di
     assert list(table.columns[-4].cells) == ["100.0", "0.0", "60.0"]  # arts, geo, overall
     assert list(table.columns[-3].cells) == ["33.3", "0.0", "20.0"]
     assert list(table.columns[-1].cells) == ["0.0", "50.0", "25.0"]
+
+
+def test_eval_cuts_documents_to_the_length_the_policy_was_trained_on(tmp_path, tiny_model_dir, monkeypatch):
+    """Unset --max-doc-words: the length warmup or rl recorded in the policy's manifest; set, it wins."""
+    from conftest import script_model
+    from zsctl.core import artifacts
+    from zsctl.core.models import load_model
+    from zsctl.stages import evaluate
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": str(i), "title": t, "text": x}) + "\n"
+                              for i, (t, x) in enumerate(SEARCH_CORPUS)))
+    bench = tmp_path / "q.jsonl"
+    bench.write_text(json.dumps({"id": "c", "question": "What is the capital of Peru?", "golden_answers": ["Lima"]}))
+    model, tok = load_model(str(tiny_model_dir))
+    monkeypatch.setattr(evaluate, "load_model", lambda spec: (model, tok))
+    policy = tmp_path / "warm"
+    policy.mkdir()
+    artifacts.write_manifest(policy, "policy", config={}, extra={"doc_words": 3})
+
+    def words(max_doc_words=None, name="ev"):
+        script_model(model, tok, {"capital of Peru": ["<search> capital of Peru </search>", "<answer> Lima </answer>"]})
+        evaluate.run(evaluate.EvalConfig(bench=str(bench), model=str(policy), search=f"bm25:{corpus}",
+                                         out=str(tmp_path / name), max_turns=1, max_new_tokens=24, topk=1,
+                                         max_doc_words=max_doc_words))
+        (pred,) = pq.read_table(tmp_path / name / "predictions.parquet").to_pylist()
+        config = json.loads((tmp_path / name / "manifest.json").read_text())["config"]
+        return len(pred["searches"][0]["documents"][0]["text"].split()), config["max_doc_words"]
+
+    assert words() == (3, 3)  # "Lima is the", recorded as used
+    assert words(5, "ev5") == (5, 5)
+    assert artifacts.doc_words_for(str(tiny_model_dir), "zsctl", None) is None  # no record: the style's default
+    assert artifacts.doc_words_for(str(policy), "search-r1", None) is None  # whole documents there

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from conftest import ROOT, assert_logprobs_aligned, script_model, train_capturing_rollouts
 from zsctl.cli import app
+from zsctl.core import artifacts
 from zsctl.core.artifacts import read_manifest, read_table_file
 from zsctl.core.errors import BadInput
 from zsctl.core.generation import length_groups
@@ -208,7 +209,11 @@ def test_two_steps_train_and_write_artifacts(tmp_path, train_file, tiny_model_di
     before = {k: v.clone() for k, v in load_model(str(tiny_model_dir))[0].state_dict().items()}
     summary = rl.run(cfg)
     out = tmp_path / "run"
-    assert read_manifest(out)["kind"] == "policy" and summary["steps"] == 2
+    manifest = read_manifest(out)
+    assert manifest["kind"] == "policy" and summary["steps"] == 2
+    # no length recorded for this policy: rl's own default, recorded for eval and a next rl
+    assert manifest["config"]["max_doc_words"] == manifest["doc_words"] == rl.DEFAULT_DOC_WORDS
+    assert artifacts.policy_doc_words(str(out)) == rl.DEFAULT_DOC_WORDS
     after, _ = load_model(str(out))
     changed = [k for k, v in after.state_dict().items() if not torch.equal(v, before[k])]
     assert changed, "training changed no weight"

@@ -118,6 +118,8 @@ def test_warmup_changes_weights_and_reloads(tiny_model_dir, tmp_path, tok):
     from transformers import AutoModelForCausalLM
 
     data = make_policy_sft(tmp_path / "policy_sft", tok)
+    data_manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**data_manifest, "config": {"doc_words": 30}}))  # as build-sft
     out = tmp_path / "warm"
     r = CliRunner().invoke(app, ["warmup", "--data", str(data), "--policy", str(tiny_model_dir), "--out", str(out),
                                  "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--json", "--quiet"])
@@ -127,6 +129,7 @@ def test_warmup_changes_weights_and_reloads(tiny_model_dir, tmp_path, tok):
     assert 0 < summary["trained_token_share"] < 0.5  # prompts and documents dominate the tokens
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["kind"] == "policy" and manifest["config"]["policy"] == str(tiny_model_dir)
+    assert manifest["doc_words"] == 30  # the demonstrations' document length: eval and rl default to it
     assert not torch.allclose(state_dict(out)[WEIGHT], state_dict(tiny_model_dir)[WEIGHT])
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = tok(policy_rows(tok, 1, start=300)[0]["prompt"], add_special_tokens=False, return_tensors="pt",

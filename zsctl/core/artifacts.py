@@ -343,6 +343,28 @@ def write_artifact(out: str | Path, kind: str, table: pa.Table, **manifest_kw) -
     return manifest
 
 
+def policy_doc_words(model: str) -> int | None:
+    """The words per document a policy was trained on, as warmup or rl recorded it in its manifest
+    (None for other models). Reading documents of the length it learned on is what eval and rl then
+    default to: a warm start trained on 30-word documents and evaluated on 80-word ones read
+    information blocks 2.7x longer than any it had seen."""
+    mf = Path(model) / MANIFEST
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8")) if mf.is_file() else {}
+    except (OSError, ValueError):  # not a zsctl manifest: the defaults apply
+        return None
+    words = manifest.get("doc_words") if isinstance(manifest, dict) and manifest.get("kind") == "policy" else None
+    return words if isinstance(words, int) and words > 0 else None
+
+
+def doc_words_for(model: str, prompt_style: str, chosen: int | None) -> int | None:
+    """--max-doc-words as given; unset, the length `model` was trained on (zsctl prompt style only:
+    the others insert whole documents); None where neither says (the prompt style's default)."""
+    if chosen is not None or prompt_style != "zsctl":
+        return chosen
+    return policy_doc_words(model)
+
+
 def read_manifest(path: str | Path, allow_incomplete: bool = False) -> dict:
     p = Path(path)
     if not p.exists():

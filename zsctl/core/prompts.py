@@ -19,13 +19,14 @@ from zsctl.core.errors import BadInput
 # --- policy ------------------------------------------------------------------------------------
 
 # Kept short on purpose: a 135M model on 2 CPU cores pays for every prompt token in RL. No tag pair
-# here encloses filler text: a small model copies whatever stands between <search> and </search>
-# ("your query" became its most common query), so only the answer tag gets an example.
+# here encloses anything: a small model copies what stands between the tags of its instruction
+# ("your query" became its most common query; with "for example <answer> Paris </answer>" the demo's
+# warm start answered "Paris" to 4 of 40 held-apart questions, a variant to 14).
 POLICY_INSTRUCTION = (
     "Answer the question. Think briefly between <think> and </think>. "
     "To look something up, write the name or question to search for between <search> and </search>; "
     "the results come back between <information> and </information>. Search as often as you need. "
-    "Then give only the answer between <answer> and </answer>, for example <answer> Paris </answer>.\n"
+    "Then give only the answer, in a few words, between <answer> and </answer>.\n"
     "Question: {question}"
 )
 

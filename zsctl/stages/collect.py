@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -64,7 +64,8 @@ class CollectConfig(Options):
     max_new_tokens: int = option(128, "Tokens per generation round.", ge=1)
     topk: int = option(3, "Documents per search.", ge=1)
     max_doc_words: int | None = option(None, "Each document is cut to this many words before the policy reads it "
-                                       "(default: the prompt style's; zsctl 80, upstream styles whole documents).",
+                                       "(default: the length the policy was trained on, as warmup or rl recorded "
+                                       "it; else the prompt style's: zsctl 80, upstream styles whole documents).",
                                        ge=1)
     batch_size: int = option(8, "Trajectories per batch (whole questions; a shard is written after each).", ge=1)
     resume: bool = option(False, "Keep the shards of an earlier run in --out and skip its finished questions.")
@@ -142,6 +143,7 @@ def _read_ledger(path: Path) -> dict:
 def run(cfg: CollectConfig, progress: Progress | None = None, policy=None) -> dict:
     """`policy`: an already loaded (model, tokenizer) to use instead of loading `cfg.model`."""
     progress = progress or Progress()
+    cfg = replace(cfg, max_doc_words=artifacts.doc_words_for(cfg.model, cfg.prompt_style, cfg.max_doc_words))
     tables, chosen = load_benchmarks(cfg.questions, "train", cfg.limit)
     questions = [r for t in tables for r in t.to_pylist()]  # schemas differ when only some files carry prompts
     if not questions:

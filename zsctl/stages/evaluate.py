@@ -16,7 +16,7 @@ in the question (metrics.open_em).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pyarrow as pa
 
@@ -47,7 +47,8 @@ class EvalConfig(Options):
     max_new_tokens: int = option(128, "Tokens per generation round.", ge=1)
     topk: int = option(3, "Documents per search.", ge=1)
     max_doc_words: int | None = option(None, "Each document is cut to this many words before the policy reads it "
-                                       "(default: the prompt style's; zsctl 80, upstream styles whole documents).",
+                                       "(default: the length the policy was trained on, as warmup or rl recorded "
+                                       "it; else the prompt style's: zsctl 80, upstream styles whole documents).",
                                        ge=1)
     temperature: float = option(0.0, "Sampling temperature; 0 = greedy.", ge=0)
     seed: int = option(0, "Random seed.", ge=0)
@@ -110,6 +111,7 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
 
     progress = progress or Progress()
     torch.manual_seed(cfg.seed)
+    cfg = replace(cfg, max_doc_words=artifacts.doc_words_for(cfg.model, cfg.prompt_style, cfg.max_doc_words))
     style = prompts.style_of(cfg.prompt_style)
     out = artifacts.check_out(cfg.out, "predictions", [cfg.bench, cfg.model, cfg.search, cfg.search_cache])
     tables, chosen = load_benchmarks(cfg.bench, cfg.split, cfg.limit)

@@ -34,7 +34,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -59,6 +59,7 @@ ALGOS = {
     "dr_grpo": dict(loss_type="dr_grpo", scale_rewards="none"),
     "reinforce++": dict(loss_type="dapo", scale_rewards="batch"),
 }
+DEFAULT_DOC_WORDS = 40  # --max-doc-words for a policy that recorded none
 RUN_FILE = "rl_run.json"  # identifies the run a --resume must match
 DONE_MARK = "zsctl_complete.json"  # written into checkpoint-N after TRL finished saving it
 FINISHED = ("answer", "turns")  # trajectory stops that end it for good (closed with EOS for TRL)
@@ -91,8 +92,10 @@ class RLConfig(Options):
     max_response_tokens: int = option(640, "Whole response (policy + inserted tokens), a hard bound: TRL's "
                                       "max_completion_length.", ge=1)
     topk: int = option(3, "Documents per search.", ge=1)
-    max_doc_words: int = option(40, "Each document is cut to this many words (zsctl prompt style only: a CPU pays "
-                                "for every inserted token; upstream styles insert whole documents).", ge=1)
+    max_doc_words: int | None = option(None, "Each document is cut to this many words (zsctl prompt style only: "
+                                       "upstream styles insert whole documents). Default: the length the policy "
+                                       "was trained on (recorded by warmup or rl), else 40 (a CPU pays for every "
+                                       "inserted token).", ge=1)
     temperature: float = option(1.0, "Sampling temperature of the rollouts (0 = greedy).", ge=0)
     reward: str = option("f1", "f1 | em | f1+format", choices=REWARDS)
     save_every: int = option(0, "Checkpoint every K steps (0 = only the end).", ge=0)
@@ -667,6 +670,9 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
 
 def run(cfg: RLConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
+    # resolved before anything records or compares the config
+    words = artifacts.doc_words_for(cfg.policy, "zsctl", cfg.max_doc_words)
+    cfg = replace(cfg, max_doc_words=words or DEFAULT_DOC_WORDS)
     trainer, engine, recorder, resume_from = build_trainer(cfg, progress)
     out = Path(cfg.out)
     start_step = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
@@ -698,7 +704,7 @@ def run(cfg: RLConfig, progress: Progress | None = None) -> dict:
             )
         artifacts.write_manifest(
             out, "policy", config=asdict(cfg), inputs=[artifacts.input_ref(cfg.train)], summary=summary,
-            seed=cfg.seed, extra={"base_model": cfg.policy, "algo": cfg.algo,
+            seed=cfg.seed, extra={"base_model": cfg.policy, "algo": cfg.algo, "doc_words": cfg.max_doc_words,
                                   "prompt_style": {**prompts.style_of(cfg.prompt_style).as_dict(),
                                                    "prompt_from_data": cfg.prompt_from_data}},
         )

@@ -25,12 +25,14 @@ class WarmupConfig(sft.SFTOptions):
 
 def run(cfg: WarmupConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
-    train, val, _ = sft.load_sft_data(cfg.data, "policy_sft")
+    train, val, data_manifest = sft.load_sft_data(cfg.data, "policy_sft")
     artifacts.check_out(cfg.out, "policy", [cfg.data, cfg.policy])
     run_cfg = sft.SFTRunConfig(
         base=cfg.policy, out=cfg.out, mask_env=True, prompt_special_tokens=False, **cfg.options(),
         desc="warmup",
     )
     manifest = {"kind": "policy", "config": asdict(cfg), "inputs": [artifacts.input_ref(cfg.data)],
-                "extra": {"base_model": cfg.policy, "stage": "warmup"}}
+                # the documents' length in the demonstrations: eval and rl default to it
+                "extra": {"base_model": cfg.policy, "stage": "warmup",
+                          "doc_words": data_manifest.get("config", {}).get("doc_words")}}
     return sft.train_sft(run_cfg, train, val, progress, manifest=manifest)
