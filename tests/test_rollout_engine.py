@@ -30,7 +30,9 @@ def varied(tiny_model_dir):
     only newlines), so turns stop at different steps for different reasons. float32: the tests
     compare decoding paths token for token, which bf16 rounding (a CPU with bf16 loads it) would blur."""
     model, tok = load_model(str(tiny_model_dir), dtype="float32")
-    g = torch.Generator().manual_seed(2)  # a seed whose text covers the case mix the tests assert
+    # a seed whose text covers the case mix the tests assert, for the current instruction: a change
+    # of the policy prompt can take a case away (the case-mix assertions then fail), pick another seed
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:

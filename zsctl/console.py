@@ -184,10 +184,10 @@ def summary_table(command: str, summary: dict, cfg) -> Table | None:
         return eval_table(rows, "Evaluation with the real engine (scores in %)") if rows else None
     if command == "check-sim":
         return check_sim_table(summary)
-    if command == "rl":
-        return kv_table({k: v for k, v in summary.items() if not isinstance(v, dict)}, "rl")
+    short = lambda v: f"{v:.4g}" if isinstance(v, float) and abs(v) < 1e4 else v  # noqa: E731
+    if command == "rl":  # rewards and rates to 4 significant digits, as below
+        return kv_table({k: short(v) for k, v in summary.items() if not isinstance(v, dict)}, "rl")
     if command in ("train-sim", "warmup"):  # losses and rates to 4 significant digits
-        short = lambda v: f"{v:.4g}" if isinstance(v, float) and abs(v) < 1e4 else v  # noqa: E731
         return kv_table({k: short(summary.get(k)) for k in SUMMARY_KEYS[command]}, command)
     if command in SUMMARY_KEYS:
         flat = {**summary, **summary.get("ledger", {})}
