@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import typing
+import warnings
 from typing import Optional
 
 import typer
@@ -237,6 +238,9 @@ def expand_argv(argv: list[str]) -> list[str]:
 def main() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # TRL reads the old name of a transformers property in warmup, train-sim and rl: harmless, and
+    # otherwise the only line a user sees between a stage's start and its table
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     try:
         rv = app(args=sys.argv[1:], prog_name="zsctl", standalone_mode=False)
     except typer.Abort:

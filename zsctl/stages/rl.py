@@ -34,7 +34,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -671,9 +670,6 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
 
 def run(cfg: RLConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
-    # TRL reads the old name of a transformers property on every generation step: harmless, and
-    # otherwise the only line a user sees between rl's start and its table
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
     # resolved before anything records or compares the config
     words = artifacts.doc_words_for(cfg.policy, "zsctl", cfg.max_doc_words)
     cfg = replace(cfg, max_doc_words=words or DEFAULT_DOC_WORDS)
