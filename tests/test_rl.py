@@ -211,6 +211,7 @@ def test_two_steps_train_and_write_artifacts(tmp_path, train_file, tiny_model_di
     out = tmp_path / "run"
     manifest = read_manifest(out)
     assert manifest["kind"] == "policy" and summary["steps"] == 2
+    assert "noise_p_last" not in summary  # no simulator drew useful/noisy: nothing to report
     # no length recorded for this policy: rl's own default, recorded for eval and a next rl
     assert manifest["config"]["max_doc_words"] == manifest["doc_words"] == rl.DEFAULT_DOC_WORDS
     assert artifacts.policy_doc_words(str(out)) == rl.DEFAULT_DOC_WORDS
@@ -503,6 +504,7 @@ def test_smollm2_few_rl_steps_with_simulated_search(tmp_path):
     mets = pq.read_table(out / "metrics.parquet").to_pylist()
     assert [m["step"] for m in mets] == [1, 2, 3]
     assert [m["noise_p"] for m in mets] == pytest.approx([rl.noise_probability(i, 3, 0.0, 0.5) for i in (1, 2, 3)])
+    assert summary["noise_p_last"] == pytest.approx(0.5)  # the curriculum's end, at the last step
     assert all(math.isfinite(m["loss"]) and m["generated_tokens"] > 0 for m in mets)
     model, tok = load_model(str(out))  # the merged policy reloads and generates
     ids = tok("Question: who wrote Hamlet?", return_tensors="pt")

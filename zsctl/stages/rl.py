@@ -700,8 +700,10 @@ def run(cfg: RLConfig, progress: Progress | None = None) -> dict:
             first, last = mets[0], mets[-1]
             summary.update(
                 reward_first=first["reward_mean"], reward_last=last["reward_mean"],
-                valid_answer_rate_last=last["valid_answer_rate"], noise_p_last=last["noise_p"],
+                valid_answer_rate_last=last["valid_answer_rate"],
             )
+            if getattr(engine, "simulated", False):  # a real engine has no useful/noisy draw to report
+                summary["noise_p_last"] = last["noise_p"]
         artifacts.write_manifest(
             out, "policy", config=asdict(cfg), inputs=[artifacts.input_ref(cfg.train)], summary=summary,
             seed=cfg.seed, extra={"base_model": cfg.policy, "algo": cfg.algo, "doc_words": cfg.max_doc_words,
