@@ -113,6 +113,9 @@ def test_generate_batch_samples_with_the_same_rule(tiny_model_dir, tok):
     hot = Sampling(2.0)
     assert run(hot, seed=3) == run(hot, seed=3) != greedy
     assert run(hot, seed=4) != run(hot, seed=3)
+    # one setting per row in the same batch: the greedy row writes its greedy reply, the hot row samples
+    mixed = run([Sampling(), hot], seed=3)
+    assert mixed[0] == greedy[0] and mixed[1] != greedy[1]
 
 
 def test_left_pad_right_aligns_every_row():

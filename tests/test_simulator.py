@@ -12,6 +12,7 @@ from zsctl.core import metrics, prompts
 from zsctl.core.errors import BadInput
 from zsctl.core.models import load_model
 from zsctl.search.base import Noise, QueryContext
+from zsctl.search import simulator
 from zsctl.search.simulator import SimulatorEngine, make_sim, split_options
 
 SAMPLES = [  # (query, question, golds): every question, answer and query distinct
@@ -257,7 +258,8 @@ def _verify_search(engine):
                          contexts=[QueryContext(question, golds, mode) for _, question, golds, mode, _ in VERIFY_CASES])
 
 
-def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
+def test_verify_regenerates_failing_rows_together_and_records_tries(tiny, monkeypatch):
+    monkeypatch.setattr(simulator, "DRAW_AHEAD_ROWS", 0)  # a batch too big to draw candidates ahead
     engine = _verify_engine(tiny, verify=2)
     calls = _count_generate(engine.model)
     temperatures = []
@@ -288,6 +290,30 @@ def test_verify_regenerates_failing_rows_together_and_records_tries(tiny):
     for (_, _, golds, _, _), r in zip(VERIFY_CASES[2:], results[2:]):
         assert not metrics.docs_hold_answer([d.as_dict() for d in r.docs], golds)
     assert engine.regenerated == 4 and engine.fallbacks == 3 and engine.generation_s > 0 and engine.generation_cpu_s > 0
+
+
+def test_a_small_batch_draws_the_candidates_with_the_first_replies(tiny, monkeypatch):
+    """The same replies kept as when the candidates come in a second batch (above), in ONE batch:
+    the first replies greedy, every useful row's candidates sampled beside them."""
+    monkeypatch.setattr(simulator, "DRAW_AHEAD_ROWS", 16)
+    engine = _verify_engine(tiny, verify=2)
+    calls = _count_generate(engine.model)
+    drawn = []
+    orig = engine._complete
+    engine._complete = lambda texts, budget, stop, s, lines: drawn.append([x.temperature for x in s]) or orig(
+        texts, budget, stop, s, lines)
+    results = _verify_search(engine)
+    assert calls == [5 + 2 * 3]  # 5 first replies, 2 candidates for each of the 3 useful rows
+    assert drawn == [[0.0] * 5 + [0.8] * 6]
+    texts = [r.docs[0].title + " | " + r.docs[0].text for r in results]
+    assert texts == ["Peru | The capital of Peru is Lima.", "Hamlet | Hamlet was written by Shakespeare.",
+                     "Alps | Mont Blanc is a tall peak.", "Lego | It makes toys.", "Louvre | It opened in 1793."]
+    assert [r.verified for r in results] == [True, True, False, False, False]
+    # tries count what was generated: a useful row's candidates were, even where the first reply passed
+    assert [r.tries for r in results] == [3, 3, 3, 1, 1] and engine.regenerated == 6
+    assert "Query: Lima capital of peru Lima\n" in results[0].prompt and "Query: hamlet author\n" in results[1].prompt
+    # a batch too big draws them after, only for the rows that failed (the test above)
+    assert engine.draws_ahead(16) and not engine.draws_ahead(17)
 
 
 def test_without_verify_the_first_reply_stands(tiny):

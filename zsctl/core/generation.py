@@ -87,16 +87,23 @@ def _draw(logp):
 
 
 class PickWith:
-    """HF logits processor that draws each row's next token with `sampling.pick` and leaves only
-    that token, for `generate` to take greedily. It must come last (after any ban)."""
+    """HF logits processor that draws each row's next token with `sampling.pick` (or, given one
+    Sampling per row, with the row's own) and leaves only that token, for `generate` to take
+    greedily. It must come last (after any ban)."""
 
-    def __init__(self, sampling: Sampling):
+    def __init__(self, sampling: Sampling | list[Sampling]):
         self.sampling = sampling
 
     def __call__(self, input_ids, scores):
         import torch
 
-        choice, _ = self.sampling.pick(scores)
+        if isinstance(self.sampling, Sampling):
+            choice, _ = self.sampling.pick(scores)
+        else:  # rows that share a setting are drawn together
+            choice = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+            for setting in dict.fromkeys(self.sampling):
+                rows = torch.tensor([r for r, s in enumerate(self.sampling) if s == setting], device=scores.device)
+                choice[rows] = setting.pick(scores[rows])[0]
         return torch.full_like(scores, float("-inf")).scatter_(1, choice[:, None], 0.0)
 
 
@@ -239,11 +246,11 @@ class NoRepeatInCompletion:
 
 
 def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, *,
-                   sampling: Sampling = Sampling(), stop: list[str] | None = None,
+                   sampling: Sampling | list[Sampling] = Sampling(), stop: list[str] | None = None,
                    no_repeat: int = NO_REPEAT_NGRAM, lines: int = 0) -> list[Generation]:
     """ONE left-padded `generate` over all prompts; each row's new text, cut at `stop` and, with
     `lines`, ended and cut at its `lines`-th line break; no n-gram of `no_repeat` tokens repeats within
-    a completion (0: no ban)."""
+    a completion (0: no ban). `sampling` may give each row its own setting."""
     import torch
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -254,7 +261,8 @@ def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int,
     # greedy as far as `generate` knows (None silences "flag not valid without sampling" warnings
     # from model defaults); a sampled draw is made by PickWith, the last processor
     processors = [NoRepeatInCompletion(no_repeat, width)] if no_repeat > 0 else []
-    processors += [] if sampling.greedy else [PickWith(sampling)]
+    greedy = sampling.greedy if isinstance(sampling, Sampling) else all(s.greedy for s in sampling)
+    processors += [] if greedy else [PickWith(sampling)]
     kw = dict(max_new_tokens=max(1, int(max_new_tokens)), pad_token_id=pad, do_sample=False, temperature=None,
               top_p=None, top_k=None, logits_processor=processors)
     criteria = [StopText(tok, list(stop)).criterion(width)] if stop else []

@@ -90,6 +90,7 @@ PRIMER = "Doc 1:"
 RETRY_TEMPERATURE = 0.8
 RETRY_TOP_P = 0.95
 MAX_VERIFY = 10
+DRAW_AHEAD_ROWS = 16  # verification: at most this many rows draw the candidates with the first replies
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 
 
@@ -205,32 +206,40 @@ class _Simulated(SearchEngine):
         hops = [self.next_hop(q, c) if m == "useful" else None for q, c, m in zip(queries, ctxs, modes)]
         rendered = [self.render(q, c, m, k, h) for q, c, m, h in zip(queries, ctxs, modes, hops)]
         inputs = [self.model_input(p) for p in rendered]
-        n = len(queries)
-        texts = self.write(inputs, k, self.sampling)
-        tries = [1] * n
+        n, v = len(queries), self.verify
+        # a retry's prompt names what its reply must hold on the query line too
+        steered = {i: self.render(steered_query(queries[i], hops[i] or next(iter(_golds(ctxs[i])), "")), ctxs[i],
+                                  modes[i], k, hops[i]) for i in range(n) if v and modes[i] == "useful"}
+        # Only a useful reply is generated again: a noisy one that holds the answer is mended exactly
+        # by cutting out the sentences that hold it (below), at no generation cost. All `verify`
+        # candidates of every failing row go in ONE batch: the same chances as retrying round after
+        # round, in one call. A batch small enough (`draws_ahead`) draws every useful row's candidates
+        # beside the first replies instead: a decode step of 16 rows costs a CPU less than two of 8,
+        # and most rounds of RL's small batches have a useful reply that fails.
+        ahead = sorted(steered) if steered and self.draws_ahead(n + v * len(steered)) else []
+        replies = self.write(inputs + [self.model_input(steered[i]) for i in ahead], k,
+                             [self.sampling] * n + [self.retry_sampling] * (v * len(ahead)),
+                             copies=[1] * n + [v] * len(ahead))
+        texts, drawn = replies[:n], {i: replies[n + j * v:n + (j + 1) * v] for j, i in enumerate(ahead)}
+        tries = [1 + v if i in drawn else 1 for i in range(n)]  # what was generated, whether used or not
         failed: set[int] = set()  # rows whose kept reply did not pass
-        if self.verify:
+        if v:
             failed = {i for i in range(n) if not self._passes(texts[i], queries[i], ctxs[i], modes[i], k, hops[i])}
-            # Only a useful reply is generated again: a noisy one that holds the answer is mended
-            # exactly by cutting out the sentences that hold it (below), at no generation cost. All
-            # `verify` candidates of every failing row go in ONE batch: the same chances as retrying
-            # round after round, in one call (a small batch costs a CPU nearly as much as a big one).
             retry = sorted(i for i in failed if modes[i] == "useful")
-            v = self.verify
-            if retry:
-                for i in retry:  # a retry's prompt names what its reply must hold on the query line too
-                    rendered[i] = self.render(steered_query(queries[i], hops[i] or next(iter(_golds(ctxs[i])), "")),
-                                              ctxs[i], modes[i], k, hops[i])
-                tried = self.write([self.model_input(rendered[i]) for i in retry], k, self.retry_sampling, copies=v)
-                for j, i in enumerate(retry):
-                    for text in tried[j * v:(j + 1) * v]:
-                        texts[i] = text  # a row that never passes keeps its last candidate
-                        if self._passes(text, queries[i], ctxs[i], modes[i], k, hops[i]):
-                            failed.discard(i)
-                            break
-                    tries[i] = 1 + v  # every candidate was generated, whichever passed first
-                with self.stats_lock:
-                    self.regenerated += len(retry) * v
+            later = [i for i in retry if i not in drawn]
+            if later:
+                tried = self.write([self.model_input(steered[i]) for i in later], k, self.retry_sampling, copies=v)
+                drawn.update({i: tried[j * v:(j + 1) * v] for j, i in enumerate(later)})
+            for i in retry:
+                rendered[i] = steered[i]
+                for text in drawn[i]:
+                    texts[i] = text  # a row that never passes keeps its last candidate
+                    if self._passes(text, queries[i], ctxs[i], modes[i], k, hops[i]):
+                        failed.discard(i)
+                        break
+                tries[i] = 1 + v  # every candidate was generated, whichever passed first
+            with self.stats_lock:
+                self.regenerated += (len(ahead) + len(later)) * v
         results = []
         for i, text in enumerate(texts):
             docs, ok = prompts.parse_documents(text, k)
@@ -250,15 +259,27 @@ class _Simulated(SearchEngine):
             self.well_formed += sum(r.well_formed for r in results)
         return results
 
-    def write(self, inputs: list[str], k: int, sampling: Sampling, copies: int = 1) -> list[str]:
-        """The replies to model inputs, `copies` per input sampled in ONE batch (input j's are
-        j*copies … j*copies+copies-1), each cut where a reply of k documents ends."""
+    def write(self, inputs: list[str], k: int, sampling: Sampling | list[Sampling],
+              copies: int | list[int] = 1) -> list[str]:
+        """The replies to model inputs, `copies` per input (or per input its own number, and its own
+        Sampling) in ONE batch, an input's copies side by side, each cut where a reply of k documents
+        ends."""
         budget = self.max_new_tokens or self.tokens_per_doc * k
         # a trained simulator writes one document per line: its reply is whole at the k-th line break
         lines = k if self.chat_system is None else 0
-        replies = self._timed_complete([x for x in inputs for _ in range(copies)], budget, self.stops(k), sampling,
-                                       lines)
+        counts = copies if isinstance(copies, list) else [copies] * len(inputs)
+        if not isinstance(sampling, Sampling):  # one per input: one per generated row, and one if all agree
+            sampling = [s for s, c in zip(sampling, counts) for _ in range(c)]
+            sampling = sampling[0] if len(set(sampling)) == 1 else sampling
+        replies = self._timed_complete([x for x, c in zip(inputs, counts) for _ in range(c)], budget, self.stops(k),
+                                       sampling, lines)
         return [self.primer + first_lines(text, lines) for text in replies]
+
+    def draws_ahead(self, rows: int) -> bool:
+        """Whether a batch of this many rows (first replies and every useful row's candidates) is
+        generated at once. Only in this process, only small: measured on one CPU thread (SmolLM2-135M),
+        a decode step costs ~38 ms + ~3 ms a row, so 16 rows cost less than a second pass of 8."""
+        return False
 
     def _passes(self, text: str, query: str, ctx: QueryContext | None, mode: str, k: int,
                 hop: str | None = None) -> bool:
@@ -353,6 +374,9 @@ class SimulatorEngine(_Simulated):
         self.lock = threading.Lock()  # generate is not thread-safe (serve answers from threads)
         self.generate_calls = 0
         self.generated_tokens = 0
+
+    def draws_ahead(self, rows: int) -> bool:
+        return rows <= DRAW_AHEAD_ROWS
 
     def encode(self, model_input: str) -> list[int]:
         if self.chat_system is not None and getattr(self.tok, "chat_template", None):
