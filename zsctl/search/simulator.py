@@ -30,7 +30,9 @@ answer out fixes it exactly, while a missing answer can only be regenerated — 
 noisy rows too measured 1.5–2.4× the unverified generation time; useful-only retries cost 1.44× in
 CPU time at 16 queries a call (README, "The simulator"). Without gold answers (or with
 yes/no golds, which containment cannot judge) only the useful reply's link to the query is checked.
-Generations per query are in `SearchResult.tries` (1 = first reply kept, else 1 + N), pass/fail in
+A small batch in this process draws every useful row's candidates beside the first replies, in
+the same generate (`draws_ahead`): cheaper on a CPU than a second pass. Generations per query are in
+`SearchResult.tries` (1 = first reply kept and no candidate drawn, else 1 + N), pass/fail in
 `SearchResult.verified`.
 
 With or without verification, a query that names nothing (metrics.is_degenerate_query) is written
