@@ -233,7 +233,7 @@ class AgentLoop:
         t0 = time.perf_counter()
         results = self.engine.search(
             [q for _, q in new], self.cfg.topk, [contexts[i] for i, _ in new] if contexts else None, noise
-        ) if new else []
+        )
         self.seconds["search"] += time.perf_counter() - t0
         fresh = iter(results)
         for (i, query), seen in zip(searches, earlier):
