@@ -567,3 +567,13 @@ def test_trimming_padding_leaves_the_loss_and_its_gradient_unchanged(tmp_path, t
     grouped_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     assert torch.allclose(full_loss, grouped.detach(), atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(full_grads, grouped_grads))
+
+
+def test_unset_doc_words_resolve_to_the_policys_record_else_40(tmp_path, train_file):
+    """build_trainer (bench/rl_step.py, tests) and run resolve --max-doc-words the same way."""
+    policy = tmp_path / "warm"
+    policy.mkdir()
+    artifacts.write_manifest(policy, "policy", config={}, extra={"doc_words": 30})
+    assert rl.resolved(_cfg(tmp_path, train_file, policy=str(policy))).max_doc_words == 30
+    assert rl.resolved(_cfg(tmp_path, train_file, policy="smollm2-135m")).max_doc_words == rl.DEFAULT_DOC_WORDS
+    assert rl.resolved(_cfg(tmp_path, train_file, policy=str(policy), max_doc_words=12)).max_doc_words == 12

@@ -343,17 +343,23 @@ def write_artifact(out: str | Path, kind: str, table: pa.Table, **manifest_kw) -
     return manifest
 
 
+def model_manifest(model: str, kind: str) -> dict:
+    """The manifest a zsctl stage wrote beside a model of `kind` ({} for any other model: a hub id,
+    another tool's directory, a manifest of another kind or not JSON), read without complaint."""
+    mf = Path(model) / MANIFEST
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8")) if mf.is_file() else {}
+    except (OSError, ValueError):  # not a zsctl manifest: the defaults apply
+        return {}
+    return manifest if isinstance(manifest, dict) and manifest.get("kind") == kind else {}
+
+
 def policy_doc_words(model: str) -> int | None:
     """The words per document a policy was trained on, as warmup or rl recorded it in its manifest
     (None for other models). Reading documents of the length it learned on is what eval and rl then
     default to: a warm start trained on 30-word documents and evaluated on 80-word ones read
     information blocks 2.7x longer than any it had seen."""
-    mf = Path(model) / MANIFEST
-    try:
-        manifest = json.loads(mf.read_text(encoding="utf-8")) if mf.is_file() else {}
-    except (OSError, ValueError):  # not a zsctl manifest: the defaults apply
-        return None
-    words = manifest.get("doc_words") if isinstance(manifest, dict) and manifest.get("kind") == "policy" else None
+    words = model_manifest(model, "policy").get("doc_words")
     return words if isinstance(words, int) and words > 0 else None
 
 

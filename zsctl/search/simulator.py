@@ -53,17 +53,15 @@ questions: as without it.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from zsctl.core import data, metrics, prompts
+from zsctl.core import artifacts, data, metrics, prompts
 from zsctl.core.errors import BadInput
 from zsctl.core.generation import NO_REPEAT_NGRAM, Sampling, cut_at_stop, first_lines, generate_batch
 from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, SearchResult
@@ -219,9 +217,11 @@ class _Simulated(SearchEngine):
         # beside the first replies instead: a decode step of 16 rows costs a CPU less than two of 8,
         # and most rounds of RL's small batches have a useful reply that fails.
         ahead = sorted(steered) if steered and self.draws_ahead(n + v * len(steered)) else []
-        replies = self.write(inputs + [self.model_input(steered[i]) for i in ahead], k,
-                             [self.sampling] * n + [self.retry_sampling] * (v * len(ahead)),
-                             copies=[1] * n + [v] * len(ahead))
+        if ahead:  # greedy first replies and sampled candidates, side by side
+            replies = self.write(inputs + [self.model_input(steered[i]) for i in ahead], k,
+                                 [self.sampling] * n + [self.retry_sampling] * len(ahead), [1] * n + [v] * len(ahead))
+        else:
+            replies = self.write(inputs, k, self.sampling)
         texts, drawn = replies[:n], {i: replies[n + j * v:n + (j + 1) * v] for j, i in enumerate(ahead)}
         tries = [1 + v if i in drawn else 1 for i in range(n)]  # what was generated, whether used or not
         failed: set[int] = set()  # rows whose kept reply did not pass
@@ -270,9 +270,8 @@ class _Simulated(SearchEngine):
         # a trained simulator writes one document per line: its reply is whole at the k-th line break
         lines = k if self.chat_system is None else 0
         counts = copies if isinstance(copies, list) else [copies] * len(inputs)
-        if not isinstance(sampling, Sampling):  # one per input: one per generated row, and one if all agree
+        if not isinstance(sampling, Sampling):  # one per input: one per generated row
             sampling = [s for s, c in zip(sampling, counts) for _ in range(c)]
-            sampling = sampling[0] if len(set(sampling)) == 1 else sampling
         replies = self._timed_complete([x for x, c in zip(inputs, counts) for _ in range(c)], budget, self.stops(k),
                                        sampling, lines)
         return [self.primer + first_lines(text, lines) for text in replies]
@@ -346,23 +345,14 @@ def _without_answer(docs: list[dict], golds: list[str]) -> list[dict]:
     return out
 
 
-def train_sim_manifest(model_dir: str) -> dict:
-    """The manifest train-sim wrote beside a simulator ({} for other models)."""
-    mf = Path(model_dir) / "manifest.json"
-    try:
-        manifest = json.loads(mf.read_text(encoding="utf-8")) if mf.is_file() else {}
-    except ValueError:  # not a zsctl manifest: the defaults apply
-        return {}
-    return manifest if isinstance(manifest, dict) and manifest.get("kind") == "simulator" else {}
-
-
 class SimulatorEngine(_Simulated):
     """`sim:MODEL`: the simulator model runs in this process."""
 
     name = "sim"
 
     def __init__(self, model_spec: str, *, model=None, tokenizer=None, **kw):
-        trained = train_sim_manifest(model_spec) if model is None else {}
+        # the manifest train-sim wrote beside it ({} for other models)
+        trained = artifacts.model_manifest(model_spec, "simulator") if model is None else {}
         if kw.get("template") is None and kw.get("sim_mode", "tuned") == "tuned":
             kw["template"] = prompts.SimTemplate.recorded(trained)  # the prompt it was trained on, if recorded
         super().__init__(**kw)

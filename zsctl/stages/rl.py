@@ -565,11 +565,20 @@ def _take_rows(batch: dict, rows: list[int], n: int) -> dict:
             for k, v in batch.items()}
 
 
+def resolved(cfg: RLConfig) -> RLConfig:
+    """The config with its defaults that depend on the policy filled in (what the run records and
+    compares on --resume): --max-doc-words unset → the length the policy was trained on, else 40."""
+    if cfg.max_doc_words is not None:
+        return cfg
+    return replace(cfg, max_doc_words=artifacts.doc_words_for(cfg.policy, "zsctl", None) or DEFAULT_DOC_WORDS)
+
+
 def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     """Setup: validate, resolve the resume point, load questions/engine/policy, build the GRPOTrainer.
 
     Returns (trainer, engine, recorder, resume_from). `policy` may be passed as (model, tokenizer).
     """
+    cfg = resolved(cfg)
     import torch
     from datasets import Dataset
     from trl import GRPOConfig
@@ -670,9 +679,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
 
 def run(cfg: RLConfig, progress: Progress | None = None) -> dict:
     progress = progress or Progress()
-    # resolved before anything records or compares the config
-    words = artifacts.doc_words_for(cfg.policy, "zsctl", cfg.max_doc_words)
-    cfg = replace(cfg, max_doc_words=words or DEFAULT_DOC_WORDS)
+    cfg = resolved(cfg)  # the manifest below records what the run used
     trainer, engine, recorder, resume_from = build_trainer(cfg, progress)
     out = Path(cfg.out)
     start_step = int(Path(resume_from).name.split("-")[1]) if resume_from else 0
