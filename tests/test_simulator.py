@@ -99,6 +99,29 @@ def test_a_reply_ends_at_its_kth_line_break(tiny):
     assert engine.generated_tokens == written < len(tok(reply, add_special_tokens=False)["input_ids"])
 
 
+def test_documents_end_at_the_words_the_simulator_was_trained_on(tiny, monkeypatch):
+    # doc_words (train-sim records build-sft's --max-doc-words): generation breaks a line that runs
+    # past it, and what the line holds past it is cut, so verification judges what a policy shown
+    # documents of that length reads
+    import zsctl.search.simulator as sim
+
+    model, tok = tiny
+    reply = "Doc 1: (Peru) Lima is the capital city of Peru.\nDoc 2: (Andes) High mountains."
+    script_model(model, tok, {SAMPLES[0][1]: [reply, reply]})  # one per search
+    caps = []
+    generate = sim.generate_batch
+    monkeypatch.setattr(sim, "generate_batch", lambda *a, **kw: caps.append(kw["line_words"]) or generate(*a, **kw))
+    engine = _engine(tiny, max_new_tokens=200)
+    engine.doc_words = 4
+    r = engine.search([SAMPLES[0][0]], k=2, contexts=_contexts()[:1])[0]
+    assert caps == [(4, prompts.line_words)]
+    assert [d.text for d in r.docs] == ["Lima is the capital", "High mountains."]
+    assert r.text == "Doc 1: (Peru) Lima is the capital\nDoc 2: (Andes) High mountains."
+    engine.doc_words = 0  # not recorded: documents as written
+    again = engine.search([SAMPLES[0][0]], k=2, contexts=_contexts()[:1])[0]
+    assert again.docs[0].text == "Lima is the capital city of Peru."
+
+
 def test_tuned_prompt_is_the_training_prompt_byte_for_byte(tiny):
     model, tok = tiny
     engine = _engine(tiny, max_new_tokens=4)

@@ -40,11 +40,12 @@ def corpus_passages(n: int, start: int = 0) -> list[dict]:
     return rows
 
 
-def write_sft_artifact(out: Path, kind: str, schema: pa.Schema, train: list[dict], val: list[dict]) -> Path:
+def write_sft_artifact(out: Path, kind: str, schema: pa.Schema, train: list[dict], val: list[dict],
+                       **config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     artifacts.write_table(out, "train.parquet", pa.Table.from_pylist(train, schema=schema))
     artifacts.write_table(out, "val.parquet", pa.Table.from_pylist(val, schema=schema))
-    artifacts.write_manifest(out, kind, config={"made_by": "tests"})
+    artifacts.write_manifest(out, kind, config={"made_by": "tests", **config})
     return out
 
 
@@ -70,7 +71,7 @@ def sim_rows(n: int, start: int = 0, k: int = 3) -> list[dict]:
 
 
 def make_sim_sft(out: Path, n_train: int = 12, n_val: int = 4) -> Path:
-    return write_sft_artifact(out, "sim_sft", SIM_SFT, sim_rows(n_train), sim_rows(n_val, start=200))
+    return write_sft_artifact(out, "sim_sft", SIM_SFT, sim_rows(n_train), sim_rows(n_val, start=200), doc_words=80)
 
 
 def state_dict(path) -> dict:
@@ -118,7 +119,10 @@ def test_train_sim_lora_merges_and_reloads(tiny_model_dir, tmp_path):
     assert isinstance(manifest["tokens_per_doc"], int) and manifest["tokens_per_doc"] > 0
     from zsctl.search.simulator import SimulatorEngine
 
-    assert SimulatorEngine(str(out)).tokens_per_doc == manifest["tokens_per_doc"]
+    engine = SimulatorEngine(str(out))
+    assert engine.tokens_per_doc == manifest["tokens_per_doc"]
+    # and the words its documents were cut to (build-sft's --max-doc-words): replies end documents there
+    assert manifest["doc_words"] == 80 and engine.doc_words == 80
     # check-sim finds the questions this simulator was fitted on (train.parquet, not val) through the manifest
     from zsctl.stages import check_sim
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 
 # Nucleus sampling looks for the nucleus among this many most likely tokens first: a partial top-k
@@ -164,6 +164,28 @@ class LineBreaks:
         return torch.tensor([n >= self.lines for n in self.seen], device=input_ids.device)
 
 
+class EndLongLines:
+    """Logits processor: a row whose current line already holds more than `words` words (as `count`
+    reads a line) must break the line next. A simulator trained on documents of `words` words still
+    runs on past them now and then, and a batch decodes as many steps as its longest reply; what a
+    line holds past its `words`-th word is cut anyway (its first token, the one that showed the line
+    was long, included)."""
+
+    def __init__(self, tok, words: int, count, start: int):
+        nl = tok.encode("\n", add_special_tokens=False)
+        self.tok, self.words, self.count, self.start = tok, words, count, start
+        self.newline = nl[0] if len(nl) == 1 else None  # a tokenizer that spells it in pieces: no cap
+
+    def __call__(self, input_ids, scores):
+        if self.newline is None:
+            return scores
+        for r, text in enumerate(self.tok.batch_decode(input_ids[:, self.start:].tolist())):
+            if self.count(text.rsplit("\n", 1)[-1]) > self.words:
+                scores[r] = float("-inf")
+                scores[r, self.newline] = 0.0
+        return scores
+
+
 def first_lines(text: str, lines: int) -> str:
     """The text up to its `lines`-th line break (all of it when `lines` is 0)."""
     return "\n".join(text.split("\n")[:lines]) if lines else text
@@ -247,10 +269,12 @@ class NoRepeatInCompletion:
 
 def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, *,
                    sampling: Sampling | list[Sampling] = Sampling(), stop: list[str] | None = None,
-                   no_repeat: int = NO_REPEAT_NGRAM, lines: int = 0) -> list[Generation]:
+                   no_repeat: int = NO_REPEAT_NGRAM, lines: int = 0,
+                   line_words: tuple[int, Callable[[str], int]] | None = None) -> list[Generation]:
     """ONE left-padded `generate` over all prompts; each row's new text, cut at `stop` and, with
     `lines`, ended and cut at its `lines`-th line break; no n-gram of `no_repeat` tokens repeats within
-    a completion (0: no ban). `sampling` may give each row its own setting."""
+    a completion (0: no ban). `sampling` may give each row its own setting. `line_words` = (words,
+    count): a line is broken once `count(line)` exceeds `words` (EndLongLines)."""
     import torch
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -261,6 +285,7 @@ def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int,
     # greedy as far as `generate` knows (None silences "flag not valid without sampling" warnings
     # from model defaults); a sampled draw is made by PickWith, the last processor
     processors = [NoRepeatInCompletion(no_repeat, width)] if no_repeat > 0 else []
+    processors += [EndLongLines(tok, *line_words, width)] if line_words and line_words[0] else []
     greedy = sampling.greedy if isinstance(sampling, Sampling) else all(s.greedy for s in sampling)
     processors += [] if greedy else [PickWith(sampling)]
     kw = dict(max_new_tokens=max(1, int(max_new_tokens)), pad_token_id=pad, do_sample=False, temperature=None,

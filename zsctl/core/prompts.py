@@ -417,6 +417,31 @@ def parse_documents(text: str, k: int) -> tuple[list[dict], bool]:
     return docs, well_formed
 
 
+def _line_text(line: str) -> tuple[str, str]:
+    """A reply line split into (its "Doc i: (title)" head, its document text); a line whose title is
+    still open is all head."""
+    line = line.rstrip()
+    m = _DOC_RE.match(line)
+    body = m.group(2) if m else line
+    t = _TITLE_RE.match(body.strip())
+    text = t.group(2) if t else ("" if body.lstrip().startswith("(") else body)
+    return line[:len(line) - len(text)], text
+
+
+def line_words(line: str) -> int:
+    """Words of document text on one line of a simulator's reply (its head not counted)."""
+    return len(_line_text(line)[1].split())
+
+
+def cut_document_lines(text: str, words: int) -> str:
+    """A reply with each line's document text cut to its first `words` words (cut_words' rule)."""
+    out = []
+    for line in text.split("\n"):
+        head, body = _line_text(line)
+        out.append(head + " ".join(body.split(None, words)[:words]) if len(body.split()) > words else line)
+    return "\n".join(out)
+
+
 def _split_title(body: str) -> dict:
     m = _TITLE_RE.match(body.strip())
     if m:

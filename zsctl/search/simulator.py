@@ -133,6 +133,9 @@ class _Simulated(SearchEngine):
         self.rng = random.Random(seed)
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None
         self.tokens_per_doc = TOKENS_PER_DOC
+        # words of text per document the simulator was trained on (0: not recorded, no cap): a reply's
+        # document runs no further (`write`)
+        self.doc_words = 0
         self.sampling = Sampling(float(temperature), float(top_p))
         hot = self.sampling.temperature >= RETRY_TEMPERATURE  # already sampling hot: keep its top_p
         self.retry_sampling = Sampling(max(self.sampling.temperature, RETRY_TEMPERATURE),
@@ -274,7 +277,8 @@ class _Simulated(SearchEngine):
             sampling = [s for s, c in zip(sampling, counts) for _ in range(c)]
         replies = self._timed_complete([x for x, c in zip(inputs, counts) for _ in range(c)], budget, self.stops(k),
                                        sampling, lines)
-        return [self.primer + first_lines(text, lines) for text in replies]
+        replies = [self.primer + first_lines(text, lines) for text in replies]
+        return [prompts.cut_document_lines(t, self.doc_words) for t in replies] if lines and self.doc_words else replies
 
     def draws_ahead(self, rows: int) -> bool:
         """Whether a batch of this many rows (first replies and every useful row's candidates) is
@@ -362,6 +366,7 @@ class SimulatorEngine(_Simulated):
 
             model, tokenizer = load_model(model_spec)
             self.tokens_per_doc = trained.get("tokens_per_doc") or self.tokens_per_doc
+            self.doc_words = int(trained.get("doc_words") or 0)
         self.model, self.tok = model, tokenizer
         self.lock = threading.Lock()  # generate is not thread-safe (serve answers from threads)
         self.generate_calls = 0
@@ -382,7 +387,7 @@ class SimulatorEngine(_Simulated):
             self.generate_calls += 1
             gens = generate_batch(self.model, self.tok, ids, max_new_tokens, sampling=sampling, stop=stop,
                                   no_repeat=NO_REPEAT_NGRAM if self.no_repeat is None else self.no_repeat,
-                                  lines=lines)
+                                  lines=lines, line_words=(self.doc_words, prompts.line_words) if lines else None)
             self.generated_tokens += sum(g.tokens for g in gens)
         return [g.text for g in gens]
 

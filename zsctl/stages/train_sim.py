@@ -60,7 +60,9 @@ def run(cfg: TrainSimConfig, progress: Progress | None = None) -> dict:
         base=cfg.base, out=cfg.out, mask_env=False, prompt_special_tokens=special, **cfg.options(),
         desc="train-sim",
     )
-    extra = {"base_model": cfg.base, "tokens_per_doc": tokens_per_doc(train, data_manifest, cfg.base)}
+    extra = {"base_model": cfg.base, "tokens_per_doc": tokens_per_doc(train, data_manifest, cfg.base),
+             # the length its documents were cut to: the `sim:` engine ends a document there
+             "doc_words": data_manifest.get("config", {}).get("doc_words")}
     if template is not None:
         extra["sim_template"] = template.as_dict()
     manifest = {"kind": "simulator", "config": asdict(cfg), "inputs": [artifacts.input_ref(cfg.data)],
