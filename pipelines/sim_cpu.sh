@@ -42,7 +42,7 @@ zsctl build-sft --trajectories "$RUN/question_searches" --out "$RUN/sim_sft" --l
 
 step "train-sim: $STEPS steps (LoRA, completion-only loss)"
 zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$STEPS" \
-  --batch-size 4 --grad-accum 2 --max-length 256 --lr 5e-4 --val-limit 32 $Q
+  --batch-size 1 --grad-accum 8 --max-length 256 --lr 5e-4 --val-limit 32 $Q  # 8 rows a step, no padding
 
 for v in 0 $VERIFY; do
   step "check-sim on $N_CHECK held-apart queries, verify=$v"
