@@ -41,8 +41,12 @@ def test_an_unknown_tracker_is_refused():
 
 
 @pytest.mark.skipif(not HAVE["tensorboard"], reason="tensorboard is not installed")
-def test_tensorboard_event_files_are_kept_with_the_model(tiny_model_dir, tmp_path):
+def test_tensorboard_event_files_are_kept_with_the_model(tiny_model_dir, tmp_path, monkeypatch):
     from test_train_sim import make_sim_sft
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # tensorboard's default folder is runs/ here
 
     data = make_sim_sft(tmp_path / "sim_sft")
     out = tmp_path / "sim"
@@ -51,6 +55,7 @@ def test_tensorboard_event_files_are_kept_with_the_model(tiny_model_dir, tmp_pat
     train_sim.run(cfg)
     events = list((out / "logs").rglob("events.out.tfevents.*"))
     assert events and all(e.stat().st_size > 0 for e in events)
+    assert not list(cwd.iterdir())  # nothing left in the working directory
 
 
 @pytest.mark.skipif(not HAVE["tensorboard"], reason="tensorboard is not installed")

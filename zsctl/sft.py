@@ -275,6 +275,13 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
         callbacks=[_callback(cfg, progress, losses)],
     )
     trainer.remove_callback(PrinterCallback)
+    for cb in trainer.callback_handler.callbacks:
+        # the val loss logged before training opens tensorboard's writer before on_train_begin has set
+        # its folder, and the writer's default is runs/ in the user's working directory
+        if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "logging_dir", "") is None:
+            from transformers.integrations.integration_utils import default_logdir
+
+            cb.logging_dir = str(Path(args.output_dir) / default_logdir())
     return trainer, {"train": train_stats, "val": val_stats, "losses": losses}
 
 
