@@ -169,10 +169,13 @@ def test_eval_records_degenerate_queries_and_search_hits(tmp_path, tiny_model_di
         "m": [],
     }
     assert preds["c"]["searches"][0]["documents"][0]["title"] == "Lima"
+    # grounded: the query names a word of the question or of the documents read before ("query" names nothing)
+    assert {i: [s["grounded"] for s in p["searches"]] for i, p in preds.items()} == {
+        "g": [False], "t": [False, False], "l": [True], "c": [True], "m": []}
     met = json.loads((out / "metrics.json").read_text())
     overall = met["overall"]
     assert (overall["searches"], overall["degenerate_share"], overall["hit_searches_n"]) == (5, 0.6, 4)
-    assert (overall["search_hit_rate"], overall["repeat_share"]) == (0.25, 0.2)
+    assert (overall["search_hit_rate"], overall["repeat_share"], overall["ungrounded_share"]) == (0.25, 0.2, 0.6)
     assert overall["top_queries"][0] == ["query", 3] and len(overall["top_queries"]) == 3
     arts, geo = met["benchmarks"]["arts"], met["benchmarks"]["geo"]
     assert (arts["searches"], arts["degenerate_share"], arts["search_hit_rate"]) == (3, 1.0, 0.0)

@@ -148,7 +148,8 @@ def test_search_facts_and_quality_count_what_they_should():
     assert [f["has_answer"] for f in facts] == [True, True, False, None, None]
     q = m.search_quality(facts)
     assert q == {"searches": 5, "degenerate_share": 0.2, "search_hit_rate": pytest.approx(2 / 3), "hit_searches_n": 3,
-                 "repeat_share": None}  # search_facts judges one call; repeats need the trajectory's earlier ones
+                 "repeat_share": None, "ungrounded_share": None}  # search_facts judges one call; repeats and
+    # grounding need the trajectory's earlier ones
     # an older artifact's searches (no facts recorded) count as searches that cannot tell
     assert m.search_quality([{"degenerate": None, "has_answer": None}])["hit_searches_n"] == 0
 
@@ -161,6 +162,21 @@ def test_search_records_mark_repeats_within_one_trajectory_only():
     assert [r["has_answer"] for r in recs] == [True] * 4 and recs[2]["query"] == "Capital  of peru"
     assert m.search_records(calls[:1], ["Lima"])[0]["repeated"] is False  # a new trajectory starts afresh
     assert m.search_quality(recs)["repeat_share"] == 0.5
+
+
+def test_a_query_is_grounded_in_the_question_or_in_documents_read_before_it():
+    question = "Which country is the city of Lima the capital of?"
+    calls = [{"query": "Lima", "documents": [{"title": "Lima", "text": "Lima lies on the coast of Peru."}]},
+             {"query": "Peru", "documents": []},                  # a word of the documents read: the next hop
+             {"query": "Flat-pack furniture", "documents": []},   # nowhere in either: made up
+             {"query": "coast", "documents": []}]
+    recs = m.search_records(calls, ["Peru"], question)
+    assert [r["grounded"] for r in recs] == [True, True, False, True]
+    # words of a later document do not ground an earlier query
+    assert [r["grounded"] for r in m.search_records(calls[1:2] + calls[:1], ["Peru"], question)] == [False, True]
+    assert m.search_quality(recs)["ungrounded_share"] == 0.25
+    assert m.search_records(calls, ["Peru"])[0]["grounded"] is None  # no question: cannot tell
+    assert m.search_quality(m.search_records(calls, ["Peru"]))["ungrounded_share"] is None
 
 
 def test_top_queries_merge_case_and_spacing():

@@ -30,7 +30,8 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
     scores = {"n": 20, "em": 0.1, "subem": 0.15, "f1": 0.2, "avg_searches": 1.5}
     _eval_dir(run, "eval_old", scores, "2026-01-01T00:00:00+00:00")  # written before the search-quality fields
     _eval_dir(run, "eval_warmup", {**scores, "searches": 30, "degenerate_share": 0.25, "search_hit_rate": 0.4,
-                                   "hit_searches_n": 25, "repeat_share": 0.1, "em_open": 0.05, "open_n": 12,
+                                   "hit_searches_n": 25, "repeat_share": 0.1, "ungrounded_share": 0.2, "em_open": 0.05,
+                                   "open_n": 12,
                                    "top_queries": [["Kiss and Tell", 3], ["query", 2]]},
               "2026-01-02T00:00:00+00:00")
     pol = run / "policy"
@@ -48,6 +49,7 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
             "searches": 8,
             "degenerate_share": d,
             "repeat_share": d / 2,
+            "ungrounded_share": d,
             "search_hit_rate": h,
             "hit_searches_n": 8,
             "search_hit_rate_useful": 0.75,
@@ -67,20 +69,21 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
     assert summary["ledger"]["real_calls"] == 7  # collect's search ledger counts
     md = (run / "report" / "report.md").read_text()
     assert ("| run | benchmark | n | EM | SubEM | F1 | EM, open questions | searches | degenerate queries % "
-            "| repeated queries % | search-hit rate % |") in md
-    assert "| eval_warmup | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | 5.0 (12) | 1.50 | 25.0 | 10.0 | 40.0 |" in md
+            "| repeated queries % | ungrounded queries % | search-hit rate % |") in md
+    assert "| eval_warmup | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | 5.0 (12) | 1.50 | 25.0 | 10.0 | 20.0 | 40.0 |" in md
     # an older run: no figures, no crash
-    assert "| eval_old | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | – | 1.50 | – | – | – |" in md
+    assert "| eval_old | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | – | 1.50 | – | – | – | – |" in md
     assert '`eval_warmup` searched most for: "Kiss and Tell" ×3; "query" ×2' in md
     # RL table: first fifth (step 1) vs last fifth (step 3); a NaN step is no value
     assert "| degenerate queries % | 50.0 | 0.0 |" in md and "| search-hit rate % | 25.0 | – |" in md
-    assert "| repeated queries % | 25.0 | 0.0 |" in md
+    assert "| repeated queries % | 25.0 | 0.0 |" in md and "| ungrounded queries % | 50.0 | 0.0 |" in md
     assert (
         "| search-hit rate, useful mode % | 75.0 | 75.0 |" in md
         and "| search-hit rate, noisy mode % | 12.5 | 12.5 |" in md
     )
     rows = {r["run"]: r for r in summary["evaluation"]}
     assert rows["eval_warmup"]["degenerate_share"] == 0.25 and rows["eval_old"]["search_hit_rate"] is None
+    assert rows["eval_warmup"]["ungrounded_share"] == 0.2
     pytest.importorskip("matplotlib")
     assert (run / "report" / "policy_search_quality.png").is_file() and "policy_search_quality.png" in summary["plots"]
 

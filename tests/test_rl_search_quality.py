@@ -65,9 +65,11 @@ def test_rollouts_and_step_metrics_carry_search_quality(tmp_path, tiny_model_dir
     assert facts == [[("query", True, False, False), ("query", True, False, True)],
                      [("capital of Peru", False, True, False)], [("Lima Peru", False, None, False)]]
     assert [r["sim_labels"] for r in rows] == [["useful", "useful"], ["noisy"], ["useful"]]
+    assert [[s["grounded"] for s in r["searches"]] for r in rows] == [[False, False], [True], [True]]
     m = recorder.pending
     assert (m["searches"], m["hit_searches_n"]) == (4, 3)
     assert (m["degenerate_share"], m["repeat_share"]) == (0.5, 0.25) and m["search_hit_rate"] == pytest.approx(1 / 3)
+    assert m["ungrounded_share"] == 0.5
     # useful mode: the degenerate "query" got documents without the answer; noisy: a real hit
     assert (m["search_hit_rate_useful"], m["search_hit_rate_noisy"]) == (0.0, 1.0)
 

@@ -286,26 +286,41 @@ def search_facts(query: object, documents: Iterable[object], golds: object) -> d
 
 
 # What eval, collect and rl record about each search call (search_records), beside its query and documents
-FACT_KEYS = ("degenerate", "has_answer", "repeated")
+FACT_KEYS = ("degenerate", "has_answer", "repeated", "grounded")
 
 
-def search_records(searches: Iterable[dict], golds: object) -> list[dict]:
+def search_records(searches: Iterable[dict], golds: object, question: str | None = None) -> list[dict]:
     """One trajectory's search calls as eval, collect and rl record them: query, documents, their
-    search_facts and `repeated` (the query repeats an earlier one of the same trajectory, case and
-    spacing aside: a real engine returns the same documents, so the search finds nothing new).
+    search_facts, `repeated` (the query repeats an earlier one of the same trajectory, case and
+    spacing aside: a real engine returns the same documents, so the search finds nothing new) and
+    `grounded` (the query shares a content word with the question or with a document the trajectory
+    was shown before it; None without the question). An ungrounded query is made up: a name the
+    policy invented, a topic of its own.
 
     >>> docs = [{"title": "Jaws", "text": "Directed by Steven Spielberg."}]
     >>> [r["repeated"] for r in search_records([{"query": "Jaws", "documents": docs},
     ...                                         {"query": " jaws", "documents": docs}], ["Steven Spielberg"])]
     [False, True]
+    >>> [r["grounded"] for r in search_records([{"query": "Jaws", "documents": docs},
+    ...                                         {"query": "Steven Spielberg", "documents": []},
+    ...                                         {"query": "Boeing 777", "documents": []}],
+    ...                                        ["1975"], "When was the film Jaws released?")]
+    [True, True, False]
     """
     seen: set[str] = set()
+    read = None if question is None else set(content_words(question))  # words the policy had before each query
     records = []
     for s in searches:
         key = query_key(s["query"])
+        grounded = None if read is None else bool(read.intersection(content_words(s["query"])))
         records.append({"query": s["query"], "documents": s["documents"],
-                        **search_facts(s["query"], s["documents"], golds), "repeated": key in seen})
+                        **search_facts(s["query"], s["documents"], golds), "repeated": key in seen,
+                        "grounded": grounded})
         seen.add(key)
+        if read is not None:
+            for d in s["documents"] or []:
+                get = d.get if isinstance(d, dict) else (lambda k, d=d: getattr(d, k, ""))
+                read.update(content_words(f"{get('title') or ''} {get('text') or ''}"))
     return records
 
 
@@ -314,25 +329,30 @@ def search_quality(facts: Iterable[dict]) -> dict:
     `degenerate_share` = degenerate queries / searches; `search_hit_rate` = searches whose documents
     hold a gold answer / `hit_searches_n`, the searches that can tell (golds not all yes/no);
     `repeat_share` = searches repeating an earlier query of their trajectory (search_records) / the
-    searches that record it (None for artifacts written before it was). A rate with nothing to count is None.
+    searches that record it (None for artifacts written before it was); `ungrounded_share` likewise for
+    queries that name nothing of the question or of the documents read. A rate with nothing to count is None.
 
-    >>> search_quality([{"degenerate": True, "has_answer": False, "repeated": False},
-    ...                 {"degenerate": False, "has_answer": True, "repeated": False},
-    ...                 {"degenerate": False, "has_answer": None, "repeated": True},
-    ...                 {"degenerate": False, "has_answer": None, "repeated": False}])
-    {'searches': 4, 'degenerate_share': 0.25, 'search_hit_rate': 0.5, 'hit_searches_n': 2, 'repeat_share': 0.25}
+    >>> search_quality([{"degenerate": True, "has_answer": False, "repeated": False, "grounded": False},
+    ...                 {"degenerate": False, "has_answer": True, "repeated": False, "grounded": True},
+    ...                 {"degenerate": False, "has_answer": None, "repeated": True, "grounded": True},
+    ...                 {"degenerate": False, "has_answer": None, "repeated": False, "grounded": False}])
+    {'searches': 4, 'degenerate_share': 0.25, 'search_hit_rate': 0.5, 'hit_searches_n': 2, 'repeat_share': 0.25, \
+'ungrounded_share': 0.5}
     >>> search_quality([])
-    {'searches': 0, 'degenerate_share': None, 'search_hit_rate': None, 'hit_searches_n': 0, 'repeat_share': None}
+    {'searches': 0, 'degenerate_share': None, 'search_hit_rate': None, 'hit_searches_n': 0, 'repeat_share': None, \
+'ungrounded_share': None}
     """
     facts = list(facts)
     judged = [bool(f["has_answer"]) for f in facts if f.get("has_answer") is not None]
     repeats = [bool(f["repeated"]) for f in facts if f.get("repeated") is not None]
+    grounded = [bool(f["grounded"]) for f in facts if f.get("grounded") is not None]
     return {
         "searches": len(facts),
         "degenerate_share": sum(bool(f["degenerate"]) for f in facts) / len(facts) if facts else None,
         "search_hit_rate": sum(judged) / len(judged) if judged else None,
         "hit_searches_n": len(judged),
         "repeat_share": sum(repeats) / len(repeats) if repeats else None,
+        "ungrounded_share": 1 - sum(grounded) / len(grounded) if grounded else None,
     }
 
 

@@ -31,6 +31,8 @@ SEARCH = pa.struct([
     _f("has_answer", pa.bool_(), "the documents hold a gold answer; null when the golds are all yes/no", optional=True),
     _f("repeated", pa.bool_(), "the query repeats an earlier one of the same trajectory (metrics.search_records)",
        optional=True),
+    _f("grounded", pa.bool_(), "the query names something of the question or of a document shown before it "
+       "(metrics.search_records)", optional=True),
 ])
 STR_LIST = pa.list_(pa.string())
 

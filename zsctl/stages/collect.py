@@ -272,7 +272,7 @@ def trajectory_row(cfg: CollectConfig, q: dict, sample: int, t) -> dict:
         "golden_answers": list(q["golden_answers"]),
         "model": cfg.model,
         "engine": redact(cfg.search),  # a spec's credentials never reach a row
-        "searches": metrics.search_records(t.searches, q["golden_answers"]),
+        "searches": metrics.search_records(t.searches, q["golden_answers"], q["question"]),
         "response": t.response,
         "prediction": pred,
         "em": scores["em"],

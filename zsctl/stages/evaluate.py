@@ -156,7 +156,7 @@ def run(cfg: EvalConfig, progress: Progress | None = None) -> dict:
                     **metrics.score(pred, q["golden_answers"]),
                     "num_searches": t.num_searches,
                     "response": t.response,
-                    "searches": metrics.search_records(t.searches, q["golden_answers"]),
+                    "searches": metrics.search_records(t.searches, q["golden_answers"], q["question"]),
                     "prompt": text,
                     "answered": t.prediction is not None,  # not a column: only for the rates in metrics.json
                 }

@@ -153,12 +153,12 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
     if evals:
         lines += ["## Evaluation (real engine)", "",
                   "| run | benchmark | n | EM | SubEM | F1 | EM, open questions | searches | degenerate queries % "
-                  "| repeated queries % | search-hit rate % | question-hit rate % |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| repeated queries % | ungrounded queries % | search-hit rate % | question-hit rate % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [
             f"| {r} | {b} | {m['n']} | {_fmt(m['em'])} | {_fmt(m['subem'])} | {_fmt(m['f1'])} | "
             f"{_open_em(m)} | {_fmt(m['avg_searches'], pct=False)} | {_fmt(m.get('degenerate_share'))} | "
-            f"{_fmt(m.get('repeat_share'))} | {_fmt(m.get('search_hit_rate'))} | "
+            f"{_fmt(m.get('repeat_share'))} | {_fmt(m.get('ungrounded_share'))} | {_fmt(m.get('search_hit_rate'))} | "
             f"{_fmt(m.get('question_hit_rate'))} |"
             for r, b, m in evals
         ]
@@ -167,6 +167,8 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
                   "Degenerate: a query with no content word of its own (empty, a placeholder, instruction words). "
                   "Repeated: a query the same question already searched, word for word (the engine returns the "
                   "same documents). "
+                  "Ungrounded: a query sharing no content word with the question or the documents read before it "
+                  "(made up). "
                   "Search-hit rate: searches whose documents hold a gold answer; question-hit rate: questions one of "
                   "whose searches found one (a question that never searched is a miss); both over questions whose "
                   "golds are not all yes/no.", ""]
@@ -199,6 +201,7 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
                 ("searches / trajectory", "searches_per_traj", False),
                 ("degenerate queries %", "degenerate_share", True),
                 ("repeated queries %", "repeat_share", True),
+                ("ungrounded queries %", "ungrounded_share", True),
                 ("search-hit rate %", "search_hit_rate", True),
                 ("search-hit rate, useful mode %", "search_hit_rate_useful", True),
                 ("search-hit rate, noisy mode %", "search_hit_rate_noisy", True),
@@ -247,6 +250,7 @@ def _write_report(cfg, out: Path, stage: Path, found, lines, rl_runs, evals, led
                     for k in (
                         "degenerate_share",
                         "repeat_share",
+                        "ungrounded_share",
                         "search_hit_rate",
                         "hit_searches_n",
                         "question_hit_rate",
@@ -316,6 +320,7 @@ def _plots(out: Path, rl_runs, evals, ledger) -> list[Path] | None:
             fig, ax = plt.subplots(figsize=(6, 3.5))
             for key, label, style in (("degenerate_share", "degenerate queries", "C3"),
                                       ("repeat_share", "repeated queries", "C4"),
+                                      ("ungrounded_share", "ungrounded queries", "C5"),
                                       ("search_hit_rate", "search-hit rate", "C2"),
                                       ("search_hit_rate_useful", "hit rate, useful mode", "C0--"),
                                       ("search_hit_rate_noisy", "hit rate, noisy mode", "C1--")):

@@ -285,7 +285,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
 
         g = cfg.group_size
         # search quality per call (metrics.search_records); the documents are the simulator's
-        searches = [metrics.search_records(t.searches, gold) for t, gold in zip(trajs, golds)]
+        searches = [metrics.search_records(t.searches, gold, q) for t, gold, q in zip(trajs, golds, prompts)]
         recorder.rollouts(step, [
             {"step": step, "noise_p": p, "question_id": golds_by_question[q]["id"], "sample": i % g,
              "response": t.response, "prediction": pred, "reward": float(r), "num_searches": t.num_searches,
@@ -331,7 +331,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             f"step {step}/{cfg.steps}: p={p:.3f} reward={recorder.pending['reward_mean']:.3f} "
             f"valid={recorder.pending['valid_answer_rate']:.2f} searches={recorder.pending['searches_per_traj']:.2f} "
             f"degenerate={recorder.pending['degenerate_share']:.2f} repeated={recorder.pending['repeat_share']:.2f} "
-            f"hit={recorder.pending['search_hit_rate']:.2f}"
+            f"ungrounded={recorder.pending['ungrounded_share']:.2f} hit={recorder.pending['search_hit_rate']:.2f}"
         )
         return {
             "prompt_ids": [t.prompt_ids for t in trajs],
@@ -477,7 +477,7 @@ def _make_validator(cfg: RLConfig, tokenizer):
                 trajs = loop.run(loop.encode_prompts([q["question"] for q in batch]))
                 rows += [{"question": q["question"], "golden_answers": q["golden_answers"],
                           **metrics.score(t.prediction or "", q["golden_answers"]),
-                          "searches": metrics.search_records(t.searches, q["golden_answers"])}
+                          "searches": metrics.search_records(t.searches, q["golden_answers"], q["question"])}
                          for q, t in zip(batch, trajs)]
         model.train(was_training)
         if not rows:
@@ -486,7 +486,7 @@ def _make_validator(cfg: RLConfig, tokenizer):
                    **metrics.open_em(rows)}
         return {**{f"val_{k}": sum(r[k] for r in rows) / len(rows) for k in ("em", "subem", "f1")},
                 **{f"val_{k}": quality[k] for k in ("em_open", "degenerate_share", "search_hit_rate",
-                                                     "question_hit_rate", "repeat_share")}}
+                                                     "question_hit_rate", "repeat_share", "ungrounded_share")}}
 
     return validate
 
