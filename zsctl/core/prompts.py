@@ -434,11 +434,13 @@ def line_words(line: str) -> int:
 
 
 def cut_document_lines(text: str, words: int) -> str:
-    """A reply with each line's document text cut to its first `words` words (cut_words' rule)."""
+    """A reply with each line's document text cut to its first `words` words (the agent's rule)."""
+    from zsctl.search.base import cut_words
+
     out = []
     for line in text.split("\n"):
         head, body = _line_text(line)
-        out.append(head + " ".join(body.split(None, words)[:words]) if len(body.split()) > words else line)
+        out.append(head + cut_words(body, words) if len(body.split()) > words else line)
     return "\n".join(out)
 
 
