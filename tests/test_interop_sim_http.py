@@ -104,6 +104,17 @@ def test_at_most_four_stop_strings_are_sent_and_the_rest_cut_here(servers):
     engine.close()
 
 
+def test_doc_words_cuts_what_a_server_writes(servers):
+    # a server cannot stop a document at the length the simulator trained on: the reply is cut here
+    app, url = servers(TUNED_REPLY)
+    engine = make_engine(f"sim+{url}?doc_words=2")
+    (r,) = engine.search(["capital of france"], 3, _ctx(1))
+    assert [d.text for d in r.docs] == ["Paris is", "Lyon.", "Nice."]
+    engine.close()
+    with pytest.raises(BadInput, match="doc_words=-1"):
+        make_engine(f"sim+{url}?doc_words=-1")
+
+
 def test_released_simulator_is_sent_as_a_chat_with_its_exact_prompt(servers):
     app, url = servers(RELEASED_REPLY)
     engine = make_engine(f"sim+{url}", template="zerosearch-sft")

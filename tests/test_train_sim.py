@@ -123,6 +123,9 @@ def test_train_sim_lora_merges_and_reloads(tiny_model_dir, tmp_path):
     assert engine.tokens_per_doc == manifest["tokens_per_doc"]
     # and the words its documents were cut to (build-sft's --max-doc-words): replies end documents there
     assert manifest["doc_words"] == 80 and engine.doc_words == 80
+    from zsctl.search.simulator import make_sim
+
+    assert make_sim(f"sim:{out}?doc_words=0").doc_words == 0  # the spec wins: documents as written
     # check-sim finds the questions this simulator was fitted on (train.parquet, not val) through the manifest
     from zsctl.stages import check_sim
 

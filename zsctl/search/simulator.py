@@ -5,6 +5,8 @@ prompts to OpenAI-compatible servers (vLLM, SGLang, `zsctl serve --model`), as c
 released simulator served through its chat template, as chat completions. The same sampling settings
 (temperature, top_p) go both ways; the in-process n-gram ban (`no_repeat`, default 4) reaches a server
 only when the spec sets it (zsctl serve applies its default anyway; vLLM has no such setting).
+Documents end at `doc_words` words (train-sim records the length it trained on, which `sim:` reads;
+`sim+http:` cuts what comes back at `?doc_words=N`, as the server cannot stop at it).
 A template with a system message (e.g. `zerosearch-sft`) is a chat: its prompt is the user turn.
 
 Every query gets its own sample's question and first gold answer, and a mode: useful or noisy,
@@ -105,7 +107,8 @@ class _Simulated(SearchEngine):
 
     def __init__(self, *, sim_mode: str = "tuned", template: str | None = None, noise_p: float = 0.0,
                  seed: int = 0, max_new_tokens: int | None = None, temperature: float = 0.0,
-                 top_p: float = 1.0, verify: int = 0, no_repeat: int | None = None, chain: int = 0):
+                 top_p: float = 1.0, verify: int = 0, no_repeat: int | None = None, chain: int = 0,
+                 doc_words: int | None = None):
         super().__init__()
         if sim_mode not in SIM_STYLES:
             raise BadInput(f"simulator mode '{sim_mode}' is not one of {', '.join(SIM_STYLES)}")
@@ -115,6 +118,8 @@ class _Simulated(SearchEngine):
             raise BadInput(f"simulator option verify={verify} must be between 0 (off) and {MAX_VERIFY} retries")
         if int(chain) not in (0, 1):
             raise BadInput(f"simulator option chain={chain} must be 0 (off) or 1 (useful replies lead hop by hop)")
+        if doc_words is not None and int(doc_words) < 0:
+            raise BadInput(f"simulator option doc_words={doc_words} must be 0 (documents as written) or a word count")
         if no_repeat is not None and int(no_repeat) < 0:
             raise BadInput(f"simulator option no_repeat={no_repeat} must be 0 (off) or an n-gram length")
         default = prompts.SIMULATOR_TEMPLATE if sim_mode == "tuned" else prompts.SIMULATOR_FEWSHOT_TEMPLATE
@@ -133,9 +138,9 @@ class _Simulated(SearchEngine):
         self.rng = random.Random(seed)
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None
         self.tokens_per_doc = TOKENS_PER_DOC
-        # words of text per document the simulator was trained on (0: not recorded, no cap): a reply's
-        # document runs no further (`write`)
-        self.doc_words = 0
+        # words of text per document the simulator was trained on (`sim:` reads it from the manifest;
+        # 0: documents as written): a reply's document runs no further (`write`)
+        self.doc_words = int(doc_words or 0)
         self.sampling = Sampling(float(temperature), float(top_p))
         hot = self.sampling.temperature >= RETRY_TEMPERATURE  # already sampling hot: keep its top_p
         self.retry_sampling = Sampling(max(self.sampling.temperature, RETRY_TEMPERATURE),
@@ -278,7 +283,7 @@ class _Simulated(SearchEngine):
         replies = self._timed_complete([x for x, c in zip(inputs, counts) for _ in range(c)], budget, self.stops(k),
                                        sampling, lines)
         replies = [self.primer + first_lines(text, lines) for text in replies]
-        return [prompts.cut_document_lines(t, self.doc_words) for t in replies] if lines and self.doc_words else replies
+        return [prompts.cut_document_lines(t, self.doc_words) for t in replies] if self.doc_words else replies
 
     def draws_ahead(self, rows: int) -> bool:
         """Whether a batch of this many rows (first replies and every useful row's candidates) is
@@ -359,6 +364,8 @@ class SimulatorEngine(_Simulated):
         trained = artifacts.model_manifest(model_spec, "simulator") if model is None else {}
         if kw.get("template") is None and kw.get("sim_mode", "tuned") == "tuned":
             kw["template"] = prompts.SimTemplate.recorded(trained)  # the prompt it was trained on, if recorded
+        if kw.get("doc_words") is None:
+            kw["doc_words"] = trained.get("doc_words")
         super().__init__(**kw)
         self.spec = f"sim:{model_spec}"
         if model is None:
@@ -366,7 +373,6 @@ class SimulatorEngine(_Simulated):
 
             model, tokenizer = load_model(model_spec)
             self.tokens_per_doc = trained.get("tokens_per_doc") or self.tokens_per_doc
-            self.doc_words = int(trained.get("doc_words") or 0)
         self.model, self.tok = model, tokenizer
         self.lock = threading.Lock()  # generate is not thread-safe (serve answers from threads)
         self.generate_calls = 0
@@ -399,7 +405,7 @@ class SimulatorEngine(_Simulated):
 _OPTIONS = {
     "sim_mode": str, "template": str, "noise_p": float, "seed": int, "max_new_tokens": int,
     "temperature": float, "top_p": float, "batch_size": int, "timeout": float, "tries": int, "backoff": float,
-    "model": str, "verify": int, "no_repeat": int, "api": str, "cooldown": float, "chain": int,
+    "model": str, "verify": int, "no_repeat": int, "api": str, "cooldown": float, "chain": int, "doc_words": int,
 }
 _HTTP_ONLY = {"batch_size", "timeout", "tries", "backoff", "model", "api", "cooldown"}
 
