@@ -251,13 +251,13 @@ def docs_hold_answer(documents: Iterable[object], golds: object) -> bool:
     >>> docs_hold_answer([{"title": "Jaws", "text": "Directed by Steven Spielberg."}], ["Steven Spielberg"])
     True
     """
-    texts = []
-    for d in documents or []:
-        if isinstance(d, dict):
-            texts += [d.get("title") or "", d.get("text") or ""]
-        else:
-            texts += [getattr(d, "title", "") or "", getattr(d, "text", "") or ""]
-    return find_answer(texts, golds) is not None
+    return find_answer([x for d in documents or [] for x in _title_text(d)], golds) is not None
+
+
+def _title_text(doc: object) -> tuple[str, str]:
+    """A document's (title, text), from a dict or an object with those attributes."""
+    get = doc.get if isinstance(doc, dict) else (lambda k: getattr(doc, k, ""))
+    return get("title") or "", get("text") or ""
 
 
 def yes_no(golds: object) -> bool:
@@ -319,8 +319,7 @@ def search_records(searches: Iterable[dict], golds: object, question: str | None
         seen.add(key)
         if read is not None:
             for d in s["documents"] or []:
-                get = d.get if isinstance(d, dict) else (lambda k, d=d: getattr(d, k, ""))
-                read.update(content_words(f"{get('title') or ''} {get('text') or ''}"))
+                read.update(content_words(" ".join(_title_text(d))))
     return records
 
 
