@@ -119,7 +119,7 @@ def test_generate_batch_samples_with_the_same_rule(tiny_model_dir, tok):
 
 
 def test_a_line_past_its_word_cap_is_broken(tiny_model_dir):
-    """line_words=(w, count): once count(current line) exceeds w, the next token is a line break.
+    """too_long(line): once it holds for the current line, the next token is a line break.
     A tiny random model writes long lines; capped, no line holds more than w + 1 words (the token
     that showed the line was long starts one more)."""
     import torch
@@ -129,17 +129,17 @@ def test_a_line_past_its_word_cap_is_broken(tiny_model_dir):
     model, tok = load_model(str(tiny_model_dir))
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in ("Query: alpha beta", "x y z")]
 
-    def lines(cap=None):
+    def lines(too_long=None):
         torch.manual_seed(0)
-        gens = generate_batch(model, tok, ids, 40, sampling=Sampling(2.0), no_repeat=0, line_words=cap)
+        gens = generate_batch(model, tok, ids, 40, sampling=Sampling(2.0), no_repeat=0, too_long=too_long)
         return [line for g in gens for line in g.text.split("\n")]
 
     words = lambda line: len(line.split())  # noqa: E731
     assert max(map(words, lines())) > 4  # uncapped, some line runs on
-    capped = lines((3, words))
+    capped = lines(lambda line: words(line) > 3)
     assert len(capped) > 2 and max(map(words, capped)) <= 4
-    # the count decides what a word is: counting nothing breaks nothing
-    assert lines((3, lambda line: 0)) == lines()
+    # the predicate decides: a line never too long is never broken
+    assert lines(lambda line: False) == lines()
 
 
 def test_left_pad_right_aligns_every_row():

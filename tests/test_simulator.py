@@ -110,11 +110,12 @@ def test_documents_end_at_the_words_the_simulator_was_trained_on(tiny, monkeypat
     script_model(model, tok, {SAMPLES[0][1]: [reply, reply]})  # one per search
     caps = []
     generate = sim.generate_batch
-    monkeypatch.setattr(sim, "generate_batch", lambda *a, **kw: caps.append(kw["line_words"]) or generate(*a, **kw))
+    monkeypatch.setattr(sim, "generate_batch", lambda *a, **kw: caps.append(kw["too_long"]) or generate(*a, **kw))
     engine = _engine(tiny, max_new_tokens=200)
     engine.doc_words = 4
     r = engine.search([SAMPLES[0][0]], k=2, contexts=_contexts()[:1])[0]
-    assert caps == [(4, prompts.line_words)]
+    (too_long,) = caps  # four words of document text fit, a fifth does not
+    assert not too_long("Doc 1: (Peru) Lima is the capital") and too_long("Doc 1: (Peru) Lima is the capital city")
     assert [d.text for d in r.docs] == ["Lima is the capital", "High mountains."]
     assert r.text == "Doc 1: (Peru) Lima is the capital\nDoc 2: (Andes) High mountains."
     engine.doc_words = 0  # not recorded: documents as written

@@ -165,22 +165,21 @@ class LineBreaks:
 
 
 class EndLongLines:
-    """Logits processor: a row whose current line already holds more than `words` words (as `count`
-    reads a line) must break the line next. A simulator trained on documents of `words` words still
-    runs on past them now and then, and a batch decodes as many steps as its longest reply; what a
-    line holds past its `words`-th word is cut anyway (its first token, the one that showed the line
-    was long, included)."""
+    """Logits processor: a row whose current line `too_long(line)` must break the line next. A
+    simulator trained on documents of N words still runs on past them now and then, and a batch
+    decodes as many steps as its longest reply; what a line holds past its N-th word is cut anyway
+    (its first token, the one that showed the line was long, included)."""
 
-    def __init__(self, tok, words: int, count, start: int):
+    def __init__(self, tok, too_long: Callable[[str], bool], start: int):
         nl = tok.encode("\n", add_special_tokens=False)
-        self.tok, self.words, self.count, self.start = tok, words, count, start
+        self.tok, self.too_long, self.start = tok, too_long, start
         self.newline = nl[0] if len(nl) == 1 else None  # a tokenizer that spells it in pieces: no cap
 
     def __call__(self, input_ids, scores):
         if self.newline is None:
             return scores
         for r, text in enumerate(self.tok.batch_decode(input_ids[:, self.start:].tolist())):
-            if self.count(text.rsplit("\n", 1)[-1]) > self.words:
+            if self.too_long(text.rsplit("\n", 1)[-1]):
                 scores[r] = float("-inf")
                 scores[r, self.newline] = 0.0
         return scores
@@ -270,11 +269,11 @@ class NoRepeatInCompletion:
 def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int, *,
                    sampling: Sampling | list[Sampling] = Sampling(), stop: list[str] | None = None,
                    no_repeat: int = NO_REPEAT_NGRAM, lines: int = 0,
-                   line_words: tuple[int, Callable[[str], int]] | None = None) -> list[Generation]:
+                   too_long: Callable[[str], bool] | None = None) -> list[Generation]:
     """ONE left-padded `generate` over all prompts; each row's new text, cut at `stop` and, with
     `lines`, ended and cut at its `lines`-th line break; no n-gram of `no_repeat` tokens repeats within
-    a completion (0: no ban). `sampling` may give each row its own setting. `line_words` = (words,
-    count): a line is broken once `count(line)` exceeds `words` (EndLongLines)."""
+    a completion (0: no ban). `sampling` may give each row its own setting. With `too_long`, a line
+    for which it holds is broken there (EndLongLines)."""
     import torch
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -285,7 +284,7 @@ def generate_batch(model, tok, prompt_ids: list[list[int]], max_new_tokens: int,
     # greedy as far as `generate` knows (None silences "flag not valid without sampling" warnings
     # from model defaults); a sampled draw is made by PickWith, the last processor
     processors = [NoRepeatInCompletion(no_repeat, width)] if no_repeat > 0 else []
-    processors += [EndLongLines(tok, *line_words, width)] if line_words and line_words[0] else []
+    processors += [EndLongLines(tok, too_long, width)] if too_long else []
     greedy = sampling.greedy if isinstance(sampling, Sampling) else all(s.greedy for s in sampling)
     processors += [] if greedy else [PickWith(sampling)]
     kw = dict(max_new_tokens=max(1, int(max_new_tokens)), pad_token_id=pad, do_sample=False, temperature=None,

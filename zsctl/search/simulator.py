@@ -381,6 +381,9 @@ class SimulatorEngine(_Simulated):
     def draws_ahead(self, rows: int) -> bool:
         return rows <= DRAW_AHEAD_ROWS
 
+    def _too_long(self, line: str) -> bool:
+        return prompts.line_words(line) > self.doc_words
+
     def encode(self, model_input: str) -> list[int]:
         if self.chat_system is not None and getattr(self.tok, "chat_template", None):
             return self.tok(model_input, add_special_tokens=False)["input_ids"]  # the template has them
@@ -393,7 +396,7 @@ class SimulatorEngine(_Simulated):
             self.generate_calls += 1
             gens = generate_batch(self.model, self.tok, ids, max_new_tokens, sampling=sampling, stop=stop,
                                   no_repeat=NO_REPEAT_NGRAM if self.no_repeat is None else self.no_repeat,
-                                  lines=lines, line_words=(self.doc_words, prompts.line_words) if lines else None)
+                                  lines=lines, too_long=self._too_long if lines and self.doc_words else None)
             self.generated_tokens += sum(g.tokens for g in gens)
         return [g.text for g in gens]
 
