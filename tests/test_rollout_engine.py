@@ -362,3 +362,53 @@ def test_bf16_follows_the_cpu_unless_told(monkeypatch, tiny_model_dir):
     monkeypatch.setenv("ZSCTL_BF16", "yes")
     with pytest.raises(BadInput, match="ZSCTL_BF16"):
         use_bf16("cpu")
+
+
+def test_decode_attention_gives_sdpas_logits_and_tokens(varied, monkeypatch):
+    """On a CPU, load_model has decode steps (one new token per row) use the plain-matmul attention
+    instead of SDPA: the same logits (float32) with and without padded rows, no SDPA call in a decode
+    step, SDPA still for longer inputs, and greedy rollouts token for token those of SDPA."""
+    from transformers import DynamicCache
+
+    from zsctl.core.models import DECODE_ATTENTION
+
+    model, tok = varied
+    assert model.config._attn_implementation == DECODE_ATTENTION
+    sdpa_calls = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: sdpa_calls.append(1) or real_sdpa(*a, **k))
+
+    def steps(impl: str, ids, mask):
+        """The logits of a prefill and of three decode steps, and the SDPA calls those steps made."""
+        model.config._attn_implementation = impl
+        cache, out = DynamicCache(config=model.config), []
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+            out.append(logits)
+            n = len(sdpa_calls)
+            for _ in range(3):
+                mask = torch.cat([mask, mask.new_ones((len(ids), 1))], dim=1)
+                nxt = logits.argmax(-1, keepdim=True)
+                logits = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]
+                out.append(logits)
+        return torch.stack(out), len(sdpa_calls) - n
+
+    try:
+        padded = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])  # row 0 left-padded
+        for ids, mask in ((padded, (padded > 0).long()), (padded[1:], torch.ones((1, 6), dtype=torch.long))):
+            n0 = len(sdpa_calls)
+            want, sdpa_in_steps = steps("sdpa", ids, mask)
+            assert sdpa_in_steps > 0
+            got, fast_in_steps = steps(DECODE_ATTENTION, ids, mask)
+            assert fast_in_steps == 0 and len(sdpa_calls) - n0 > sdpa_in_steps  # its prefill still took SDPA
+            assert torch.allclose(got, want, atol=1e-5)
+        cfg = AgentConfig(max_turns=2, max_new_tokens=20, max_response_tokens=100_000)
+        prompt_ids = AgentLoop(model, tok, NoSearch(), cfg).encode_prompts(QUESTIONS)
+        model.config._attn_implementation = "sdpa"
+        want = AgentLoop(model, tok, NoSearch(), cfg).run(prompt_ids)
+        model.config._attn_implementation = DECODE_ATTENTION
+        got = AgentLoop(model, tok, NoSearch(), cfg).run(prompt_ids)
+        assert [t.response_ids for t in got] == [t.response_ids for t in want]
+    finally:
+        model.config._attn_implementation = DECODE_ATTENTION

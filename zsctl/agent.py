@@ -16,7 +16,9 @@ batching wasted most of the work on a CPU:
 - a trajectory keeps its keys/values between rounds, so a round prefills only what was inserted
   since (documents, notes), not the whole context again;
 - rows whose inserted tokens differ in length prefill in groups of similar length (one padded pass
-  at the longest computed ~1.5x the real tokens), then decode as one batch.
+  at the longest computed ~1.5x the real tokens), then decode as one batch;
+- on a CPU, a decode step's attention is two plain matmuls, not SDPA (`models.fast_decode`, which
+  load_model sets up: much faster at 8 and more rows).
 Greedy outputs equal batched `generate`'s token for token (tests/test_agent.py keeps the reference).
 Another backend (e.g. vLLM) plugs in as `generate_fn`.
 """
