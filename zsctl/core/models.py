@@ -257,11 +257,10 @@ def inference_copy(model):
     return twin.to(torch.bfloat16).eval()
 
 
-# A decode step (one new token per row) on a CPU spends much of its time in attention, and SDPA is
-# slow there: measured (SmolLM2-135M, bf16, one thread, 8 rows): a step 139 ms with SDPA against
-# 88 ms with plain matmuls at 300 cached tokens, 228 against 132 at 600 (SDPA's grouped-query path,
-# which HF takes when no row is padded); an agent rollout of 8 questions with BM25 spent 9.6 s
-# decoding with SDPA and 6.7 s with `_decode_attention`. Longer queries (prefill, training) keep SDPA.
+# SDPA's CPU kernel is slow for a grouped-query decode step when no row is padded (transformers then
+# passes no mask and asks for its GQA path): measured (SmolLM2-135M, bf16, one thread, 8 rows,
+# bench/decode_attention.py) 140 ms a step against 70 with plain matmuls at 300 cached tokens, 223
+# against 80 at 600; with a padded row 73 against 70. Longer queries (prefill, training) keep SDPA.
 DECODE_ATTENTION = "zsctl_decode"
 
 
