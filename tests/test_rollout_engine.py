@@ -364,16 +364,21 @@ def test_bf16_follows_the_cpu_unless_told(monkeypatch, tiny_model_dir):
         use_bf16("cpu")
 
 
-def test_decode_attention_gives_sdpas_logits_and_tokens(varied, monkeypatch):
+def test_decode_attention_gives_sdpas_logits_and_tokens(varied, monkeypatch, tmp_path):
     """On a CPU, load_model has decode steps (one new token per row) use the plain-matmul attention
     instead of SDPA: the same logits (float32) with and without padded rows, no SDPA call in a decode
-    step, SDPA still for longer inputs, and greedy rollouts token for token those of SDPA."""
+    step, SDPA still for longer inputs, and greedy rollouts token for token those of SDPA. A saved
+    model does not carry the choice (another process loads it with its own default)."""
+    import json
+
     from transformers import DynamicCache
 
     from zsctl.core.models import DECODE_ATTENTION
 
     model, tok = varied
     assert model.config._attn_implementation == DECODE_ATTENTION
+    model.save_pretrained(tmp_path)
+    assert DECODE_ATTENTION not in json.dumps(json.loads((tmp_path / "config.json").read_text()))
     sdpa_calls = []
     real_sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
