@@ -18,7 +18,7 @@ batching wasted most of the work on a CPU:
 - rows whose inserted tokens differ in length prefill in groups of similar length (one padded pass
   at the longest computed ~1.5x the real tokens), then decode as one batch;
 - on a CPU, a decode step's attention is two plain matmuls, not SDPA (`models.fast_decode`, which
-  load_model sets up: much faster at 8 and more rows).
+  load_model sets up: SDPA is slow there for a batch with no padded row).
 Greedy outputs equal batched `generate`'s token for token (tests/test_agent.py keeps the reference).
 Another backend (e.g. vLLM) plugs in as `generate_fn`.
 """
