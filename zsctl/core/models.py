@@ -267,22 +267,21 @@ DECODE_ATTENTION = "zsctl_decode"
 def _decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
     """Attention for one new token per row: each key/value head's query heads as one matrix, its
     scores in float32, no copy of the keys per query head; anything else goes to SDPA unchanged."""
+    import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     b, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     plain = all(kw.get(k) is None for k in ("softcap", "s_aux", "position_bias", "sinks"))
-    mask = attention_mask
+    mask = attention_mask  # sdpa_mask's: None, or [b, 1, 1, keys], True where a row may attend
     if (q_len != 1 or module.training or not plain or heads % kv_heads
-            or (mask is not None and (mask.dim() != 4 or mask.shape[1] != 1))):
+            or (mask is not None and (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1))):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kw)
-    import torch
-
     q = query.reshape(b, kv_heads, heads // kv_heads, dim)  # query head i reads key/value head i // groups
     scores = torch.matmul(q, key.transpose(2, 3)).float() * (scaling if scaling is not None else dim ** -0.5)
-    if mask is not None:  # [b, 1, 1, keys]: True (bool) or 0 (float) where a row may attend
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
     return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
 
