@@ -7,8 +7,9 @@
 #   → eval of base / warm start / RL with the REAL engine on held-apart questions → report.
 # Training stages only read the training split of the bundled benchmarks; every eval and check-sim
 # reads the evaluation split (no question is in both).
-# Independent stages run two at a time (warmup beside train-sim; check-sim and the base and
-# warm-start evals beside rl), one torch thread each.
+# Independent stages run two at a time, one torch thread each: warmup beside train-sim, then beside
+# warmup and rl the checks that need only the simulator or the warm start (check-sim, the base and
+# warm-start evals).
 # Hardware: 2 CPU cores, 8 GB RAM. Expected time: see the README for the measured figure (set-up not
 # included). Everything is under $RUN (stage logs of the parallel parts in $RUN/logs); rerunning
 # overwrites it. Knobs (environment): RUN (output folder), MODEL, the sizes below, ZSCTL_THREADS (for
@@ -61,6 +62,13 @@ join() {  # NAME: wait for it and show its output; a failed stage stops the demo
   if ! wait "${!pid_var}"; then
     tail -n 40 "$LOGS/$1.log" >&2
     echo "demo: $1 failed; full output in $LOGS/$1.log" >&2
+    local p
+    for p in $(jobs -p); do  # and the stages beside it: paused first, so that it starts nothing more
+      kill -STOP "$p" 2>/dev/null || true
+      pkill -P "$p" 2>/dev/null || true
+      kill -TERM "$p" 2>/dev/null || true
+      kill -CONT "$p" 2>/dev/null || true
+    done
     exit 1
   fi
   cat "$LOGS/$1.log"
@@ -82,7 +90,20 @@ step "4/8 simulator corpus: a useful and a noisy row from ONE real search (same 
 zsctl build-sft --trajectories "$RUN/question_searches" --search "$SEARCH" --out "$RUN/sim_sft" --label docs \
   --pairs-per-search 3 --topk "$TOPK" --max-doc-words "$DOC_WORDS" $Q
 
-step "5/8 warmup of the policy (<information> tokens get no loss) | train-sim (LoRA)"
+evaluate() {  # NAME MODEL: with the REAL engine, on held-apart questions. All of them in one batch:
+  # 40 questions as 4 batches of 12 took 55 s on 2 threads, as one batch 30 s (same scores)
+  zsctl eval --bench "$EVAL" --policy "$2" --search "$SEARCH" --out "$RUN/eval_$1" --limit "$N_EVAL" \
+    --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --max-doc-words "$DOC_WORDS" --batch-size 64 $Q
+}
+checks() {  # what rl does not wait for: the simulator's check, then the evaluations before RL
+  zsctl check-sim --search "sim:$RUN/simulator?verify=$VERIFY" --questions "$EVAL" --limit "$N_CHECK" --topk "$TOPK" \
+    --out "$RUN/check_sim" --vs "$SEARCH" $Q &&
+  evaluate base "$MODEL" &&
+  while kill -0 "$pid_warmup" 2>/dev/null; do sleep 2; done &&  # the warm start is still training
+  evaluate warmup "$RUN/warmup"
+}
+
+step "5/8 warmup of the policy (<information> tokens get no loss) | train-sim (LoRA), then check-sim on held-apart queries (verify=$VERIFY) and eval of the base model with the REAL engine"
 # One row per forward pass, the rows of a step accumulated: the same rows and loss per optimizer step
 # as 2 x 2 and 4 x 2, with no padding computed (6 steps side by side, one thread each: 0.85x the
 # time for both, same losses; in the demo 0.91x for both).
@@ -90,20 +111,13 @@ bg warmup zsctl warmup --data "$RUN/policy_sft" --policy "$MODEL" --out "$RUN/wa
   --batch-size 1 --grad-accum 4 --max-length 512 --lr 5e-4 --val-limit 8 $Q
 bg simulator zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$SIM_STEPS" \
   --batch-size 1 --grad-accum 8 --max-length 256 --lr 5e-4 --val-limit 8 $Q
-join warmup
 join simulator
+# train-sim ends first (~1 minute before warmup in the demo): its core goes on to the checks at once
+# (they evaluate the warm start once warmup has ended), not idle until both have finished
+bg checks checks
+join warmup
 
-evaluate() {  # NAME MODEL: with the REAL engine, on held-apart questions
-  zsctl eval --bench "$EVAL" --policy "$2" --search "$SEARCH" --out "$RUN/eval_$1" --limit "$N_EVAL" \
-    --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --max-doc-words "$DOC_WORDS" --batch-size 12 $Q
-}
-step "6/8 rl: GRPO with the simulated engine (verified replies) and the noise curriculum | check-sim on held-apart queries (verify=$VERIFY), eval of base and warm start with the REAL engine on held-apart questions"
-beside_rl() {  # what rl does not wait for: the simulator's check and the evaluations before RL
-  zsctl check-sim --search "sim:$RUN/simulator?verify=$VERIFY" --questions "$EVAL" --limit "$N_CHECK" --topk "$TOPK" \
-    --out "$RUN/check_sim" --vs "$SEARCH" $Q &&
-  evaluate base "$MODEL" && evaluate warmup "$RUN/warmup"
-}
-bg beside beside_rl
+step "6/8 rl: GRPO with the simulated engine (verified replies) and the noise curriculum | the checks, then eval of the warm start with the REAL engine on held-apart questions"
 # rollouts on one thread (a second slows the simulator's small batches); the loss on the cores the
 # jobs beside it leave free: one while they run, two once they are done (~1.7x faster loss).
 # --beta 0 (no KL term; TRL's default): at rl's default 0.001 the term was below 4e-6 in all 8 steps,
@@ -118,7 +132,7 @@ zsctl rl --threads auto --beta 0 --open-only --policy "$RUN/warmup" --search "si
   --train "$RL_TRAIN" --out "$RUN/policy" --steps "$RL_STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 \
   --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --max-doc-words "$DOC_WORDS" --noise-start 0 --noise-end 0.5 \
   --reward f1+format $Q
-join beside
+join checks
 
 step "7/8 eval of the RL policy with the REAL engine on the same held-apart questions"
 evaluate policy "$RUN/policy"

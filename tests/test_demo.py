@@ -55,3 +55,30 @@ def test_tiny_demo_end_to_end(tmp_path, tiny_model_dir):
     # the report prints the before/after table: every evaluated policy on the held-apart questions
     assert "Evaluation with the real engine" in p.stdout
     assert all(f"eval_{name}" in p.stdout for name in ("base", "warmup", "policy"))
+
+
+def _running(marker: str) -> list[str]:
+    """Command lines of this machine's processes that mention `marker`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended meanwhile
+            continue
+        if marker in text:
+            found.append(text)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+def test_demo_stops_the_stages_beside_a_failed_one(tmp_path, tiny_model_dir):
+    # warmup fails (bad input) while the simulator's checks run beside it: the demo stops, and so do they
+    run = tmp_path / "demo"
+    env = _env(RUN=run, MODEL=tiny_model_dir, QUIET=1, WARM_STEPS=-1, SIM_STEPS=2, VERIFY=1, RL_STEPS=2, N_CHECK=4,
+               N_EVAL=3, EVAL="bamboogle", ZSCTL_CACHE_DIR=tmp_path / "cache")
+    p = subprocess.run(["bash", str(ROOT / "pipelines" / "demo.sh")], env=env, capture_output=True, text=True,
+                       cwd=ROOT, timeout=900)
+    assert p.returncode == 1, (p.stdout[-3000:], p.stderr[-3000:])
+    assert "--max-steps -1" in p.stderr and "demo: warmup failed" in p.stderr
+    assert (run / "simulator").is_dir() and not (run / "policy").exists()
+    assert _running(str(run)) == []
