@@ -118,8 +118,8 @@ bg checks checks
 join warmup
 
 step "6/8 rl: GRPO with the simulated engine (verified replies) and the noise curriculum | the checks, then eval of the warm start with the REAL engine on held-apart questions"
-# rollouts on one thread (a second slows the simulator's small batches); the loss on the cores the
-# jobs beside it leave free: one while they run, two once they are done (~1.7x faster loss).
+# --threads auto: rollouts and loss on the cores the jobs beside rl leave free, one while they run,
+# two once they are done (~1.4x faster rollouts, ~1.7x faster loss)
 # --beta 0 (no KL term; TRL's default): at rl's default 0.001 the term was below 4e-6 in all 8 steps,
 # while the reference model's forward pass took a third of the loss time.
 # --open-only: without it RL learned to answer comparisons with the first name in the question

@@ -264,6 +264,12 @@ def test_threads_option_reaches_torch_and_bad_counts_exit_2(monkeypatch):
     env = {k: v for k, v in os.environ.items() if k not in ("ZSCTL_THREADS", "OMP_WAIT_POLICY")}
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     assert res.stdout.split() == ["PASSIVE", "2", "2"]
+    # auto: threads that spin a little before sleeping (it takes one thread when the cores are busy)
+    probe = ("import os; from zsctl.core.models import set_threads; set_threads('auto'); import torch; "
+             "print(os.environ.get('OMP_WAIT_POLICY'), os.environ['GOMP_SPINCOUNT'], torch.get_num_threads())")
+    env.pop("GOMP_SPINCOUNT", None)
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert res.stdout.split() == ["None", "10000", "1"]
 
 
 def test_auto_threads_take_the_cores_others_leave_free(monkeypatch):
@@ -293,7 +299,6 @@ def test_auto_threads_take_the_cores_others_leave_free(monkeypatch):
         assert torch.get_num_threads() == 1 and os.environ["ZSCTL_THREADS"] == "auto"
         time.sleep(1.5)
         assert models.adapt_threads() == 1 and torch.get_num_threads() == 1
-        assert models.adapt_threads(generation=True) == 1
     finally:
         for p in spin:
             p.kill()

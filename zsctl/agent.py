@@ -171,7 +171,7 @@ class AgentLoop:
         """Roll out every prompt; `contexts[i]` goes with every search of sample i (simulators need it),
         `noise` with every search (a simulator's useful/noisy draw; None = the engine's own)."""
         cfg = self.cfg
-        adapt_threads(generation=True)  # --threads auto: one thread while rolling out
+        adapt_threads()  # --threads auto: the cores others leave free
         trajs = [Trajectory(prompt_ids=list(p)) for p in prompt_ids]
         caches: dict[int, _RowCache] = {}  # HF backend: each live trajectory's keys/values
         with_logprobs = True

@@ -23,6 +23,14 @@ BF16_ENV = "ZSCTL_BF16"
 
 
 AUTO_THREADS = "auto"
+# With --threads auto, OpenMP threads spin this many rounds waiting for work, then sleep: long enough
+# to bridge the gaps between the many small parallel regions of a decode step, short enough to give
+# the core back soon. Measured (2 idle cores, SmolLM2-135M, 8 agent rollouts + a simulator call of 4
+# searches, `/proc/loadavg` 0.9-1.6): 2 threads at 10,000 took 6.6-6.8 + 8.4-8.7 s, at 1,000
+# 8.1 + 9.8-10.0, at 100,000 7.0-7.2 + 8.8-9.0; 2 sleeping threads 9.2 + 11.4-11.9; 1 thread 9.4-9.6 + 11.6-11.8.
+# Beside a CPU-bound process, 2 threads at 10,000 took 3x longer (29.5-34.2 + 38.4-39.6 s) and 1
+# thread the same as alone: hence only with auto, which takes one thread when the cores are busy.
+AUTO_SPINCOUNT = "10000"
 
 
 def set_threads(n: int | str | None = None) -> None:
@@ -40,12 +48,16 @@ def set_threads(n: int | str | None = None) -> None:
     import sys
 
     global _auto
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     raw = n if n is not None else os.environ.get(THREADS_ENV) or os.environ.get("OMP_NUM_THREADS")
+    auto = raw is not None and str(raw).strip().lower() == AUTO_THREADS
+    if auto:  # a short spin: auto drops to one thread (where spinning does nothing) when others need the cores
+        os.environ.setdefault("GOMP_SPINCOUNT", AUTO_SPINCOUNT)
+    else:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if raw is None or raw == "":
         return
     _auto = None
-    if str(raw).strip().lower() == AUTO_THREADS:
+    if auto:
         _auto = _AutoThreads()
         os.environ[THREADS_ENV] = AUTO_THREADS  # a stage's worker processes adapt too
         n = 1  # nothing measured yet: the polite choice on a shared machine
@@ -61,17 +73,15 @@ def set_threads(n: int | str | None = None) -> None:
         sys.modules["torch"].set_num_threads(n)
 
 
-def adapt_threads(generation: bool = False) -> int | None:
+def adapt_threads() -> int | None:
     """With `--threads auto`, set torch's thread count for what comes next and return it (else
-    None): one thread for `generation` (a rollout, a simulator's replies), otherwise the cores other
-    processes left free since the last call. `AgentLoop.run` calls it before rolling out; rl again
-    before its loss, so the count follows jobs that start and finish beside us."""
+    None): the cores other processes left free since the last call. `AgentLoop.run` calls it before
+    rolling out; rl again before its loss, so the count follows jobs that start and finish beside us."""
     import torch
 
     if _auto is None:
         return None
-    free = _auto.choose()  # also starts the interval the next call measures
-    n = 1 if generation else free
+    n = _auto.choose()  # also starts the interval the next call measures
     if n != torch.get_num_threads():
         torch.set_num_threads(n)
     return n
@@ -82,11 +92,11 @@ class _AutoThreads:
 
     Why, measured on 2 cores with SmolLM2-135M: on idle cores a second thread makes a loss step
     ~1.7x faster (2.0-2.2 vs 3.3-3.7 s, forward and backward over 2x400 tokens), while beside
-    another CPU-bound job it mostly waits for a core. Generation is the other way round: a
-    simulator call of 8 replies took 9.0-9.9 s with two sleeping threads against 7.1 s with one
-    (a small batch's many small steps each pay to wake the second thread), so generation keeps one.
-    The demo's rl runs next to jobs that finish part way through it: a fixed count is wrong for
-    one of the two phases. Others' use = busy time of the cores we may run on (/proc/stat, Linux)
+    another CPU-bound job it mostly waits for a core. Generation (rollouts, a simulator's replies)
+    gains as much only from threads that spin a little between its many small steps
+    (AUTO_SPINCOUNT); sleeping, a second thread cost a simulator call more than it saved. The
+    demo's rl runs next to jobs that finish part way through it: a fixed count is wrong for one of
+    the two phases. Others' use = busy time of the cores we may run on (/proc/stat, Linux)
     minus this process's own CPU time; where /proc/stat is missing, the 1-minute load average
     minus our own threads stands in (it lags by about a minute); with neither, one thread.
     """
