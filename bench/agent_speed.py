@@ -16,7 +16,7 @@ the static-batched decoder spent about 1.9) and the same rollouts through that s
 (tests/test_rollout_engine.py keeps it as the reference), for a before/after in the same run.
 
     python bench/agent_speed.py                  # warm policy, batch 16, 3 repeats
-    python bench/agent_speed.py --threads-sweep  # 1 or 2 threads, spinning or sleeping, quiet or not
+    python bench/agent_speed.py --threads-sweep  # 1 or 2 threads, spinning, sleeping or between, quiet or not
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--no-static", action="store_true", help="skip the static-batched decoder")
     ap.add_argument("--agent-only", action="store_true", help="time only the agent loop (what the sweep runs)")
     ap.add_argument("--threads-sweep", action="store_true",
-                    help="only the agent loop at 1 and 2 threads, OpenMP threads spinning or sleeping, "
+                    help="only the agent loop at 1 and 2 threads, OpenMP threads spinning, sleeping or between, "
                          "quiet and beside a CPU-bound process (each setting in a fresh process)")
     args = ap.parse_args()
     if args.threads_sweep:
@@ -167,15 +167,24 @@ def main() -> None:
     print(json.dumps(result))
 
 
+# OpenMP's idle threads: spinning (libgomp's ACTIVE), sleeping at once (zsctl's default for a fixed
+# thread count), or spinning a short while first (what --threads auto sets)
+WAIT_SETTINGS = {
+    "spin": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "sleep": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "short_spin": {"GOMP_SPINCOUNT": "10000"},
+}
+
+
 def sweep(args) -> None:
-    """The agent loop at 1 and 2 threads with OpenMP's idle threads spinning (its default) or
-    sleeping (zsctl's), quiet and then beside a CPU-bound process; a fresh process per setting,
-    since the wait policy is read once, when torch loads."""
+    """The agent loop at 1 and 2 threads for each of WAIT_SETTINGS, quiet and then beside a
+    CPU-bound process; a fresh process per setting, since the wait policy is read once, when torch
+    loads."""
     rows = []
     for competing in (False, True):
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if competing else None
         try:
-            for policy in ("ACTIVE", "PASSIVE"):
+            for wait, env in WAIT_SETTINGS.items():
                 for n in (1, 2):
                     cmd = [
                         sys.executable,
@@ -194,9 +203,10 @@ def sweep(args) -> None:
                     ]
                     if args.policy:
                         cmd += ["--policy", args.policy]
-                    out = subprocess.run(cmd, env={**os.environ, "OMP_WAIT_POLICY": policy}, capture_output=True,
-                                         text=True, check=True).stdout
-                    rows.append({**json.loads(out.strip().splitlines()[-1]), "competing_process": competing})
+                    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                    out = subprocess.run(cmd, env={**base, **env}, capture_output=True, text=True, check=True).stdout
+                    row = json.loads(out.strip().splitlines()[-1])
+                    rows.append({**row, "wait": wait, "competing_process": competing})
                     print(json.dumps(rows[-1]), file=sys.stderr)
         finally:
             if spinner:
