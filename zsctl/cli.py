@@ -54,7 +54,8 @@ def _root(
     threads: Optional[str] = typer.Option(
         None, "--threads", help="CPU threads for torch, in any position (default $ZSCTL_THREADS, else "
         "$OMP_NUM_THREADS, else one per core); idle threads sleep, so a shared machine stays fast. 'auto': "
-        "one thread, except rl's loss, which takes the cores other processes leave free, chosen each step."),
+        "rollouts and rl's loss take the cores other processes leave free, chosen each time, their threads "
+        "spinning briefly before they sleep."),
 ):
     _state.update(debug=debug, dry_run=dry_run)
     from zsctl.core.models import set_threads

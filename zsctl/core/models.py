@@ -25,18 +25,18 @@ BF16_ENV = "ZSCTL_BF16"
 AUTO_THREADS = "auto"
 # With --threads auto, OpenMP threads spin this many rounds waiting for work, then sleep: long enough
 # to bridge the gaps between the many small parallel regions of a decode step, short enough to give
-# the core back soon. Measured (2 idle cores, SmolLM2-135M, 8 agent rollouts + a simulator call of 4
-# searches, `/proc/loadavg` 0.9-1.6): 2 threads at 10,000 took 6.6-6.8 + 8.4-8.7 s, at 1,000
-# 8.1 + 9.8-10.0, at 100,000 7.0-7.2 + 8.8-9.0; 2 sleeping threads 9.2 + 11.4-11.9; 1 thread 9.4-9.6 + 11.6-11.8.
-# Beside a CPU-bound process, 2 threads at 10,000 took 3x longer (29.5-34.2 + 38.4-39.6 s) and 1
-# thread the same as alone: hence only with auto, which takes one thread when the cores are busy.
+# the core back soon. `bench/agent_speed.py --threads-sweep` on 2 cores (SmolLM2-135M): the agent
+# loop at 85-93 policy tokens/s on 2 such threads, 74-80 spinning, 52 sleeping at once, 52-58 on
+# one thread; beside a CPU-bound process 21 on 2 such threads against 61 on one: hence only with
+# auto, which takes one thread (that waits for no other) when others hold the cores.
 AUTO_SPINCOUNT = "10000"
 
 
 def set_threads(n: int | str | None = None) -> None:
     """How torch uses the CPU: `n` threads, else $ZSCTL_THREADS, else $OMP_NUM_THREADS, else torch's
     default (one per physical core); idle threads sleep instead of spinning. `auto`: one thread, and
-    where `adapt_threads` is called (rl, before its loss) the cores other processes leave free.
+    where `adapt_threads` is called (before a rollout, before rl's loss) the cores other processes
+    leave free, with threads that spin briefly before they sleep (AUTO_SPINCOUNT).
 
     Spinning is OpenMP's default, and on a shared machine it is what hurts: a thread that spins
     at a barrier takes the core its partner needs. Measured on 2 cores at load 6-8 (others'
