@@ -99,6 +99,7 @@ def main() -> None:
             rates.append(loop.generated_tokens / s)
             loads.append(load())
         print(json.dumps({"threads": threads, "wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                          "spincount": os.environ.get("GOMP_SPINCOUNT"),  # when set, libgomp spins this long
                           "agent_tok_s": [round(r, 1) for r in rates], "load_1min": loads}))
         return
 
