@@ -26,6 +26,7 @@ N_EVAL=${N_EVAL:-100}                 # per benchmark: 3 x 100 = 300 questions b
 TOPK=${TOPK:-2}
 MAX_TURNS=${MAX_TURNS:-3}             # searches per trajectory (one more round answers)
 DOC_WORDS=${DOC_WORDS:-30}            # words per document in RL and eval: what the demo's warm start read
+ROUND_TOKENS=${ROUND_TOKENS:-64}      # tokens per generation round in RL and eval (as the demo; 48 cut long queries)
 SEED=${SEED:-0}
 RL_EXTRA=${RL_EXTRA:-}                # more rl options for both RL arms, e.g. "--open-only" (as the demo)
 Q=${QUIET:+--quiet}
@@ -37,7 +38,7 @@ mkdir -p "$RUN"
 t0=$(date +%s)
 REAL="bm25:$FROM/index"
 RL_OPTS=(--policy "$FROM/warmup" --train "$TRAIN" --steps "$STEPS" --batch-size 8 --grad-accum 4 --group-size 4
-         --lr 2e-4 --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --max-doc-words "$DOC_WORDS"
+         --lr 2e-4 --max-turns "$MAX_TURNS" --max-new-tokens "$ROUND_TOKENS" --topk "$TOPK" --max-doc-words "$DOC_WORDS"
          --reward f1+format --seed "$SEED" $Q
          $RL_EXTRA)
 
@@ -47,7 +48,7 @@ RL_OPTS=(--policy "$FROM/warmup" --train "$TRAIN" --steps "$STEPS" --batch-size 
 export ZSCTL_THREADS=${ZSCTL_THREADS:-1}
 evaluate() {  # arm model
   zsctl eval --bench "$EVAL" --policy "$2" --search "$REAL" --out "$RUN/eval_$1" --limit "$N_EVAL" \
-    --max-turns "$MAX_TURNS" --max-new-tokens 48 --topk "$TOPK" --max-doc-words "$DOC_WORDS" --batch-size 16 \
+    --max-turns "$MAX_TURNS" --max-new-tokens "$ROUND_TOKENS" --topk "$TOPK" --max-doc-words "$DOC_WORDS" --batch-size 16 \
     --seed "$SEED" $Q \
     > "$RUN/eval_$1.log" 2>&1 || { echo "compare_cpu: eval of $1 failed; see $RUN/eval_$1.log" >&2; return 1; }
   echo "== eval $1 with the real engine done  [$(( $(date +%s) - t0 )) s]"

@@ -20,6 +20,7 @@ EVAL=${EVAL:-hotpotqa}
 STEPS=${STEPS:-50}
 N_EVAL=${N_EVAL:-100}
 TOPK=${TOPK:-2}
+ROUND_TOKENS=${ROUND_TOKENS:-64}      # tokens per generation round in RL and eval (as the demo; 48 cut long queries)
 Q=${QUIET:+--quiet}
 
 for need in "$FROM/index/manifest.json" "$FROM/warmup/manifest.json" "$SIM/manifest.json"; do
@@ -30,14 +31,14 @@ t0=$(date +%s)
 SEARCH="bm25:$FROM/index"
 
 zsctl rl --policy "$FROM/warmup" --search "sim:$SIM$SIM_OPTS" --train "$TRAIN" --out "$RUN/policy" \
-  --steps "$STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 --max-turns 2 --max-new-tokens 48 \
+  --steps "$STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 --max-turns 2 --max-new-tokens "$ROUND_TOKENS" \
   --topk "$TOPK" --noise-start 0 --noise-end 0.5 --reward f1+format --save-every 10 $Q
 echo "rl finished after $(( $(date +%s) - t0 )) s"
 
 for name in base warmup policy; do
   model=$MODEL; [ "$name" = warmup ] && model="$FROM/warmup"; [ "$name" = policy ] && model="$RUN/policy"
   zsctl eval --bench "$EVAL" --policy "$model" --search "$SEARCH" --out "$RUN/eval_$name" --limit "$N_EVAL" \
-    --max-turns 2 --max-new-tokens 48 --topk "$TOPK" --batch-size 12 $Q
+    --max-turns 2 --max-new-tokens "$ROUND_TOKENS" --topk "$TOPK" --batch-size 12 $Q
 done
 zsctl report "$RUN" $Q
 echo "rl_cpu finished in $(( $(date +%s) - t0 )) s; report: $RUN/report/report.md"

@@ -185,6 +185,8 @@ def test_eval_records_degenerate_queries_and_search_hits(tmp_path, tiny_model_di
     # per question: only "c" found its answer; "m" never searched (a miss); "l" (yes/no) cannot tell
     assert (overall["question_hit_rate"], overall["hit_questions_n"]) == (0.25, 4)
     assert (geo["question_hit_rate"], geo["hit_questions_n"]) == (0.5, 2)
+    # the opening query alone: of "g", "t" and "c" (which searched), only "c"'s first search found it
+    assert (overall["first_search_hit_rate"], overall["first_searches_n"]) == (pytest.approx(1 / 3), 3)
     # EM over open questions: "l" (yes/no, answered right) is guessable; of the other four "c" and
     # "m" are right
     assert (overall["open_n"], overall["em_open"], geo["open_n"], geo["em_open"]) == (4, 0.5, 2, 1.0)

@@ -31,7 +31,8 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
     _eval_dir(run, "eval_old", scores, "2026-01-01T00:00:00+00:00")  # written before the search-quality fields
     _eval_dir(run, "eval_warmup", {**scores, "searches": 30, "degenerate_share": 0.25, "search_hit_rate": 0.4,
                                    "hit_searches_n": 25, "repeat_share": 0.1, "ungrounded_share": 0.2, "em_open": 0.05,
-                                   "open_n": 12,
+                                   "open_n": 12, "first_search_hit_rate": 0.3, "first_searches_n": 18,
+                                   "question_hit_rate": 0.5,
                                    "top_queries": [["Kiss and Tell", 3], ["query", 2]]},
               "2026-01-02T00:00:00+00:00")
     pol = run / "policy"
@@ -70,9 +71,10 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
     md = (run / "report" / "report.md").read_text()
     assert ("| run | benchmark | n | EM | SubEM | F1 | EM, open questions | searches | degenerate queries % "
             "| repeated queries % | ungrounded queries % | search-hit rate % |") in md
-    assert "| eval_warmup | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | 5.0 (12) | 1.50 | 25.0 | 10.0 | 20.0 | 40.0 |" in md
+    assert ("| eval_warmup | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | 5.0 (12) | 1.50 | 25.0 | 10.0 | 20.0 | 40.0 | 30.0 "
+            "| 50.0 |") in md  # ... search-hit, first-search hit, question-hit rates
     # an older run: no figures, no crash
-    assert "| eval_old | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | – | 1.50 | – | – | – | – |" in md
+    assert "| eval_old | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | – | 1.50 | – | – | – | – | – | – |" in md
     assert '`eval_warmup` searched most for: "Kiss and Tell" ×3; "query" ×2' in md
     # RL table: first fifth (step 1) vs last fifth (step 3); a NaN step is no value
     assert "| degenerate queries % | 50.0 | 0.0 |" in md and "| search-hit rate % | 25.0 | – |" in md

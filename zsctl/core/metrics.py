@@ -360,14 +360,21 @@ def question_hits(rows: Iterable[dict]) -> dict:
     search returned a gold answer / `hit_questions_n`, the questions whose golds can tell (not all
     yes/no); a question that never searched is a miss. A policy that drops useless extra searches
     raises its per-search hit rate without finding more; this one moves only when it finds more.
+    `first_search_hit_rate` = of those questions that searched (`first_searches_n`), the share whose
+    FIRST search returned a gold answer: the quality of the opening query whatever follows it. A
+    policy that stops searching after one query lowers the per-search rate when its later searches hit
+    more often (a second hop, a name read in the first results), while its first queries may be as good.
 
     >>> question_hits([{"golden_answers": ["Paris"], "searches": [{"has_answer": False}, {"has_answer": True}]},
     ...                {"golden_answers": ["Rome"], "searches": []}, {"golden_answers": ["yes"], "searches": []}])
-    {'question_hit_rate': 0.5, 'hit_questions_n': 2}
+    {'question_hit_rate': 0.5, 'hit_questions_n': 2, 'first_search_hit_rate': 0.0, 'first_searches_n': 1}
     """
     judged = [r for r in rows if _golds(r.get("golden_answers")) and not yes_no(r.get("golden_answers"))]
     hits = sum(any(s.get("has_answer") for s in r.get("searches") or []) for r in judged)
-    return {"question_hit_rate": hits / len(judged) if judged else None, "hit_questions_n": len(judged)}
+    searched = [r["searches"][0] for r in judged if r.get("searches")]
+    return {"question_hit_rate": hits / len(judged) if judged else None, "hit_questions_n": len(judged),
+            "first_search_hit_rate": sum(bool(s.get("has_answer")) for s in searched) / len(searched)
+            if searched else None, "first_searches_n": len(searched)}
 
 
 def guessable(question: object, golds: object) -> bool:

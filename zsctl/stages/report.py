@@ -153,13 +153,14 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
     if evals:
         lines += ["## Evaluation (real engine)", "",
                   "| run | benchmark | n | EM | SubEM | F1 | EM, open questions | searches | degenerate queries % "
-                  "| repeated queries % | ungrounded queries % | search-hit rate % | question-hit rate % |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| repeated queries % | ungrounded queries % | search-hit rate % | first-search hit rate % "
+                  "| question-hit rate % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [
             f"| {r} | {b} | {m['n']} | {_fmt(m['em'])} | {_fmt(m['subem'])} | {_fmt(m['f1'])} | "
             f"{_open_em(m)} | {_fmt(m['avg_searches'], pct=False)} | {_fmt(m.get('degenerate_share'))} | "
             f"{_fmt(m.get('repeat_share'))} | {_fmt(m.get('ungrounded_share'))} | {_fmt(m.get('search_hit_rate'))} | "
-            f"{_fmt(m.get('question_hit_rate'))} |"
+            f"{_fmt(m.get('first_search_hit_rate'))} | {_fmt(m.get('question_hit_rate'))} |"
             for r, b, m in evals
         ]
         lines += ["", "EM, open questions: EM over the questions (how many in brackets) whose answer is neither yes/no "
@@ -169,9 +170,10 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
                   "same documents). "
                   "Ungrounded: a query sharing no content word with the question or the documents read before it "
                   "(made up). "
-                  "Search-hit rate: searches whose documents hold a gold answer; question-hit rate: questions one of "
-                  "whose searches found one (a question that never searched is a miss); both over questions whose "
-                  "golds are not all yes/no.", ""]
+                  "Search-hit rate: searches whose documents hold a gold answer; first-search hit rate: the same for "
+                  "each question's first search only (the opening query, however many follow); question-hit rate: "
+                  "questions one of whose searches found one (a question that never searched is a miss); all over "
+                  "questions whose golds are not all yes/no.", ""]
         lines += _top_queries_section(found)
     rl_runs = [(d, pq.read_table(d / "metrics.parquet").to_pylist()) for d, _ in found.get("policy", [])
                if (d / "metrics.parquet").is_file()]
@@ -253,6 +255,8 @@ def _write_report(cfg, out: Path, stage: Path, found, lines, rl_runs, evals, led
                         "ungrounded_share",
                         "search_hit_rate",
                         "hit_searches_n",
+                        "first_search_hit_rate",
+                        "first_searches_n",
                         "question_hit_rate",
                         "hit_questions_n",
                     )

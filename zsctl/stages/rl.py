@@ -486,7 +486,8 @@ def _make_validator(cfg: RLConfig, tokenizer):
                    **metrics.open_em(rows)}
         return {**{f"val_{k}": sum(r[k] for r in rows) / len(rows) for k in ("em", "subem", "f1")},
                 **{f"val_{k}": quality[k] for k in ("em_open", "degenerate_share", "search_hit_rate",
-                                                     "question_hit_rate", "repeat_share", "ungrounded_share")}}
+                                                     "first_search_hit_rate", "question_hit_rate", "repeat_share",
+                                                     "ungrounded_share")}}
 
     return validate
 
