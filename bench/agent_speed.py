@@ -182,6 +182,7 @@ def sweep(args) -> None:
     CPU-bound process; a fresh process per setting, since the wait policy is read once, when torch
     loads."""
     rows = []
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     for competing in (False, True):
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if competing else None
         try:
@@ -204,7 +205,6 @@ def sweep(args) -> None:
                     ]
                     if args.policy:
                         cmd += ["--policy", args.policy]
-                    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
                     out = subprocess.run(cmd, env={**base, **env}, capture_output=True, text=True, check=True).stdout
                     row = json.loads(out.strip().splitlines()[-1])
                     rows.append({**row, "wait": wait, "competing_process": competing})
