@@ -445,3 +445,34 @@ def test_chain_verification_asks_the_first_hop_for_the_next_entity(tiny, tiny_mo
 
     with pytest.raises(BadInput, match="chain applies only to simulated engines"):
         make_engine("bm25:data/corpus/wiki_sample.jsonl?chain=1")
+
+
+def test_chain_falls_back_to_the_supporting_document_that_leads_on(tiny):
+    model, tok = tiny
+    # the simulator never names the next entity (nor the answer) for this question
+    script_model(model, tok, {BRIDGE: ["Doc 1: (Kiss and Tell) Kiss and Tell is a 1945 comedy film."]})
+    engine = _engine(tiny, verify=1, chain=1, doc_words=12)
+    ctx = QueryContext(BRIDGE, ["Chief of Protocol"], "useful")
+    first, second, vague = engine.search(["Kiss and Tell cast", "Shirley Temple", "famous singer biography"],
+                                         k=1, contexts=[ctx] * 3)
+    # first hop: the question's supporting document that names her (and not the answer) in its place
+    assert first.verified is True and first.docs[0].title == "Kiss and Tell"
+    assert "Shirley Temple" in first.docs[0].text and "Protocol" not in first.docs[0].text
+    # second hop: her document at the sentence that holds the answer; its first 12 words would miss
+    # it ("As an adult, she was named United States ambassador to Ghana and to"), so the cut begins
+    # 6 words before the answer ends
+    assert second.verified is True and second.docs[0].title == "Shirley Temple"
+    assert second.docs[0].text == "and also served as Chief of Protocol of the United States."
+    # a query that no supporting document is about gets no help: its last candidate without the answer
+    assert vague.verified is False and "Shirley" not in vague.text and "Protocol" not in vague.text
+    assert engine.supported == 2 and engine.fallbacks == 1
+
+
+def test_chain_leads_on_only_where_one_document_holds_the_answer_and_is_not_named_by_it(tiny):
+    engine = _engine(tiny, chain=1)
+    hop = engine.next_hop
+    assert hop("Kiss and Tell", QueryContext(BRIDGE, ["Chief of Protocol"])) == "Shirley Temple"
+    assert hop("Shirley Temple", QueryContext(BRIDGE, ["Chief of Protocol"])) is None  # she is named: the answer
+    # a comparison whose answer is one of its entities: a reply could never name it without the answer
+    older = QueryContext("Who is older, Annie Morton or Terry Richardson?", ["Terry Richardson"])
+    assert hop("Annie Morton", older) is None

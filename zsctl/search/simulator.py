@@ -48,8 +48,16 @@ of the supporting document that holds it; any other useful query gets that entit
 line instead, so its reply leads one hop on (a first-hop search about "Kiss and Tell" learns of
 Shirley Temple, and only a search that names her finds "Chief of Protocol"), as a real engine
 would. Without it a small simulator hands the answer to any query about the question, and RL learns
-to search once. Verified, such a useful reply must hold that entity and not the answer. Other
-questions: as without it.
+to search once. Verified, such a useful reply must hold that entity and not the answer. A hop is
+set only where exactly one supporting document holds the answer and its title does not name it (a
+comparison whose answer is one of its own entities, or a question both documents answer, is one
+search away on a real engine too). Verified, a useful reply that never passes takes the question's
+supporting document that would pass in its place, as its first document, cut around what it must
+hold (the first-hop document naming the next entity; the answer's document once that entity is
+named) — the real paragraph a real engine would have returned — provided it shares a content word
+with the query: a query about nothing in the question still gets its reply without the answer
+(before this, in the demo's RL rollouts, useful replies to queries about the question named the
+next entity in 3 of 24; README, "Why RL's per-search hit rate falls"). Other questions: as without it.
 """
 
 from __future__ import annotations
@@ -66,7 +74,7 @@ from urllib.parse import parse_qsl, urlsplit
 from zsctl.core import artifacts, data, metrics, prompts
 from zsctl.core.errors import BadInput
 from zsctl.core.generation import NO_REPEAT_NGRAM, Sampling, cut_at_stop, first_lines, generate_batch
-from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, SearchResult
+from zsctl.search.base import Document, Noise, QueryContext, SearchEngine, SearchResult, cut_words
 
 SIM_STYLES = ("tuned", "prompt")
 # Generation budget per requested document when the simulator does not say (train-sim records the
@@ -153,6 +161,7 @@ class _Simulated(SearchEngine):
         self.hops = 0  # useful queries given the next hop's entity instead of the answer (chain)
         self.regenerated = 0  # rows generated again by verification
         self.fallbacks = 0  # replies that never passed and had their answer removed
+        self.supported = 0  # replies that never passed and were led on by a supporting document (chain)
         self.generation_s = 0.0  # wall time inside the model or its servers
         self.generation_cpu_s = 0.0  # this process's CPU time meanwhile: comparable on a busy machine
 
@@ -176,10 +185,13 @@ class _Simulated(SearchEngine):
         golds = _golds(ctx)
         if not self.chain or not golds:
             return None
-        holder = next((d for d in data.supporting_docs(ctx.question)
-                       if metrics.docs_hold_answer([{"title": d.entity, "text": d.text}], golds)), None)
-        if holder is None:
+        holders = [d for d in data.supporting_docs(ctx.question)
+                   if metrics.docs_hold_answer([{"title": d.entity, "text": d.text}], golds)]
+        # one hop only when exactly one document holds the answer and is not named by it (a comparison's
+        # answer is an entity of its own: its reply could never name it without the answer)
+        if len(holders) != 1 or metrics.find_answer([holders[0].entity], golds):
             return None
+        holder = holders[0]
         needed = set(metrics.content_words(holder.entity))
         return holder.entity if needed and not needed <= set(metrics.content_words(query)) else None
 
@@ -257,13 +269,16 @@ class _Simulated(SearchEngine):
             if self.verify:
                 passed = i not in failed
                 if not passed:
-                    docs = _without_answer(docs, _golds(ctxs[i]))
+                    found = self.supporting_reply(docs, queries[i], ctxs[i], modes[i], hops[i])
+                    passed = found is not None
+                    docs = found or _without_answer(docs, _golds(ctxs[i]))
                     text = prompts.format_documents(docs)
             results.append(SearchResult([Document(d["title"], d["text"], d["score"]) for d in docs], mode=asked[i],
                                         text=text, well_formed=ok, tries=tries[i], verified=passed, prompt=rendered[i]))
         with self.stats_lock:
             self.stats.calls += n
             self.fallbacks += sum(r.verified is False for r in results)
+            self.supported += sum(r.verified is True and i in failed for i, r in enumerate(results))
             self.hops += sum(h is not None for h in hops)
             self.outputs += n
             self.well_formed += sum(r.well_formed for r in results)
@@ -291,11 +306,30 @@ class _Simulated(SearchEngine):
         a decode step costs ~38 ms + ~3 ms a row, so 16 rows cost less than a second pass of 8."""
         return False
 
+    def supporting_reply(self, docs: list[dict], query: str, ctx: QueryContext | None, mode: str,
+                         hop: str | None) -> list[dict] | None:
+        """With chain, for a useful reply that never passed: the question's supporting document that
+        would pass in its place (cut around what it must hold), first, then the reply's other documents
+        without the answer; None when chain is off or no supporting document passes (module docstring)."""
+        if not self.chain or mode != "useful" or not docs:
+            return None
+        golds = _golds(ctx)
+        needles = [hop] if hop else golds
+        for d in data.supporting_docs(ctx.question) if ctx else ():
+            found = {"title": d.entity, "text": _around(d.text, needles, self.doc_words), "score": 0.0}
+            reply = [found, *_without_answer(docs[1:], golds)]
+            if self._docs_pass(reply, query, ctx, mode, hop):
+                return reply
+        return None
+
     def _passes(self, text: str, query: str, ctx: QueryContext | None, mode: str, k: int,
                 hop: str | None = None) -> bool:
+        return self._docs_pass(prompts.parse_documents(text, k)[0], query, ctx, mode, hop)
+
+    def _docs_pass(self, docs: list[dict], query: str, ctx: QueryContext | None, mode: str,
+                   hop: str | None = None) -> bool:
         """Verification of one reply: useful → holds a gold answer (or, led one hop on, the next
         entity and not the answer) and is about the query; noisy → holds no gold answer (module docstring)."""
-        docs, _ = prompts.parse_documents(text, k)
         golds = _golds(ctx)
         holds = metrics.docs_hold_answer(docs, golds)
         if mode == "noisy":
@@ -340,6 +374,19 @@ def _golds(ctx: QueryContext | None) -> list[str]:
     """The gold answers verification can judge by containment: none for yes/no golds."""
     golds = list(ctx.golden_answers) if ctx and ctx.golden_answers else []
     return [] if metrics.yes_no(golds) else golds
+
+
+def _around(text: str, needles: list[str], words: int) -> str:
+    """A supporting document's text from the sentence that first names one of `needles`, cut to
+    `words` words (0: as it is) and begun a little before the name where the sentence is longer."""
+    sentences = _SENTENCE_END.split(" ".join(text.split()))
+    at = next((i for i, x in enumerate(sentences) if metrics.find_answer([x], needles)), 0)
+    rest = " ".join(sentences[at:])
+    if not words or metrics.find_answer([cut_words(rest, words)], needles):
+        return cut_words(rest, words)
+    tokens = rest.split()
+    end = next((j for j in range(len(tokens)) if metrics.find_answer([" ".join(tokens[:j + 1])], needles)), 0)
+    return " ".join(tokens[max(0, end - words // 2):][:words])
 
 
 def _without_answer(docs: list[dict], golds: list[str]) -> list[dict]:
