@@ -476,3 +476,15 @@ def test_chain_leads_on_only_where_one_document_holds_the_answer_and_is_not_name
     # a comparison whose answer is one of its entities: a reply could never name it without the answer
     older = QueryContext("Who is older, Annie Morton or Terry Richardson?", ["Terry Richardson"])
     assert hop("Annie Morton", older) is None
+
+
+def test_chain_fallback_for_a_first_hop_is_the_document_that_names_the_next_entity(tiny):
+    model, tok = tiny
+    question = "The Memphis Hustle are based in a suburb of a city with a population of what in 2010?"
+    script_model(model, tok, {question: ["Doc 1: (Memphis) A city in Tennessee."]})
+    engine = _engine(tiny, verify=1, chain=1, doc_words=30)
+    [r] = engine.search(["Memphis Hustle"], k=1, contexts=[QueryContext(question, ["48,982"], "useful")])
+    # not "Southaven, Mississippi" (the answer's own page, which names Memphis, cut short of 48,982)
+    # but the team's page, from the sentence that names the suburb
+    assert r.verified is True and r.docs[0].title == "Memphis Hustle"
+    assert r.docs[0].text.startswith("Based in the Memphis suburb of Southaven, Mississippi")

@@ -316,6 +316,8 @@ class _Simulated(SearchEngine):
         golds = _golds(ctx)
         needles = [hop] if hop else golds
         for d in data.supporting_docs(ctx.question) if ctx else ():
+            if hop and d.entity == hop:  # the answer's own document, cut short of it, is no first hop
+                continue
             found = {"title": d.entity, "text": _around(d.text, needles, self.doc_words), "score": 0.0}
             reply = [found, *_without_answer(docs[1:], golds)]
             if self._docs_pass(reply, query, ctx, mode, hop):
