@@ -311,11 +311,11 @@ class _Simulated(SearchEngine):
         """With chain, for a useful reply that never passed: the question's supporting document that
         would pass in its place (cut around what it must hold), first, then the reply's other documents
         without the answer; None when chain is off or no supporting document passes (module docstring)."""
-        if not self.chain or mode != "useful" or not docs:
+        if not self.chain or mode != "useful" or ctx is None:
             return None
         golds = _golds(ctx)
         needles = [hop] if hop else golds
-        for d in data.supporting_docs(ctx.question) if ctx else ():
+        for d in data.supporting_docs(ctx.question):
             if hop and d.entity == hop:  # the answer's own document, cut short of it, is no first hop
                 continue
             found = {"title": d.entity, "text": _around(d.text, needles, self.doc_words), "score": 0.0}
