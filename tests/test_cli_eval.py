@@ -190,6 +190,10 @@ def test_eval_records_degenerate_queries_and_search_hits(tmp_path, tiny_model_di
     # EM over open questions: "l" (yes/no, answered right) is guessable; of the other four "c" and
     # "m" are right
     assert (overall["open_n"], overall["em_open"], geo["open_n"], geo["em_open"]) == (4, 0.5, 2, 1.0)
+    # reading: of the open questions, only "c" found its answer, and answered it right
+    assert (overall["read_em"], overall["found_open_n"]) == (1.0, 1)
+    # and none of its four open answers is one of its queries (metrics.reading's doctest has one that is)
+    assert (overall["query_answer_share"], overall["answered_open_n"]) == (0.0, 4)
     table = metrics_table(summary)
     assert [c.header for c in table.columns][-4:] == ["deg%", "rep%", "hit%", "qhit%"]
     assert list(table.columns[-4].cells) == ["100.0", "0.0", "60.0"]  # arts, geo, overall

@@ -32,7 +32,8 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
     _eval_dir(run, "eval_warmup", {**scores, "searches": 30, "degenerate_share": 0.25, "search_hit_rate": 0.4,
                                    "hit_searches_n": 25, "repeat_share": 0.1, "ungrounded_share": 0.2, "em_open": 0.05,
                                    "open_n": 12, "first_search_hit_rate": 0.3, "first_searches_n": 18,
-                                   "question_hit_rate": 0.5,
+                                   "question_hit_rate": 0.5, "read_em": 0.25, "found_open_n": 8,
+                                   "query_answer_share": 0.5, "answered_open_n": 10,
                                    "top_queries": [["Kiss and Tell", 3], ["query", 2]]},
               "2026-01-02T00:00:00+00:00")
     pol = run / "policy"
@@ -72,9 +73,9 @@ def test_report_shows_search_quality_next_to_scores(tmp_path):
     assert ("| run | benchmark | n | EM | SubEM | F1 | EM, open questions | searches | degenerate queries % "
             "| repeated queries % | ungrounded queries % | search-hit rate % |") in md
     assert ("| eval_warmup | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | 5.0 (12) | 1.50 | 25.0 | 10.0 | 20.0 | 40.0 | 30.0 "
-            "| 50.0 |") in md  # ... search-hit, first-search hit, question-hit rates
+            "| 50.0 | 25.0 (8) | 50.0 |") in md  # ... search-hit, first-search hit, question-hit rates, reading
     # an older run: no figures, no crash
-    assert "| eval_old | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | – | 1.50 | – | – | – | – | – | – |" in md
+    assert "| eval_old | hotpotqa | 20 | 10.0 | 15.0 | 20.0 | – | 1.50 | – | – | – | – | – | – | – | – |" in md
     assert '`eval_warmup` searched most for: "Kiss and Tell" ×3; "query" ×2' in md
     # RL table: first fifth (step 1) vs last fifth (step 3); a NaN step is no value
     assert "| degenerate queries % | 50.0 | 0.0 |" in md and "| search-hit rate % | 25.0 | – |" in md

@@ -93,6 +93,7 @@ def test_validation_reports_search_quality_with_the_real_engine(tmp_path, tiny_m
     # (degenerate, misses, the second a repeat), "capital of Peru" (a hit), "Lima Peru" (yes/no gold: cannot tell)
     assert scores["val_em"] == pytest.approx(2 / 3)
     assert scores["val_em_open"] == 0.5  # the yes/no question is guessable: Picasso (miss) and Lima (right)
+    assert scores["val_read_em"] == 1.0  # the one open question a search found (Lima) was answered right
     assert (scores["val_degenerate_share"], scores["val_repeat_share"]) == (0.5, 0.25)
     assert (scores["val_search_hit_rate"], scores["val_question_hit_rate"]) == (pytest.approx(1 / 3), 0.5)
     assert scores["val_first_search_hit_rate"] == 0.5  # "query" (Picasso) missed, "capital of Peru" found Lima

@@ -403,6 +403,28 @@ def open_em(rows: Iterable[dict]) -> dict:
     return {"em_open": sum(r["em"] for r in rs) / len(rs) if rs else None, "open_n": len(rs)}
 
 
+def reading(rows: Iterable[dict]) -> dict:
+    """How well a policy reads what its searches found, apart from how well it searched, on the open
+    questions (not `guessable`). `read_em`: EM over those one of whose searches returned a gold
+    answer (`found_open_n`); `query_answer_share`: of those it answered (`answered_open_n`), the
+    share whose answer is one of its own queries (a small policy that cannot read yet answers with
+    the name it looked up: "Kaiser Ventures" for who founded Kaiser Ventures).
+
+    >>> reading([{"question": "Who founded K?", "golden_answers": ["Henry"], "em": 0.0, "prediction": "K",
+    ...           "searches": [{"query": "K", "has_answer": True}]},
+    ...          {"question": "Who wrote H?", "golden_answers": ["Will"], "em": 1.0, "prediction": "Will",
+    ...           "searches": [{"query": "H", "has_answer": True}]}])
+    {'read_em': 0.5, 'found_open_n': 2, 'query_answer_share': 0.5, 'answered_open_n': 2}
+    """
+    rs = [r for r in rows if not guessable(r.get("question"), r.get("golden_answers"))]
+    found = [r for r in rs if any(s.get("has_answer") for s in r.get("searches") or [])]
+    answered = [r for r in rs if normalize_answer(r.get("prediction") or "")]
+    queries = [{normalize_answer(s.get("query")) for s in r.get("searches") or []} for r in answered]
+    echoes = sum(normalize_answer(r["prediction"]) in q for r, q in zip(answered, queries))
+    return {"read_em": sum(r["em"] for r in found) / len(found) if found else None, "found_open_n": len(found),
+            "query_answer_share": echoes / len(answered) if answered else None, "answered_open_n": len(answered)}
+
+
 def top_queries(queries: Iterable[object], n: int = 5) -> list[list]:
     """The `n` most common queries with their counts, [[query, count], ...]; queries that differ only
     in case or spacing count as one (shown as first written).

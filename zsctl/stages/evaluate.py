@@ -10,7 +10,9 @@ hold a gold answer) and `repeated` (the question already searched it); metrics.j
 benchmark and overall the search count, the degenerate and repeated shares, the search-hit rate
 (over `hit_searches_n` searches: questions whose golds are not all yes/no) and the most common
 queries. `em_open` is the EM over the `open_n` questions whose answer is neither yes/no nor named
-in the question (metrics.open_em).
+in the question (metrics.open_em); `read_em` the EM over the `found_open_n` open questions one of
+whose searches found a gold answer, and `query_answer_share` the share of open answers that are
+one of the policy's own queries (metrics.reading: does it read what it found?).
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def summarize(rows: list[dict]) -> dict:
             **metrics.question_hits(rs),
             # EM a policy cannot get by echoing the question (comparisons) or guessing yes/no
             **metrics.open_em(rs),
+            # and whether it answers what its searches found (a policy may search well and not read)
+            **metrics.reading(rs),
             "top_queries": metrics.top_queries(s["query"] for s in searches),
         }
 

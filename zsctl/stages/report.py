@@ -53,6 +53,14 @@ def _open_em(m: dict) -> str:
     return f"{_fmt(m['em_open'])} ({m['open_n']})" if "open_n" in m else "–"
 
 
+def _reading(m: dict) -> str:
+    """EM on the open questions a search found the answer for, their count, and the share of open
+    answers that repeat one of the policy's queries; '–' for an evaluation made before they were."""
+    if "found_open_n" not in m:
+        return "– | –"
+    return f"{_fmt(m['read_em'])} ({m['found_open_n']}) | {_fmt(m['query_answer_share'])}"
+
+
 def _eval_rows(found) -> list[tuple[str, str, dict]]:
     rows = []
     # in the order the evaluations ran (the demo's base → warm start → RL), not by folder name
@@ -154,13 +162,13 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
         lines += ["## Evaluation (real engine)", "",
                   "| run | benchmark | n | EM | SubEM | F1 | EM, open questions | searches | degenerate queries % "
                   "| repeated queries % | ungrounded queries % | search-hit rate % | first-search hit rate % "
-                  "| question-hit rate % |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| question-hit rate % | EM where a search found it | answers that repeat a query % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [
             f"| {r} | {b} | {m['n']} | {_fmt(m['em'])} | {_fmt(m['subem'])} | {_fmt(m['f1'])} | "
             f"{_open_em(m)} | {_fmt(m['avg_searches'], pct=False)} | {_fmt(m.get('degenerate_share'))} | "
             f"{_fmt(m.get('repeat_share'))} | {_fmt(m.get('ungrounded_share'))} | {_fmt(m.get('search_hit_rate'))} | "
-            f"{_fmt(m.get('first_search_hit_rate'))} | {_fmt(m.get('question_hit_rate'))} |"
+            f"{_fmt(m.get('first_search_hit_rate'))} | {_fmt(m.get('question_hit_rate'))} | {_reading(m)} |"
             for r, b, m in evals
         ]
         lines += ["", "EM, open questions: EM over the questions (how many in brackets) whose answer is neither yes/no "
@@ -173,7 +181,11 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
                   "Search-hit rate: searches whose documents hold a gold answer; first-search hit rate: the same for "
                   "each question's first search only (the opening query, however many follow); question-hit rate: "
                   "questions one of whose searches found one (a question that never searched is a miss); all over "
-                  "questions whose golds are not all yes/no.", ""]
+                  "questions whose golds are not all yes/no. "
+                  "EM where a search found it: EM over the open questions (how many in brackets) one of whose "
+                  "searches returned a gold answer, i.e. how well the policy reads what it found; answers that "
+                  "repeat a query: open-question answers that are one of the policy's own queries (a policy that "
+                  "cannot read answers with the name it looked up).", ""]
         lines += _top_queries_section(found)
     rl_runs = [(d, pq.read_table(d / "metrics.parquet").to_pylist()) for d, _ in found.get("policy", [])
                if (d / "metrics.parquet").is_file()]
@@ -259,6 +271,12 @@ def _write_report(cfg, out: Path, stage: Path, found, lines, rl_runs, evals, led
                         "first_searches_n",
                         "question_hit_rate",
                         "hit_questions_n",
+                        "em_open",
+                        "open_n",
+                        "read_em",
+                        "found_open_n",
+                        "query_answer_share",
+                        "answered_open_n",
                     )
                 },
             }

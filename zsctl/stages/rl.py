@@ -475,7 +475,7 @@ def _make_validator(cfg: RLConfig, tokenizer):
             for i in range(0, len(questions), 8):
                 batch = questions[i : i + 8]
                 trajs = loop.run(loop.encode_prompts([q["question"] for q in batch]))
-                rows += [{"question": q["question"], "golden_answers": q["golden_answers"],
+                rows += [{"question": q["question"], "golden_answers": q["golden_answers"], "prediction": t.prediction,
                           **metrics.score(t.prediction or "", q["golden_answers"]),
                           "searches": metrics.search_records(t.searches, q["golden_answers"], q["question"])}
                          for q, t in zip(batch, trajs)]
@@ -483,9 +483,9 @@ def _make_validator(cfg: RLConfig, tokenizer):
         if not rows:
             return {}
         quality = {**metrics.search_quality(f for r in rows for f in r["searches"]), **metrics.question_hits(rows),
-                   **metrics.open_em(rows)}
+                   **metrics.open_em(rows), **metrics.reading(rows)}
         return {**{f"val_{k}": sum(r[k] for r in rows) / len(rows) for k in ("em", "subem", "f1")},
-                **{f"val_{k}": quality[k] for k in ("em_open", "degenerate_share", "search_hit_rate",
+                **{f"val_{k}": quality[k] for k in ("em_open", "read_em", "degenerate_share", "search_hit_rate",
                                                      "first_search_hit_rate", "question_hit_rate", "repeat_share",
                                                      "ungrounded_share")}}
 
