@@ -105,6 +105,33 @@ def test_loss_mask_is_exactly_the_environment_text(tiny_model_dir, tmp_path, tok
         assert "<answer>" in trained_text and "<search>" in trained_text
 
 
+def test_loss_projects_only_the_trained_positions_and_equals_plain_cross_entropy(tiny_model_dir, tmp_path, tok,
+                                                                                 monkeypatch):
+    import torch
+    import trl.trainer.utils as trl_utils
+
+    rows = policy_rows(tok, 2)
+    cfg = sft.SFTRunConfig(base=str(tiny_model_dir), out=str(tmp_path / "p"), mask_env=True, lora=False,
+                           prompt_special_tokens=False, max_steps=1, batch_size=2)
+    trainer, _ = sft.make_trainer(cfg, rows, [])
+    projected = []  # rows of hidden states the vocabulary projection received
+    real = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda hidden, *a: projected.append(hidden.shape[0]) or real(hidden, *a))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    model = trainer.model
+    loss = trainer.compute_loss(model, dict(batch))
+    labels = batch["labels"][:, 1:]
+    assert projected == [int((labels != -100).sum())] < [labels.numel()]  # prompt and documents skipped
+    grads = torch.autograd.grad(loss, model.get_output_embeddings().weight)[0]
+    # the same loss and gradient as a plain forward over every position and a masked mean
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    plain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                              ignore_index=-100)
+    assert torch.allclose(loss, plain, atol=1e-5)
+    assert torch.allclose(grads, torch.autograd.grad(plain, model.get_output_embeddings().weight)[0], atol=1e-6)
+
+
 def test_unclosed_information_block_is_masked_to_the_end(tok):
     ex = sft.encode_example(tok, "Q: x\n", "<search> a </search>\n\n<information>Doc 1: cut sho",
                             mask_env=True, prompt_special_tokens=False)

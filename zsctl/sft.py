@@ -219,7 +219,13 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
     from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
-    from zsctl.core.models import load_model, lora_config, no_activation_checkpointing, training_precision
+    from zsctl.core.models import (
+        load_model,
+        lora_config,
+        no_activation_checkpointing,
+        score_labelled_positions_only,
+        training_precision,
+    )
 
     progress = progress or Progress()
     # Our Progress is the one display: no library bars, no log dicts printed to stdout (--json).
@@ -264,6 +270,7 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
         dataloader_num_workers=0,
     )
     peft_config = lora_config(cfg.lora_r, cfg.lora_alpha) if cfg.lora else None
+    score_labelled_positions_only()
     losses: list[dict] = []
     trainer = SFTTrainer(
         model=model,

@@ -584,7 +584,13 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     from datasets import Dataset
     from trl import GRPOConfig
 
-    from zsctl.core.models import load_model, lora_config, no_activation_checkpointing, training_precision
+    from zsctl.core.models import (
+        load_model,
+        lora_config,
+        no_activation_checkpointing,
+        score_labelled_positions_only,
+        training_precision,
+    )
 
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is TRL's documented experimental API
     progress = progress or Progress()
@@ -612,6 +618,7 @@ def build_trainer(cfg: RLConfig, progress: Progress | None = None, policy=None):
     on_gpu = torch.cuda.is_available()
     dtype, bf16 = training_precision()
     model, tok = policy or load_model(cfg.policy, dtype=dtype)
+    score_labelled_positions_only()  # the loss projects completion positions only, as on a GPU
 
     # In place: its checkpoints let a killed run resume; an older policy in --out stays valid until
     # the final save.
