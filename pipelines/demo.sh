@@ -117,8 +117,8 @@ bg warmup zsctl warmup --data "$RUN/policy_sft" --policy "$MODEL" --out "$RUN/wa
 bg simulator zsctl train-sim --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$SIM_STEPS" \
   --batch-size 1 --grad-accum 8 --max-length 256 --lr 5e-4 --val-limit 8 $Q
 join simulator
-# train-sim ends first (~1 minute before warmup in the demo): its core goes on to the checks at once
-# (they evaluate the warm start once warmup has ended), not idle until both have finished
+# the checks start once train-sim is done (they evaluate the warm start once warmup has ended too):
+# the two end within a minute of each other in the demo, whichever first
 bg checks checks
 join warmup
 
