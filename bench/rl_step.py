@@ -96,7 +96,7 @@ def main() -> None:
     from trl import GRPOTrainer
 
     from zsctl.core import prompts
-    from zsctl.core.models import load_model, lora_config
+    from zsctl.core.models import load_model, lora_config, score_labelled_positions_only
     from zsctl.core.progress import Progress
     from zsctl.core.rewards import REWARDS
     from zsctl.stages import rl
@@ -106,6 +106,7 @@ def main() -> None:
         from warm_policy import warm_policy
 
         args.policy = warm_policy()
+    score_labelled_positions_only()  # as rl does: every variant's loss projects completion positions only
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     steps = args.steps + 1
