@@ -377,11 +377,15 @@ def score_labelled_positions_only() -> None:
     """
     import trl.trainer.utils as trl_utils
 
-    if getattr(trl_utils, "_zsctl_compact", False) or not hasattr(trl_utils, "_use_triton"):
+    gathers = getattr(trl_utils, "_use_triton", None)  # TRL's choice: gather the labelled positions first?
+    if gathers is None or getattr(gathers, "on_cpu_too", False):  # another TRL, or done already
         return
-    on_gpu = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: device.type == "cpu" or on_gpu(device)
-    trl_utils._zsctl_compact = True
+
+    def on_cpu_too(device) -> bool:
+        return device.type == "cpu" or gathers(device)
+
+    on_cpu_too.on_cpu_too = True
+    trl_utils._use_triton = on_cpu_too
 
 
 def no_activation_checkpointing() -> dict:
