@@ -85,6 +85,10 @@ def test_every_search_thought_ends_with_what_it_searches_for(tmp_path, tiny_mode
         assert query == r["question"] and think.endswith(query)
 
 
+def _first_word(text: str) -> str:
+    return re.match(r"\w+", text)[0]
+
+
 def _bench_row(name: str, qid: str) -> dict:
     with open(data.data_dir() / "bench" / f"{name}.jsonl", encoding="utf-8") as f:
         return next(r for r in map(json.loads, f) if r["id"] == qid)
@@ -128,3 +132,8 @@ def test_multi_hop_demonstrations_search_for_the_supporting_entities(tmp_path, t
     assert summary["question_searches"] == 1 and summary["entity_searches"] == 6
     for r in (b, c):  # each inserted block is what warmup masks; the policy's turns carry the loss
         assert [trained for _, trained in sft.split_env_spans(r)] == [True, False, True, False, True]
+        # after each information block the thought's first word is the decision: search again, or answer
+        # (a greedy decoder then follows the likelier decision, not the likelier of several openings)
+        assert [_first_word(t) for t in THINK_RE.findall(r)[1:]] == ["Next", "So"]
+    again, answer = prompts.DEMO_THINK_ALSO + prompts.DEMO_THINK_NEXT, prompts.DEMO_THINK_ANSWER
+    assert {_first_word(o) for o in again} == {"Next"} and {_first_word(o) for o in answer} == {"So"}

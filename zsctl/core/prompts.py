@@ -488,21 +488,28 @@ DEMO_THINK_TOPIC = (
     "I should find out about {topic}.",
     "The key here is {topic}.",
 )
+# After an information block the thought's FIRST word is the decision, "Next" (search again) or
+# "So" (answer), and the phrasings vary only after it. With several openings per decision a greedy
+# decoder follows the likeliest opening, not the likeliest decision: a 48-step warm start whose
+# answer thoughts opened "The …"/"According …"/"So …" and whose search-again thoughts opened
+# "Now …"/"I …"/"Then …"/"Next …"/"The …"/"That …" searched again in 31 % of its samples after a
+# first search (more than half the time for 14 of 48 questions) but never greedily ("The" was the
+# likeliest first word every time, and it led mostly to answers): 1.01 searches per question.
 # before a further search, for another name the question gives (comparisons)
 DEMO_THINK_ALSO = (
-    "Now I look up {topic} as well.",
-    "I also need facts about {topic}.",
-    "Then I check {topic} too.",
+    "Next I look up {topic} as well.",
+    "Next I need facts about {topic} too.",
+    "Next I check {topic} too.",
 )
 # before a further search, for a name the earlier results gave
 DEMO_THINK_NEXT = (
-    "The results mention {topic}. Now I look up {topic}.",
+    "Next I search for {topic}, which the results mention.",
     "Next I need to know about {topic}.",
-    "That leads to {topic}, so I check it.",
+    "Next, the results lead to {topic}, so I check it.",
 )
 DEMO_THINK_ANSWER = (
-    "The results say it is {answer}.",
-    "According to the documents, it is {answer}.",
+    "So the results say it is {answer}.",
+    "So, according to the documents, it is {answer}.",
     "So the answer is {answer}.",
-    "The information shows it is {answer}.",
+    "So the information shows it is {answer}.",
 )
