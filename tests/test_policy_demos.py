@@ -137,3 +137,4 @@ def test_multi_hop_demonstrations_search_for_the_supporting_entities(tmp_path, t
         assert [_first_word(t) for t in THINK_RE.findall(r)[1:]] == ["Next", "So"]
     again, answer = prompts.DEMO_THINK_ALSO + prompts.DEMO_THINK_NEXT, prompts.DEMO_THINK_ANSWER
     assert {_first_word(o) for o in again} == {"Next"} and {_first_word(o) for o in answer} == {"So"}
+    assert all(o.endswith("{topic}.") for o in again)  # a thought copied into <search> still names the thing

@@ -495,21 +495,23 @@ DEMO_THINK_TOPIC = (
 # "Now …"/"I …"/"Then …"/"Next …"/"The …"/"That …" searched again in 31 % of its samples after a
 # first search (more than half the time for 14 of 48 questions) but never greedily ("The" was the
 # likeliest first word every time, and it led mostly to answers): 1.01 searches per question.
+# A search-again thought ends with its query and holds no general noun ("results", "facts",
+# "information"): with those, warm starts searched for "Next I check the results." (16 % of queries).
 # before a further search, for another name the question gives (comparisons)
 DEMO_THINK_ALSO = (
-    "Next I look up {topic} as well.",
-    "Next I need facts about {topic} too.",
-    "Next I check {topic} too.",
+    "Next I look up {topic}.",
+    "Next I need to know about {topic}.",
+    "Next I also check {topic}.",
 )
 # before a further search, for a name the earlier results gave
 DEMO_THINK_NEXT = (
-    "Next I search for {topic}, which the results mention.",
-    "Next I need to know about {topic}.",
-    "Next, the results lead to {topic}, so I check it.",
+    "Next I look into {topic}.",
+    "Next I need more on {topic}.",
+    "Next comes {topic}.",
 )
 DEMO_THINK_ANSWER = (
-    "So the results say it is {answer}.",
-    "So, according to the documents, it is {answer}.",
     "So the answer is {answer}.",
-    "So the information shows it is {answer}.",
+    "So it must be {answer}.",
+    "So, from what I read, it is {answer}.",
+    "So I found it: {answer}.",
 )
