@@ -510,8 +510,8 @@ DEMO_THINK_NEXT = (
     "Next comes {topic}.",
 )
 DEMO_THINK_ANSWER = (
+    "So the results say it is {answer}.",
+    "So, according to the documents, it is {answer}.",
     "So the answer is {answer}.",
-    "So it must be {answer}.",
-    "So, from what I read, it is {answer}.",
-    "So I found it: {answer}.",
+    "So the information shows it is {answer}.",
 )
