@@ -494,7 +494,8 @@ DEMO_THINK_TOPIC = (
 # answer thoughts opened "The …"/"According …"/"So …" and whose search-again thoughts opened
 # "Now …"/"I …"/"Then …"/"Next …"/"The …"/"That …" searched again in 31 % of its samples after a
 # first search (more than half the time for 14 of 48 questions) but never greedily ("The" was the
-# likeliest first word every time, and it led mostly to answers): 1.01 searches per question.
+# likeliest first word every time, and it led mostly to answers): 1.01 searches per question (1.70
+# with the decision first).
 # A search-again thought ends with its query and holds no general noun ("results", "facts",
 # "information"): with those, warm starts searched for "Next I check the results." (16 % of queries).
 # before a further search, for another name the question gives (comparisons)
