@@ -488,16 +488,11 @@ DEMO_THINK_TOPIC = (
     "I should find out about {topic}.",
     "The key here is {topic}.",
 )
-# After an information block the thought's FIRST word is the decision, "Next" (search again) or
-# "So" (answer), and the phrasings vary only after it. With several openings per decision a greedy
-# decoder follows the likeliest opening, not the likeliest decision: a 48-step warm start whose
-# answer thoughts opened "The …"/"According …"/"So …" and whose search-again thoughts opened
-# "Now …"/"I …"/"Then …"/"Next …"/"The …"/"That …" searched again in 31 % of its samples after a
-# first search (more than half the time for 14 of 48 questions) but never greedily ("The" was the
-# likeliest first word every time, and it led mostly to answers): 1.01 searches per question (1.70
-# with the decision first).
-# A search-again thought ends with its query and holds no general noun ("results", "facts",
-# "information"): with those, warm starts searched for "Next I check the results." (16 % of queries).
+# After an information block a thought's FIRST word is its decision, "Next" (search again) or "So"
+# (answer); the wording varies only after it. A greedy decoder follows the likeliest first word, so
+# when both decisions had several openings ("The" began answers and searches alike), a warm start
+# that searched again in 31 % of its samples never did so greedily. A search-again thought ends
+# with its query and holds no general noun: "Next I check the results." became a query.
 # before a further search, for another name the question gives (comparisons)
 DEMO_THINK_ALSO = (
     "Next I look up {topic}.",
