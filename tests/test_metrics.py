@@ -191,3 +191,32 @@ def test_yes_no_and_guessable_take_any_sequence_of_golds():
     assert metrics.yes_no(np.array(["yes", "No."])) and not metrics.yes_no(np.array(["yes", "Paris"]))
     assert metrics.yes_no("yes") and not metrics.yes_no(None) and not metrics.yes_no([])
     assert metrics.guessable("Who is older, A. Smith or B. Jones?", np.array(["A. Smith"]))
+
+
+def test_paired_difference_matches_questions_and_counts_a_questions_searches_together():
+    def row(i, em, hits, source="hotpotqa", golds=("Lima",)):
+        return {"data_source": source, "id": f"q{i}", "golden_answers": list(golds), "em": em, "f1": em,
+                "searches": [{"has_answer": h} for h in hits]}
+
+    before = [row(0, 0.0, [False]), row(1, 1.0, [True]), row(2, 0.0, [False, False]), row(3, 0.0, []),
+              row(0, 0.0, [True], source="2wikimultihopqa"),  # same id, another benchmark: another question
+              row(4, 1.0, [None], golds=("yes",))]  # yes/no: counts for EM, not for hit rates
+    after = [row(0, 1.0, [True]), row(1, 1.0, [True]), row(2, 0.0, [True, False, False]), row(3, 0.0, [False]),
+             row(0, 0.0, [True], source="2wikimultihopqa"), row(4, 0.0, [None], golds=("yes",)),
+             row(9, 1.0, [True])]  # only in `after`: left out
+    d = m.paired_difference(before, after)
+    assert d["n"] == 6 and (d["em_won"], d["em_lost"]) == (1, 1)
+    assert d["em"]["before"] == pytest.approx(2 / 6) and d["em"]["diff"] == pytest.approx(0.0)
+    # search-hit is over searches (hits / judged searches), question-hit over non-yes/no questions
+    assert d["search_hit_rate"]["before"] == pytest.approx(2 / 5)
+    assert d["search_hit_rate"]["after"] == pytest.approx(4 / 7)
+    assert d["question_hit_rate"]["before"] == pytest.approx(2 / 5)
+    assert d["question_hit_rate"]["after"] == pytest.approx(4 / 5)
+    for k in ("em", "f1", "question_hit_rate", "search_hit_rate"):
+        lo, hi = d[k]["ci95"]
+        assert lo <= d[k]["diff"] <= hi
+    # every question gained: the whole interval is above 0; the same draw twice gives the same interval
+    up = m.paired_difference([row(i, 0.0, [False]) for i in range(20)], [row(i, 1.0, [True]) for i in range(20)])
+    assert up["em"]["ci95"] == [1.0, 1.0] and up["search_hit_rate"]["ci95"][0] == 1.0
+    assert m.paired_difference(before, after) == d
+    assert m.paired_difference(before, [row(7, 1.0, [])]) == {"n": 0}

@@ -100,3 +100,24 @@ def test_report_cli_table_has_the_search_quality_columns(tmp_path):
     # the run, then its benchmark: n, EM, SubEM, F1, srch, deg%, rep%, hit%
     row = r"\n eval_x\s*\n   hotpotqa +4 +50\.0 +50\.0 +50\.0 +1\.00 +50\.0 +– +100\.0 "
     assert "…" not in r.output and re.search(row, r.output)
+
+
+def test_report_compares_consecutive_evaluations_question_by_question(tmp_path):
+    run = tmp_path / "run"
+    scores = {"n": 4, "em": 0.25, "subem": 0.25, "f1": 0.25, "avg_searches": 1.0}
+    for name, created, ems in (("eval_warmup", "2026-01-01T00:00:00+00:00", [0, 0, 1, 0]),
+                               ("eval_policy", "2026-01-02T00:00:00+00:00", [1, 1, 0, 0])):
+        _eval_dir(run, name, scores, created)
+        rows = [{"data_source": "hotpotqa", "id": f"q{i}", "golden_answers": ["Lima"], "em": float(e), "f1": float(e),
+                 "searches": [{"query": "Peru", "documents": [], "has_answer": bool(e)}]} for i, e in enumerate(ems)]
+        artifacts.write_table(run / name, "predictions.parquet", pa.Table.from_pylist(rows))
+    summary = report.run(report.ReportConfig(run_dir=str(run)))
+    (p,) = summary["paired"]
+    assert (p["before"], p["after"], p["n"], p["em_won"], p["em_lost"]) == ("eval_warmup", "eval_policy", 4, 2, 1)
+    assert p["em"]["diff"] == pytest.approx(0.25)
+    md = (run / "report" / "report.md").read_text()
+    assert "| eval_warmup → eval_policy | 4 | 25.0 → 50.0 (+25.0; " in md and "| 2 / 1 |" in md
+    r = CliRunner().invoke(app, ["report", str(run)], env={"COLUMNS": "80"})
+    assert r.exit_code == 0, r.output
+    assert re.search(r"\n eval_warmup → eval_policy *\n   questions in both +4 ", r.output)
+    assert re.search(r"\n   EM +25\.0 +50\.0 +\+25\.0 +\[", r.output) and "…" not in r.output

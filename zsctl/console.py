@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -104,6 +104,29 @@ def eval_table(rows: list[dict], title: str = "") -> Table:
     return t
 
 
+def paired_table(paired: list[dict]) -> Table:
+    """`zsctl report`'s before → after differences on the same questions: a line naming the two runs,
+    then one row per metric (%, the change in points with its 95 % bootstrap interval)."""
+    t = Table(title="Before → after on the same questions (%)", box=box.SIMPLE_HEAD, pad_edge=False,
+              padding=(0, 0, 0, 1), caption="interval: 95 %, paired bootstrap over the questions; one that holds 0 "
+              "cannot tell the change from chance. won / lost: questions only the later / earlier run got exactly")
+    t.add_column("runs / metric", overflow="fold")
+    for header in ("before", "after", "change", "interval"):
+        t.add_column(header, justify="right", no_wrap=True)
+    for p in paired:
+        t.add_row(f"{p['before']} → {p['after']}", style="bold")
+        t.add_row("  questions in both", "", str(p["n"]), "", "")
+        for label, key in (("EM", "em"), ("F1", "f1"), ("question-hit", "question_hit_rate"),
+                           ("search-hit", "search_hit_rate")):
+            m = p.get(key)
+            if m:
+                ci = "[{:+.1f}, {:+.1f}]".format(*(100 * v for v in m["ci95"])) if m["ci95"] else "–"
+                t.add_row(f"  {label}", f"{100 * m['before']:.1f}", f"{100 * m['after']:.1f}",
+                          f"{100 * m['diff']:+.1f}", ci)
+        t.add_row("  EM won / lost", "", "", f"{p['em_won']} / {p['em_lost']}", "")
+    return t
+
+
 def kv_table(d: dict, title: str = "") -> Table:
     t = Table(title=title or None, show_header=False)
     t.add_column("key", style="bold")
@@ -173,15 +196,18 @@ SUMMARY_KEYS = {  # what the key/value table of a stage's summary shows, in orde
 }
 
 
-def summary_table(command: str, summary: dict, cfg) -> Table | None:
+def summary_table(command: str, summary: dict, cfg) -> Table | Group | None:
     """The terminal table of a stage's summary (None: the stage shows none)."""
     from zsctl.core.errors import redact
 
     if command == "eval":
         return metrics_table(summary, title=redact(f"{cfg.model} + {cfg.search}"))
     if command == "report":
-        rows = summary["evaluation"]
-        return eval_table(rows, "Evaluation with the real engine (scores in %)") if rows else None
+        rows, paired = summary["evaluation"], summary.get("paired")
+        if not rows:
+            return None
+        table = eval_table(rows, "Evaluation with the real engine (scores in %)")
+        return Group(table, paired_table(paired)) if paired else table
     if command == "check-sim":
         return check_sim_table(summary)
     short = lambda v: f"{v:.4g}" if isinstance(v, float) and abs(v) < 1e4 else v  # noqa: E731

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from zsctl.core import artifacts
+from zsctl.core import artifacts, metrics
 from zsctl.core.config import Options, option
 from zsctl.core.errors import BadInput
 from zsctl.core.progress import Progress
@@ -92,6 +92,51 @@ def _top_queries_section(found) -> list[str]:
         if top:
             lines.append(f"- `{d.name}` searched most for: " + "; ".join(f"\"{q}\" ×{c}" for q, c in top))
     return lines + [""] if lines else []
+
+
+def _paired(found) -> list[dict]:
+    """Each evaluation against the one before it (run order: base → warm start → RL), question by
+    question, where they share questions (metrics.paired_difference)."""
+    runs = sorted(found.get("predictions", []), key=lambda dm: dm[1].get("created_at", ""))
+    out = []
+    for (d0, _), (d1, _) in zip(runs, runs[1:]):
+        rows = []
+        for d in (d0, d1):
+            path = d / "predictions.parquet"
+            if not path.exists():  # metrics.json alone (an evaluation copied without its predictions)
+                break
+            try:
+                rows.append(pq.read_table(path).to_pylist())
+            except (OSError, ValueError) as e:
+                raise BadInput(f"'{path}' is missing or unreadable ({type(e).__name__}); rerun the zsctl eval that "
+                               f"wrote '{d}'") from None
+        diff = metrics.paired_difference(*rows) if len(rows) == 2 else {"n": 0}
+        if diff["n"]:
+            out.append({"before": d0.name, "after": d1.name, **diff})
+    return out
+
+
+def _paired_section(paired: list[dict]) -> list[str]:
+    if not paired:
+        return []
+    lines = ["## Before → after on the same questions (paired, 95 % bootstrap intervals)", "",
+             "| before → after | n | EM | F1 | question-hit rate % | search-hit rate % | EM won / lost |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(m: dict | None) -> str:
+        if not m:
+            return "–"
+        ci = m["ci95"]
+        return (f"{_fmt(m['before'])} → {_fmt(m['after'])} ({100 * m['diff']:+.1f}"
+                + (f"; {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})" if ci else ")"))
+
+    lines += [f"| {p['before']} → {p['after']} | {p['n']} | {cell(p['em'])} | {cell(p['f1'])} | "
+              f"{cell(p.get('question_hit_rate'))} | {cell(p.get('search_hit_rate'))} | "
+              f"{p['em_won']} / {p['em_lost']} |" for p in paired]
+    return lines + ["", "Each cell: before → after (difference; its 95 % interval over 2,000 resamplings of the "
+                    "questions, both runs resampled together, a question's searches with it). An interval that holds "
+                    "0 is a change these questions cannot tell from chance. EM won / lost: questions only the later / "
+                    "only the earlier run answered exactly.", ""]
 
 
 def _check_sim_section(d: Path, s: dict) -> list[str]:
@@ -187,6 +232,8 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
                   "repeat a query: open-question answers that are one of the policy's own queries (a policy that "
                   "cannot read answers with the name it looked up).", ""]
         lines += _top_queries_section(found)
+    paired = _paired(found)
+    lines += _paired_section(paired)
     rl_runs = [(d, pq.read_table(d / "metrics.parquet").to_pylist()) for d, _ in found.get("policy", [])
                if (d / "metrics.parquet").is_file()]
     for d, mets in rl_runs:
@@ -236,12 +283,12 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
         lines += _check_sim_section(d, m.get("summary", {}))
 
     with artifacts.staging(out) as stage:  # an older report in --out stays until this one is whole
-        summary = _write_report(cfg, out, stage, found, lines, rl_runs, evals, ledger)
+        summary = _write_report(cfg, out, stage, found, lines, rl_runs, evals, ledger, paired)
     progress.log(f"report → {out / 'report.md'}")
     return summary
 
 
-def _write_report(cfg, out: Path, stage: Path, found, lines, rl_runs, evals, ledger) -> dict:
+def _write_report(cfg, out: Path, stage: Path, found, lines, rl_runs, evals, ledger, paired) -> dict:
     plots = _plots(stage, rl_runs, evals, ledger)
     if plots is None:
         lines += ["_Plots skipped: matplotlib is not installed (`pip install \"zsctl[plot]\"`)._", ""]
@@ -282,6 +329,7 @@ def _write_report(cfg, out: Path, stage: Path, found, lines, rl_runs, evals, led
             }
             for r, b, m in evals
         ],
+        "paired": paired,
     }
     artifacts.write_manifest(
         stage,
