@@ -72,6 +72,9 @@ def test_rollouts_and_step_metrics_carry_search_quality(tmp_path, tiny_model_dir
     assert m["ungrounded_share"] == 0.5
     # useful mode: the degenerate "query" got documents without the answer; noisy: a real hit
     assert (m["search_hit_rate_useful"], m["search_hit_rate_noisy"]) == (0.0, 1.0)
+    # groups of 2 consecutive rollouts: "Picasso" (F1 < 1) beside "Lima" (1.0) differ; "yes" alone is flat
+    assert m["zero_std_share"] == 0.5
+    assert rl._zero_std_share([0.1] * 4 + [0.0, 0.3, 0.0, 0.0], 4) == 0.5
 
 
 def test_step_metrics_without_searches_are_nan():

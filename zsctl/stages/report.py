@@ -256,6 +256,7 @@ def run(cfg: ReportConfig, progress: Progress | None = None) -> dict:
             f"| {label} | {_fmt(avg(head, key), pct)} | {_fmt(avg(tail, key), pct)} |"
             for label, key, pct in (
                 ("reward", "reward_mean", False),
+                ("groups with one reward for all (no gradient) %", "zero_std_share", True),
                 ("valid-answer rate %", "valid_answer_rate", True),
                 ("noise p planned", "noise_p", False),
                 ("noisy share realised", "noisy_share", False),

@@ -316,6 +316,9 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
             "sim_searches": len(labels),
             "reward_mean": sum(rewards_all) / n,
             "reward_std": _std(rewards_all),
+            # groups whose rewards are all equal get advantage 0: no gradient (TRL's frac_reward_zero_std).
+            # A small policy whose sampled answers are all wrong trains on nothing, or on format credit alone
+            "zero_std_share": _zero_std_share(rewards_all, cfg.group_size),
             "valid_answer_rate": sum(v for part in parts for v in part["valid"]) / n,
             "searches_per_traj": sum(s for part in parts for s in part["searches"]) / n,
             "generated_tokens": model_tokens,
@@ -329,6 +332,7 @@ def make_rollout_func(cfg: RLConfig, engine, golds_by_question: dict, recorder: 
         }
         progress.log(
             f"step {step}/{cfg.steps}: p={p:.3f} reward={recorder.pending['reward_mean']:.3f} "
+            f"flat-groups={recorder.pending['zero_std_share']:.2f} "
             f"valid={recorder.pending['valid_answer_rate']:.2f} searches={recorder.pending['searches_per_traj']:.2f} "
             f"degenerate={recorder.pending['degenerate_share']:.2f} repeated={recorder.pending['repeat_share']:.2f} "
             f"ungrounded={recorder.pending['ungrounded_share']:.2f} hit={recorder.pending['search_hit_rate']:.2f}"
@@ -357,6 +361,16 @@ def search_metrics(facts: list[dict]) -> dict:
             "search_hit_rate"
         ]
     return {k: float("nan") if v is None else v for k, v in row.items()}
+
+
+def _zero_std_share(rewards: list[float], group: int) -> float:
+    """Share of the groups (consecutive `group` rewards, one question's rollouts) whose rewards are all equal.
+
+    >>> _zero_std_share([0.0, 0.0, 0.0, 0.1, 0.0, 0.1], 3)
+    0.5
+    """
+    groups = [rewards[i:i + group] for i in range(0, len(rewards), group)]
+    return sum(max(g) - min(g) < 1e-9 for g in groups) / len(groups)
 
 
 def _std(xs: list[float]) -> float:
