@@ -14,12 +14,14 @@ FROM=${FROM:-runs/demo}               # the demo run whose artifacts this starts
 RUN=${RUN:-runs/rl_cpu}
 MODEL=${MODEL:-smollm2-135m}
 SIM=${SIM:-$FROM/simulator}
-SIM_OPTS=${SIM_OPTS:-}                 # e.g. "?max_new_tokens=128" (spec options of the sim: engine)
+SIM_OPTS=${SIM_OPTS:-?verify=1&chain=1}  # spec options of the sim: engine (the demo's: verified replies, hop by hop)
 TRAIN=${TRAIN:-hotpotqa}
-EVAL=${EVAL:-hotpotqa}
+EVAL=${EVAL:-hotpotqa,2wikimultihopqa}  # evaluation split, as the demo's
 STEPS=${STEPS:-50}
-N_EVAL=${N_EVAL:-100}
+N_EVAL=${N_EVAL:-100}                 # per benchmark
 TOPK=${TOPK:-2}
+DOC_WORDS=${DOC_WORDS:-30}            # as the warm start's demonstrations
+MAX_TURNS=${MAX_TURNS:-3}
 ROUND_TOKENS=${ROUND_TOKENS:-64}      # tokens per generation round in RL and eval (as the demo; 48 cut long queries)
 Q=${QUIET:+--quiet}
 
@@ -30,15 +32,17 @@ mkdir -p "$RUN"
 t0=$(date +%s)
 SEARCH="bm25:$FROM/index"
 
-zsctl rl --policy "$FROM/warmup" --search "sim:$SIM$SIM_OPTS" --train "$TRAIN" --out "$RUN/policy" \
-  --steps "$STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 --max-turns 2 --max-new-tokens "$ROUND_TOKENS" \
-  --topk "$TOPK" --noise-start 0 --noise-end 0.5 --reward f1+format --save-every 10 $Q
+# the demo's RL options (see pipelines/demo.sh for why each), for more steps
+zsctl rl --beta 0 --open-only --policy "$FROM/warmup" --search "sim:$SIM$SIM_OPTS" --train "$TRAIN" --out "$RUN/policy" \
+  --steps "$STEPS" --batch-size 8 --grad-accum 4 --group-size 4 --lr 2e-4 --max-turns "$MAX_TURNS" \
+  --max-new-tokens "$ROUND_TOKENS" --topk "$TOPK" --max-doc-words "$DOC_WORDS" --noise-start 0 --noise-end 0.5 \
+  --reward f1 --temperature 0.5 --save-every 10 $Q
 echo "rl finished after $(( $(date +%s) - t0 )) s"
 
 for name in base warmup policy; do
   model=$MODEL; [ "$name" = warmup ] && model="$FROM/warmup"; [ "$name" = policy ] && model="$RUN/policy"
   zsctl eval --bench "$EVAL" --policy "$model" --search "$SEARCH" --out "$RUN/eval_$name" --limit "$N_EVAL" \
-    --max-turns 2 --max-new-tokens "$ROUND_TOKENS" --topk "$TOPK" --batch-size 12 $Q
+    --max-turns "$MAX_TURNS" --max-new-tokens "$ROUND_TOKENS" --topk "$TOPK" --max-doc-words "$DOC_WORDS" --batch-size 64 $Q
 done
 zsctl report "$RUN" $Q
 echo "rl_cpu finished in $(( $(date +%s) - t0 )) s; report: $RUN/report/report.md"
