@@ -3,8 +3,9 @@
 # trained simulator): rl with the simulated engine and the noise curriculum for STEPS steps, then the
 # base model, the warm start and the RL policy scored with the REAL BM25 engine on N_EVAL held-apart
 # evaluation questions, then the report (reward / valid-answer curves, noise, before/after).
-# Hardware: 2 CPU cores, ~6 GB RAM. Expected time: ~40 min for 50 steps and 3 x 100 eval questions
-# (measured 38 min with --grad-accum 1, peak 13 GB; the script now uses micro-batches).
+# Hardware: 2 CPU cores, ~6 GB RAM. Expected time: about 50 min for 50 steps and 3 x 200 eval questions
+# (measured: 30 steps in 27 min, 33 min with the evaluations). Measured so far, this recipe does NOT
+# improve on the warm start at 30 steps (README, "pipelines/rl_cpu.sh at 30 steps").
 #   bash pipelines/demo.sh && bash pipelines/rl_cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
