@@ -121,3 +121,15 @@ def test_report_compares_consecutive_evaluations_question_by_question(tmp_path):
     assert r.exit_code == 0, r.output
     assert re.search(r"\n eval_warmup → eval_policy *\n   questions in both +4 ", r.output)
     assert re.search(r"\n   EM +25\.0 +50\.0 +\+25\.0 +\[", r.output) and "…" not in r.output
+
+
+def test_report_names_an_unreadable_predictions_file(tmp_path):
+    run = tmp_path / "run"
+    scores = {"n": 1, "em": 0.0, "subem": 0.0, "f1": 0.0, "avg_searches": 0.0}
+    for name, created in (("eval_a", "2026-01-01T00:00:00+00:00"), ("eval_b", "2026-01-02T00:00:00+00:00")):
+        _eval_dir(run, name, scores, created)
+        (run / name / "predictions.parquet").write_bytes(b"not parquet")
+    r = CliRunner().invoke(app, ["report", str(run)])
+    assert r.exit_code == 2
+    assert "eval_a/predictions.parquet' is missing or unreadable" in r.output and "rerun the zsctl eval" in r.output
+    assert not (run / "report").exists()  # nothing half-written
