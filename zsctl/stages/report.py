@@ -98,19 +98,19 @@ def _paired(found) -> list[dict]:
     """Each evaluation against the one before it (run order: base → warm start → RL), question by
     question, where they share questions (metrics.paired_difference)."""
     runs = sorted(found.get("predictions", []), key=lambda dm: dm[1].get("created_at", ""))
+    rows = {}  # each evaluation's predictions, read once
+    for d, _ in runs:
+        path = d / "predictions.parquet"
+        if not path.exists():  # metrics.json alone (an evaluation copied without its predictions)
+            continue
+        try:
+            rows[d] = pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as e:
+            raise BadInput(f"'{path}' is missing or unreadable ({type(e).__name__}); rerun the zsctl eval that "
+                           f"wrote '{d}'") from None
     out = []
     for (d0, _), (d1, _) in zip(runs, runs[1:]):
-        rows = []
-        for d in (d0, d1):
-            path = d / "predictions.parquet"
-            if not path.exists():  # metrics.json alone (an evaluation copied without its predictions)
-                break
-            try:
-                rows.append(pq.read_table(path).to_pylist())
-            except (OSError, ValueError) as e:
-                raise BadInput(f"'{path}' is missing or unreadable ({type(e).__name__}); rerun the zsctl eval that "
-                               f"wrote '{d}'") from None
-        diff = metrics.paired_difference(*rows) if len(rows) == 2 else {"n": 0}
+        diff = metrics.paired_difference(rows[d0], rows[d1]) if d0 in rows and d1 in rows else {"n": 0}
         if diff["n"]:
             out.append({"before": d0.name, "after": d1.name, **diff})
     return out
