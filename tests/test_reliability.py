@@ -673,6 +673,7 @@ def _sft_input(lines: bytes | list, name="bad.jsonl", **kw):
         else:
             write_jsonl(p, lines)
         extra = kw.get("extra", ("--label", "docs"))
+        extra = extra(e) if callable(extra) else extra
         return ("build-sft", "--trajectories", p, "--out", tmp / "o", *extra)
 
     return make
@@ -810,7 +811,11 @@ BAD = {
         ["bad.parquet", "question"],
     ),
     "build-sft-null-golds-templated": (
-        _sft_input([{**TRAJ, "golden_answers": [None]}], name="bad.parquet", extra=("--for", "policy", "--templated")),
+        _sft_input(
+            [{**TRAJ, "golden_answers": [None]}],
+            name="bad.parquet",
+            extra=lambda e: ("--for", "policy", "--templated", "--policy", e.model),  # tiny: no 135M conversion
+        ),
         ["golden_answers null"],
     ),
     "build-sft-null-golds-docs": (

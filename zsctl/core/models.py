@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -188,9 +189,13 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **extra)
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # the saved weights are plain fp32 now
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, dest)  # atomic: a half-converted dir is never picked up
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, dest)  # atomic: a half-converted dir is never picked up
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: leave no half model (~540 MB) behind
+        raise
 
 
 def resolve_model(spec: str) -> str:
