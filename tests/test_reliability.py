@@ -964,3 +964,38 @@ def test_redact_hides_credentials_and_nothing_else(text, shown):
     from zsctl.core.errors import redact
 
     assert redact(text) == shown
+
+
+def test_a_failed_smollm2_conversion_leaves_no_half_model(tmp_path, monkeypatch, tiny_model_dir):
+    """A full disk mid-save (what CI hit) removes the half-written folder; the next call converts again."""
+    import errno
+
+    import transformers
+
+    from zsctl.core import models
+
+    gguf = tmp_path / "wheel" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(models, "_smollm2_gguf", lambda: gguf)
+    monkeypatch.setenv("ZSCTL_CACHE_DIR", str(tmp_path / "cache"))
+    auto_model, auto_tok = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
+    load_model, load_tok = auto_model.from_pretrained, auto_tok.from_pretrained
+    # the tiny model stands in for the dequantized GGUF; the write path is the real one
+    monkeypatch.setattr(auto_model, "from_pretrained", lambda *a, **k: load_model(tiny_model_dir))
+    monkeypatch.setattr(auto_tok, "from_pretrained", lambda *a, **k: load_tok(tiny_model_dir))
+    save = transformers.PreTrainedModel.save_pretrained
+
+    def disk_fills(self, path, **kw):
+        Path(path).mkdir(parents=True)
+        (Path(path) / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_fills)
+    with pytest.raises(OSError, match="No space"):
+        models.resolve_model("smollm2-135m")
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save)
+    dest = Path(models.resolve_model("smollm2-135m"))
+    assert (dest / "config.json").is_file() and [p.name for p in dest.parent.iterdir()] == [dest.name]
