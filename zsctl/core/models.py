@@ -189,13 +189,15 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **extra)
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config  # the saved weights are plain fp32 now
+    # Not artifacts.staging: its scratch folder has one fixed name, and two stages started side by side
+    # may convert at once; each writes its own and the first to finish wins.
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, dest)  # atomic: a half-converted dir is never picked up
-    except BaseException:
+        if not (dest / "config.json").is_file():
+            os.replace(tmp, dest)  # atomic: a half-converted dir is never picked up
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)  # e.g. a full disk: leave no half model (~540 MB) behind
-        raise
 
 
 def resolve_model(spec: str) -> str:
