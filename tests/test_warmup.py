@@ -187,3 +187,33 @@ def test_warmup_smollm2_few_steps(tmp_path):
                                              max_steps=4, batch_size=4, max_length=512))
     print(json.dumps(summary))
     assert summary["steps"] == 4 and summary["val_loss"] < summary["val_loss_before"]
+
+
+def test_auto_threads_are_chosen_again_at_every_training_step(tiny_model_dir, tmp_path, tok, monkeypatch):
+    import torch
+
+    from zsctl.core import models
+
+    class Cores:  # what --threads auto measures: here one free core, then two, then one
+        def __init__(self):
+            self.chosen = []
+
+        def choose(self):
+            self.chosen.append([1, 2][len(self.chosen) % 2])
+            return self.chosen[-1]
+
+    cores = Cores()
+    monkeypatch.setattr(models, "_auto", cores)
+    before = torch.get_num_threads()
+    seen = []
+    cfg = sft.SFTRunConfig(base=str(tiny_model_dir), out=str(tmp_path / "p"), mask_env=True,
+                           prompt_special_tokens=False, max_steps=3, batch_size=2)
+    trainer, _ = sft.make_trainer(cfg, policy_rows(tok, 6), [])
+    forward = trainer.model.forward
+    trainer.model.forward = lambda *a, **kw: (seen.append(torch.get_num_threads()), forward(*a, **kw))[1]
+    try:
+        trainer.train()
+    finally:
+        torch.set_num_threads(before)
+    assert cores.chosen == [1, 2, 1]  # once before each step
+    assert seen == [1, 2, 1]  # and the step ran on what was chosen
