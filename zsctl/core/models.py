@@ -36,7 +36,7 @@ AUTO_SPINCOUNT = "10000"
 def set_threads(n: int | str | None = None) -> None:
     """How torch uses the CPU: `n` threads, else $ZSCTL_THREADS, else $OMP_NUM_THREADS, else torch's
     default (one per physical core); idle threads sleep instead of spinning. `auto`: one thread, and
-    where `adapt_threads` is called (before a rollout, before rl's loss) the cores other processes
+    where `adapt_threads` is called (before a rollout, rl's loss, a training step) the cores other processes
     leave free, with threads that spin briefly before they sleep (AUTO_SPINCOUNT).
 
     Spinning is OpenMP's default, and on a shared machine it is what hurts: a thread that spins
@@ -77,7 +77,8 @@ def set_threads(n: int | str | None = None) -> None:
 def adapt_threads() -> int | None:
     """With `--threads auto`, set torch's thread count for what comes next and return it (else
     None): the cores other processes left free since the last call. `AgentLoop.run` calls it before
-    rolling out; rl again before its loss, so the count follows jobs that start and finish beside us."""
+    rolling out, rl again before its loss, warmup and train-sim before each step, so the count follows
+    jobs that start and finish beside us."""
     import torch
 
     if _auto is None:
