@@ -67,13 +67,18 @@ join() {  # NAME: wait for it and show its output; a failed stage stops the demo
   if ! wait "${!pid_var}"; then
     tail -n 40 "$LOGS/$1.log" >&2
     echo "demo: $1 failed; full output in $LOGS/$1.log" >&2
-    local p
-    for p in $(jobs -p); do  # and the stages beside it: paused first, so that it starts nothing more
+    local p n
+    for p in $(jobs -p); do  # and the stages beside it: paused first, so that they start nothing more
       kill -STOP "$p" 2>/dev/null || true
+    done
+    for p in $(jobs -p); do
+      # a stage paused inside a fork still gets that child: signal its children once it has stopped
+      for n in $(seq 50); do [[ "$(ps -o stat= -p "$p" 2>/dev/null)" != [!T]* ]] && break; sleep 0.1; done
       pkill -P "$p" 2>/dev/null || true
       kill -TERM "$p" 2>/dev/null || true
       kill -CONT "$p" 2>/dev/null || true
     done
+    wait 2>/dev/null || true  # gone before the demo exits
     exit 1
   fi
   cat "$LOGS/$1.log"
