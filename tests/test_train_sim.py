@@ -134,7 +134,9 @@ def test_train_sim_lora_merges_and_reloads(tiny_model_dir, tmp_path):
     assert trained == {r["question"].lower() for r in sim_rows(12)} and not trained & {
         r["question"].lower() for r in sim_rows(4, start=200)
     }
-    assert len(json.loads((out / "train_log.json").read_text())) == 3
+    log = json.loads((out / "train_log.json").read_text())
+    assert [e["step"] for e in log] == [1, 2, 3]
+    assert 0 < log[0]["seconds"] < log[1]["seconds"] < log[2]["seconds"]  # when each step ended
     assert not (out / "adapter_config.json").exists()  # merged: a plain HF model
     assert not list(tmp_path.glob(".sim*"))  # no temp or trainer dirs left behind
 

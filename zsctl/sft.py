@@ -185,6 +185,7 @@ def _callback(cfg: SFTRunConfig, progress: Progress, losses: list):
 
         def on_train_begin(self, args, state, control, **kw):
             self.every = max(1, state.max_steps // 10)
+            self.t0 = time.monotonic()
             if state.is_world_process_zero:
                 progress.start(cfg.desc, state.max_steps)
 
@@ -199,7 +200,9 @@ def _callback(cfg: SFTRunConfig, progress: Progress, losses: list):
 
         def on_log(self, args, state, control, logs=None, **kw):
             if "loss" in (logs or {}):
-                losses.append({"step": state.global_step, "loss": float(logs["loss"])})
+                # seconds since training began: a run whose steps slow down shows it in train_log.json
+                losses.append({"step": state.global_step, "loss": float(logs["loss"]),
+                               "seconds": round(time.monotonic() - self.t0, 3)})
                 if state.is_world_process_zero and (
                     state.global_step % self.every == 0 or state.global_step == state.max_steps
                 ):
