@@ -41,12 +41,12 @@ zsctl build-sft --trajectories "$RUN/question_searches" --out "$RUN/sim_sft" --l
   --search "$SEARCH" --topk "$K" --max-doc-words "$DOC_WORDS" $Q
 
 step "train-sim: $STEPS steps (LoRA, completion-only loss)"
-# --threads auto: two threads that spin briefly while the cores are free (12 steps: 123 s against
-# 187 s on two threads that sleep at once, 169 s on one; quiet Intel Xeon, 2 cores), one when not.
+# Quiet Intel Xeon, 2 cores, 12 steps each: --threads auto (two threads that spin briefly while the
+# cores are free, one when not) took 123 s against 187 s on two threads that sleep at once and 169 s
+# on one; 8 rows a step as 2 padded batches of 4 took 53 s against 79 s one row at a time and 69 s
+# in one batch of 8, same validation loss (bigger matrices, fewer passes).
 zsctl train-sim --threads auto --data "$RUN/sim_sft" --base "$MODEL" --out "$RUN/simulator" --max-steps "$STEPS" \
-  --batch-size 4 --grad-accum 2 --max-length 256 --lr 5e-4 --val-limit 32 $Q  # 8 rows a step
-# Batches of 4 (padded) trained 12 steps in 53 s against 79 s for 8 batches of one and 69 s for one of 8,
-# same validation loss (quiet Intel Xeon, 2 cores): bigger matrices, fewer passes.
+  --batch-size 4 --grad-accum 2 --max-length 256 --lr 5e-4 --val-limit 32 $Q
 
 for v in 0 $VERIFY; do
   step "check-sim on $N_CHECK held-apart queries, verify=$v"
