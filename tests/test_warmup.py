@@ -105,6 +105,25 @@ def test_loss_mask_is_exactly_the_environment_text(tiny_model_dir, tmp_path, tok
         assert "<answer>" in trained_text and "<search>" in trained_text
 
 
+def test_batches_of_several_rows_are_padded_to_a_multiple_of_64(tiny_model_dir, tmp_path, tok):
+    """Few distinct batch shapes keep a long CPU run from slowing down; padding carries no loss."""
+    rows = policy_rows(tok, 3)
+
+    def batch(**kw):
+        cfg = sft.SFTRunConfig(base=str(tiny_model_dir), out=str(tmp_path / "p"), mask_env=True,
+                               prompt_special_tokens=False, max_steps=1, **kw)
+        trainer, _ = sft.make_trainer(cfg, rows, [])
+        examples = [trainer.train_dataset[i] for i in range(kw["batch_size"])]
+        return trainer.data_collator(examples), max(len(ex["input_ids"]) for ex in examples)
+
+    padded, longest = batch(batch_size=3)
+    assert padded["input_ids"].shape[1] % 64 == 0 and padded["input_ids"].shape[1] >= longest
+    assert (padded["labels"][:, longest:] == -100).all() and (padded["attention_mask"][:, longest:] == 0).all()
+    assert batch(batch_size=3, pad_to_multiple_of=1)[0]["input_ids"].shape[1] == longest
+    single, longest = batch(batch_size=1)  # nothing to share: one row is never padded
+    assert single["input_ids"].shape[1] == longest
+
+
 def test_loss_projects_only_the_trained_positions_and_equals_plain_cross_entropy(tiny_model_dir, tmp_path, tok,
                                                                                  monkeypatch):
     import torch
