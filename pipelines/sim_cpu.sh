@@ -6,7 +6,7 @@
 #   index → collect --policy none (each training question searched once, top 20) → build-sft --label docs
 #   (a useful and a noisy row from ONE search; supporting entities of multi-hop questions searched too)
 #   → train-sim → check-sim (verify=0) → check-sim (verify=2, or each of $VERIFY) → report
-# Hardware: 2 CPU cores, ~8 GB RAM. Expected time: about 59 minutes on 2 quiet cores with bf16 (see README).
+# Hardware: 2 CPU cores, ~8 GB RAM. Expected time: about 42 minutes on 2 quiet cores with bf16 (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
