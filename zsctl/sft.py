@@ -267,9 +267,9 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
         completion_only_loss=True,  # TRL turns our completion_mask into labels (-100 elsewhere)
         max_length=None,  # already cut above, where we can count it
         # Few distinct batch shapes: on a CPU, padding each batch only to its longest row made a long
-        # run's steps slow down as it went (80 train-sim steps of 2 x 4 rows: 6.9 s a step at first,
-        # 9.0 by the end, memory 3.6 → 6.2 GB); padded to a multiple of 64 they stayed at 6.4-7.2 s
-        # (memory 3.3 → 4.6 GB), 545 s in all against 623. A batch of one row has no padding to share.
+        # run's steps slow down as it went (80 train-sim steps of 2 batches of 4 rows: 6.9 s a step
+        # at first, 9.0 by the end, memory 3.6 → 6.2 GB); padded to a multiple of 64 they stayed at
+        # 6.4-7.2 s (memory 3.3 → 4.6 GB), 545 s in all against 623. One row has no padding to share.
         pad_to_multiple_of=cfg.pad_to_multiple_of if cfg.batch_size > 1 and cfg.pad_to_multiple_of > 1 else None,
         packing=False,
         logging_steps=1,
