@@ -266,11 +266,9 @@ def make_trainer(cfg: SFTRunConfig, train_rows: list[dict], val_rows: list[dict]
         learning_rate=cfg.learning_rate,
         completion_only_loss=True,  # TRL turns our completion_mask into labels (-100 elsewhere)
         max_length=None,  # already cut above, where we can count it
-        # Few distinct batch shapes: on a CPU, padding each batch only to its longest row made a long
-        # run's steps slow down as it went (80 train-sim steps of 2 batches of 4 rows: 6.9 s a step
-        # at first, 9.0 by the end, memory 3.6 → 6.2 GB); padded to a multiple of 64 they stayed at
-        # 6.4-7.2 s (memory 3.3 → 4.6 GB), 545 s in all against 623. One row has no padding to share.
-        pad_to_multiple_of=cfg.pad_to_multiple_of if cfg.batch_size > 1 and cfg.pad_to_multiple_of > 1 else None,
+        # few distinct batch shapes: padded only to its longest row, a long CPU run's steps slowed from
+        # 6.9 to 9.0 s (80 train-sim steps; README). One row has no padding to share.
+        pad_to_multiple_of=cfg.pad_to_multiple_of if cfg.batch_size > 1 else None,
         packing=False,
         logging_steps=1,
         eval_strategy="no",
