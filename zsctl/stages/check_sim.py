@@ -59,7 +59,7 @@ class CheckSimConfig(Options):
     sim_template: str | None = option(None, prompts.SIM_TEMPLATE_HELP)
     max_new_tokens: int | None = option(None, "Simulator tokens per query (default 40 x --topk).", ge=1)
     # Larger calls amortise a CPU's fixed cost per decode step, above all in the verification retries
-    # of a call's failing rows (README, "The simulator": 64 against 16 queries a call).
+    # of a call's failing rows (README, "The simulator": the cost by queries a call).
     batch_size: int = option(64, "Queries per simulator call (each asked in both modes and beside a leak "
                              "probe: three generations a query).", ge=1)
     seed: int = option(0, "Random seed.", ge=0)
